@@ -1,0 +1,244 @@
+"""The model bundle: a directory with one `manifest.json` and the files its sections name.
+
+This module is the contract between the exporter (which writes sections) and the runtime (which
+reads them). It is torch-free. The full field list is documented in docs/bundle.md and the README.
+
+Layout::
+
+    BUNDLE/
+      manifest.json            {"format": "octopus-rt-bundle", "format_version": 1,
+                                "lmm": {...}, "sam": {...}, "engines": {...}, "defaults": {...}}
+      lmm-<id>/                files of the "lmm" section (ONNX graphs, tokenizer.json, ...)
+      sam-<id>/                files of the "sam" section
+      engines-<id>/            files of the "engines" section (TensorRT)
+
+A section that owns files has "dir" (its folder, relative to BUNDLE) and "files" ({relative path:
+{"size": int, "sha256": hex}}). Every export step stages a new folder, writes its files there,
+verifies them, and only then swaps the manifest (write to a temporary file + os.replace, which is
+atomic on POSIX). The old folder is removed afterwards. An interrupted step therefore leaves the
+previous manifest pointing at complete, unchanged files; leftovers are ".staging-*" folders that
+nothing refers to and that the next step cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from octopus_rt.errors import OctopusError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "SECTIONS",
+    "DEFAULTS",
+    "BundleError",
+    "sha256_file",
+    "describe_files",
+    "read_manifest",
+    "section_path",
+    "check_files",
+    "stage_section",
+    "commit_section",
+    "update_defaults",
+]
+
+FORMAT = "octopus-rt-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SECTIONS = ("lmm", "sam", "engines", "defaults")
+# Written into a new bundle's "defaults" section; the demo issue's evaluation rewrites tau and the
+# mapping from measurement (`octopus-rt eval --sweep`).
+DEFAULTS: dict[str, Any] = {"tau": 1.0, "point_mapping": "paper", "max_new_tokens": 64, "multimask": True}
+_STAGING_PREFIX = ".staging-"
+_LOCK_NAME = ".lock"
+
+
+class BundleError(OctopusError):
+    """A bundle is missing, of another format version, or its files do not match the manifest."""
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} for every regular file below `folder`, sorted by path."""
+    folder = Path(folder)
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        records[path.relative_to(folder).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
+    return records
+
+
+def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and validate the manifest's header. Raises BundleError with a one-line reason."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.exists():
+        raise BundleError(f"bundle not found: {bundle_dir}")
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle must be a directory: {bundle_dir}")
+    manifest_path = bundle_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"not a model bundle (no {MANIFEST_NAME}): {bundle_dir}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"unreadable manifest {manifest_path}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path} is not an {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format version {version} is not supported by this octopus-rt "
+            f"(it reads version {FORMAT_VERSION}); re-export the bundle with this version"
+        )
+    return manifest
+
+
+def section_path(bundle_dir: str | os.PathLike[str], section: dict[str, Any], name: str) -> Path:
+    """Absolute path of file `name` (as listed in section["files"]) of a manifest section."""
+    return Path(bundle_dir) / section["dir"] / name
+
+
+def check_files(
+    bundle_dir: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    *,
+    hashes: bool = False,
+    sections: tuple[str, ...] = SECTIONS,
+) -> list[str]:
+    """Problems with the files the manifest lists: missing, wrong size, and with `hashes` wrong sha256.
+
+    The runtime checks sizes only (fast start-up); `octopus-rt verify` re-hashes everything.
+    Returns one human-readable line per problem; empty when all is well.
+    """
+    problems: list[str] = []
+    for name in sections:
+        section = manifest.get(name)
+        if not isinstance(section, dict) or "files" not in section:
+            continue
+        for rel, record in section["files"].items():
+            path = section_path(bundle_dir, section, rel)
+            shown = f"{section['dir']}/{rel}"
+            if not path.is_file():
+                problems.append(f"{name}: file missing: {shown}")
+                continue
+            size = path.stat().st_size
+            if size != record["size"]:
+                problems.append(f"{name}: {shown} has {size} bytes, manifest says {record['size']}")
+                continue
+            if hashes and sha256_file(path) != record["sha256"]:
+                problems.append(f"{name}: {shown} sha256 does not match the manifest")
+    return problems
+
+
+@contextlib.contextmanager
+def _locked(bundle_dir: Path) -> Iterator[None]:
+    """Serialise writers of one bundle (two exports into the same folder at once)."""
+    with open(bundle_dir / _LOCK_NAME, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _load_or_new(bundle_dir: Path) -> dict[str, Any]:
+    if (bundle_dir / MANIFEST_NAME).exists():
+        return read_manifest(bundle_dir)
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "defaults": dict(DEFAULTS)}
+
+
+def _write_manifest_atomically(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = bundle_dir / f".{MANIFEST_NAME}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, bundle_dir / MANIFEST_NAME)
+
+
+def stage_section(bundle_dir: str | os.PathLike[str], name: str) -> Path:
+    """Create (and return) an empty staging folder inside the bundle for section `name`.
+
+    Creates the bundle folder if needed; refuses a folder that exists, is non-empty and is not a bundle.
+    Also removes staging folders that an interrupted earlier step left behind.
+    """
+    if name not in SECTIONS or name == "defaults":
+        raise ValueError(f"section with files must be one of lmm, sam, engines; got {name!r}")
+    bundle_dir = Path(bundle_dir)
+    if bundle_dir.exists() and not bundle_dir.is_dir():
+        raise BundleError(f"output exists and is not a directory: {bundle_dir}")
+    if bundle_dir.is_dir() and not (bundle_dir / MANIFEST_NAME).exists():
+        leftovers = [p for p in bundle_dir.iterdir() if not p.name.startswith((_STAGING_PREFIX, _LOCK_NAME))]
+        if leftovers:
+            raise BundleError(f"output folder is not empty and holds no bundle: {bundle_dir}")
+    try:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        for stale in bundle_dir.glob(f"{_STAGING_PREFIX}{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = bundle_dir / f"{_STAGING_PREFIX}{name}-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise BundleError(f"cannot write to {bundle_dir}: {exc.strerror or exc}") from exc
+    return staging
+
+
+def commit_section(
+    bundle_dir: str | os.PathLike[str],
+    name: str,
+    staging: str | os.PathLike[str],
+    section: dict[str, Any],
+) -> dict[str, Any]:
+    """Move a verified staging folder into place as section `name` and swap the manifest atomically.
+
+    `section` is the section's content without "dir" and "files"; both are filled in here from the
+    staged files. Returns the new manifest.
+    """
+    bundle_dir = Path(bundle_dir)
+    staging = Path(staging)
+    with _locked(bundle_dir):
+        manifest = _load_or_new(bundle_dir)
+        folder = f"{name}-{secrets.token_hex(4)}"
+        files = describe_files(staging)
+        os.rename(staging, bundle_dir / folder)
+        previous = manifest.get(name, {}).get("dir") if isinstance(manifest.get(name), dict) else None
+        manifest[name] = {
+            "dir": folder,
+            "files": files,
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **section,
+        }
+        _write_manifest_atomically(bundle_dir, manifest)
+        if previous and previous != folder:
+            shutil.rmtree(bundle_dir / previous, ignore_errors=True)
+    return manifest
+
+
+def update_defaults(bundle_dir: str | os.PathLike[str], values: dict[str, Any]) -> dict[str, Any]:
+    """Merge `values` into the manifest's "defaults" section (tau, point mapping, providers, ...)."""
+    bundle_dir = Path(bundle_dir)
+    with _locked(bundle_dir):
+        manifest = read_manifest(bundle_dir)
+        manifest["defaults"] = {**manifest.get("defaults", {}), **values}
+        _write_manifest_atomically(bundle_dir, manifest)
+    return manifest

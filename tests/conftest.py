@@ -1,0 +1,8 @@
+"""Shared fixtures. Tiny models are built once per session (seeded) and exported on demand."""
+
+from __future__ import annotations
+
+import os
+
+# Two torch threads on two cores are slower than one when the other core is busy (measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")

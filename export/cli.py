@@ -4,4 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from octopus_rt.export import lmm_cli, sam_cli
+
 export_app = typer.Typer(no_args_is_help=True)
+lmm_cli.register(export_app)
+sam_cli.register(export_app)

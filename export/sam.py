@@ -1,0 +1,195 @@
+"""`octopus-rt export sam`: a Segment Anything checkpoint -> the bundle's verified `sam` section.
+
+Writes `sam_encoder.onnx` (image -> image_embeddings) and `sam_decoder.onnx` (the TensorRT-friendly
+prompt encoder + mask decoder, see export/sam_wrappers.py) into a staging folder of the bundle,
+verifies them against segment-anything (export/sam_verify.py) and only then commits the section
+(octopus_rt.bundle.commit_section), so an `lmm` section already in the bundle survives and a failed
+or interrupted export leaves the bundle as it was. Field list: docs/bundle.md, `sam` section.
+
+Exporter: torch.onnx's TorchScript exporter (`dynamo=False`). It honours `--opset` down to the
+opsets older TensorRT / onnxruntime builds on Jetson need (the dynamo exporter writes opset >= 18),
+traces these static-shape graphs in a fraction of a second, and the decoder's only dynamic axis
+(number of points) is checked at other sizes by the verification.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from octopus_rt.bundle import commit_section, stage_section
+from octopus_rt.errors import InputError, OctopusError
+
+from .sam_models import MODEL_TYPES, SamConfig, load_sam, load_sam_config
+from .sam_verify import DECODER_INPUTS, verify_sam
+from .sam_wrappers import SamDecoderWrapper, SamEncoderWrapper
+
+__all__ = ["export_sam", "PRECISIONS", "DEFAULT_OPSET", "OPSET_RANGE"]
+
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6 (JetPack 5/6) parses it
+OPSET_RANGE = (14, 20)
+ENCODER_FILE = "sam_encoder.onnx"
+DECODER_FILE = "sam_decoder.onnx"
+# Protobuf cannot hold a graph over 2 GiB (vit_h fp32 is ~2.5 GB): such weights go to one .data file.
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    for dist, key in (("octopus-rt", "octopus_rt"), ("segment-anything", "segment_anything")):
+        try:
+            versions[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[key] = "unknown"
+    return versions
+
+
+def _save(model: torch.nn.Module, args: tuple, path: Path, opset: int, **kwargs: Any) -> None:
+    """Trace `model` to `path`; weights over the protobuf limit go to one `<name>.data` file."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="octopus-sam-export-", dir=path.parent) as tmp:
+        traced = Path(tmp) / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings about constant shapes are expected here
+            torch.onnx.export(model, args, str(traced), opset_version=opset, do_constant_folding=True,
+                              dynamo=False, **kwargs)
+        graph = onnx.load(str(traced))
+        if graph.opset_import[0].version != opset:
+            raise OctopusError(f"exporter wrote opset {graph.opset_import[0].version}, not the requested {opset}")
+        large = sum(t.ByteSize() for t in graph.graph.initializer) > _EXTERNAL_DATA_BYTES
+        onnx.save_model(graph, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data" if large else None)
+
+
+def _export_graphs(sam: Any, config: SamConfig, staging: Path, precision: str, opset: int) -> dict[str, Any]:
+    size, grid = config.image_size, config.embedding_size
+    image = torch.zeros(1, 3, size, size)
+    encoder = SamEncoderWrapper(sam, precision)
+    _save(encoder, (image,), staging / ENCODER_FILE, opset,
+          input_names=["image"], output_names=["image_embeddings"])
+    embeddings = torch.randn(1, config.prompt_embed_dim, grid, grid)
+    low = 4 * grid
+    # Trace with 3 points (not 2, the runtime's usual count) so no count is baked in as a constant.
+    dummy = (embeddings, torch.rand(1, 3, 2) * size, torch.tensor([[1.0, 0.0, -1.0]]),
+             torch.zeros(1, 1, low, low), torch.zeros(1))
+    _save(SamDecoderWrapper(sam).eval(), dummy, staging / DECODER_FILE, opset,
+          input_names=list(DECODER_INPUTS), output_names=["low_res_masks", "iou_predictions"],
+          dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
+    return {
+        "encoder": {
+            "file": ENCODER_FILE,
+            "input_names": ["image"],
+            "output_names": ["image_embeddings"],
+            "input_size": size,
+            "embedding_shape": [1, config.prompt_embed_dim, grid, grid],
+            "dtype": "float16 (LayerNorm float32)" if precision == "fp16" else "float32",
+            "io_dtype": "float32",
+        },
+        "decoder": {
+            "file": DECODER_FILE,
+            "input_names": list(DECODER_INPUTS),
+            "output_names": ["low_res_masks", "iou_predictions"],
+            "mask_input_size": [low, low],
+            "num_multimask_outputs": config.num_multimask_outputs,
+            "dtype": "float32",
+            "tensorrt_friendly": True,
+        },
+    }
+
+
+def _check_args(model_type: str, precision: str, opset: int) -> None:
+    if model_type not in MODEL_TYPES:
+        raise InputError(f"unknown --model-type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"SAM export supports --precision {' or '.join(PRECISIONS)}, not {precision!r} "
+                         "(int8/int4 apply to the LMM decoder only)")
+    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise InputError(f"--opset must lie in {OPSET_RANGE[0]}..{OPSET_RANGE[1]} for SAM, got {opset}")
+
+
+def export_sam(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    model_type: str,
+    sam_config: SamConfig | dict[str, Any] | str | os.PathLike[str] | None = None,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    log: Callable[[str], None] = lambda _line: None,
+) -> dict[str, Any]:
+    """Export, verify and commit the `sam` section of bundle `out_dir`; returns the committed section.
+
+    checkpoint: a segment-anything state_dict (.pth). model_type: vit_b / vit_l / vit_h / custom.
+    sam_config (custom only): SamConfig, dict, JSON string or JSON file; when None for custom, the
+    file CHECKPOINT with suffix .json (written by `save_custom_checkpoint`) is used if present.
+    Raises InputError for bad input and OctopusError (SamVerificationError) when parity fails;
+    the bundle is then unchanged.
+    """
+    _check_args(model_type, precision, opset)
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    out_dir = Path(out_dir).expanduser()
+    config = None
+    if model_type == "custom":
+        if sam_config is None and checkpoint.with_suffix(".json").is_file():
+            sam_config = checkpoint.with_suffix(".json")
+        if sam_config is not None:
+            config = sam_config if isinstance(sam_config, SamConfig) else load_sam_config(sam_config)
+    elif sam_config is not None:
+        raise InputError(f"--sam-config is only used with --model-type custom, not {model_type}")
+
+    log(f"loading {model_type} checkpoint {checkpoint}")
+    sam, config = load_sam(checkpoint, model_type, config)
+    created = not out_dir.exists()
+    staging = stage_section(out_dir, "sam")
+    try:
+        log(f"exporting SAM graphs ({precision}, opset {opset}) to {staging}")
+        graphs = _export_graphs(sam, config, staging, precision, opset)
+        log("verifying against segment-anything (3 aspect ratios)")
+        verification = verify_sam(
+            sam, staging / ENCODER_FILE, staging / DECODER_FILE, input_size=config.image_size,
+            pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std),
+            precision=precision, opset=opset, log=log,
+        )
+        import onnx
+
+        ir_version = onnx.load(str(staging / DECODER_FILE), load_external_data=False).ir_version
+        source: dict[str, Any] = {"checkpoint": str(checkpoint), "model_type": model_type}
+        if model_type == "custom":
+            source["config"] = config.to_dict()
+        section = {
+            "source": source,
+            "versions": _versions(),
+            "opset": opset,
+            "ir_version": ir_version,
+            "precision": precision,
+            **graphs,
+            "preprocess": {
+                "input_size": config.image_size,
+                "pixel_mean": list(config.pixel_mean),
+                "pixel_std": list(config.pixel_std),
+                "resize": "longest_side",
+                "resample": "bilinear",
+            },
+            "mask_threshold": 0.0,
+            "verification": verification.summary(),
+        }
+        manifest = commit_section(out_dir, "sam", staging, section)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    log(f"wrote sam section to {out_dir} (min mask IoU {verification.min_iou:.4f})")
+    return manifest["sam"]

@@ -1,0 +1,347 @@
+"""`octopus-rt data synth`: a folder of clean images -> a region-wise distortion dataset.
+
+Pipeline per distorted image ("sample" i, source i mod n_sources): load and downscale the source so
+its long side is at most `size`; propose regions that tile it (regions.py); either distort the whole
+image (uniform case) or 1-3 regions, each with one distortion (severity 1-5; 2-5 for the categories
+whose light level is hard to see) or a table-8 ordered pair (severities 1-3 each); write the image
+and the region masks as PNG; build the records (tasks.py).
+
+Splits are made by source group: sources whose perceptual hashes (64-bit dHash) are within
+`hash_distance` bits, or that a group file puts together, share a group, and a group goes to exactly
+one split. Determinism: sample i draws only from `numpy.random.default_rng([seed, i])`, results are
+gathered in sample order, so any worker count gives byte-identical files for one seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from octopus_rt.errors import InputError, OctopusError
+
+__all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "list_sources", "dhash", "group_sources"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MIN_SIDE = 32
+# Light levels of these are hard to see (spec): single distortions of them start at severity 2.
+_FAINT_AT_ONE = ("brighten", "darken", "contrast_strengthen", "contrast_weaken", "saturate_strengthen",
+                 "saturate_weaken", "quantization", "oversharpen")
+_GENERATED = ("images", "masks", "train.jsonl", "val.jsonl", "test.jsonl", "report.json", ".work")
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """Options of `synthesize`. `num`: distorted images to make (None: one per usable source);
+    `size`: longest side in pixels (larger sources are downscaled, smaller kept); `sam`: a
+    segment-anything checkpoint for region proposals; `groups`: a file of "filename,group" lines;
+    `uniform_prob`: share of whole-image samples; `feather`: composite feather in pixels."""
+
+    num: int | None = None
+    seed: int = 0
+    size: int = 512
+    sam: str | None = None
+    workers: int = 2
+    overwrite: bool = False
+    resume: bool = False
+    groups: str | None = None
+    uniform_prob: float = 0.2
+    pair_prob: float = 0.45
+    hash_distance: int = 8
+    feather: int = 2
+    progress: bool = True
+
+
+@dataclass
+class SynthReport:
+    """What a run did: counts per split, skipped sources with reasons."""
+
+    samples: int = 0
+    records: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def list_sources(src_dir: Path) -> list[Path]:
+    """Image files directly in `src_dir` (by extension), sorted by name."""
+    if not src_dir.is_dir():
+        raise InputError(f"source folder not found: {src_dir}")
+    files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {src_dir}")
+    return files
+
+
+def _load(path: Path, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, long side at most `size`. Raises ValueError / OSError when unusable."""
+    import cv2
+    from PIL import Image
+
+    with Image.open(path) as im:
+        image = np.asarray(im.convert("RGB"))
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"too small ({width}x{height} < {MIN_SIDE}x{MIN_SIDE})")
+    scale = size / max(height, width)
+    if scale < 1.0:
+        new = (max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale)))
+        image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(image)
+
+
+def dhash(image: np.ndarray) -> int:
+    """64-bit difference hash of a (H, W, 3) uint8 image (9x8 grayscale, horizontal gradients)."""
+    import cv2
+
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return int(sum(1 << i for i, bit in enumerate(bits) if bit))
+
+
+def group_sources(names: list[str], hashes: list[int], max_distance: int, user_groups: dict[str, str]) -> list[int]:
+    """Group index per source: union of near-duplicate hashes (Hamming <= max_distance) and the
+    user's groups. Group ids are the index of the group's first member (deterministic)."""
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if bin(hashes[i] ^ hashes[j]).count("1") <= max_distance:
+                union(i, j)
+    first_of: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = user_groups.get(name)
+        if key is not None:
+            if key in first_of:
+                union(first_of[key], i)
+            else:
+                first_of[key] = i
+    return [find(i) for i in range(len(names))]
+
+
+def _read_groups(path: str | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    groups = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read group file {path}: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in line.replace("\t", ",").split(",")]
+        if len(parts) < 2:
+            raise InputError(f"{path}:{number}: expected 'filename,group'")
+        groups[parts[0]] = parts[1]
+    return groups
+
+
+def _assign_splits(groups: list[int], seed: int) -> dict[int, str]:
+    """Group id -> split, about 80 / 10 / 10 of the groups (val and test get one each once >= 3)."""
+    keys = sorted(set(groups))
+    order = [keys[i] for i in np.random.default_rng([seed, 0x5EED]).permutation(len(keys))]
+    n_eval = max(1, round(0.1 * len(keys))) if len(keys) >= 3 else 0
+    out = {}
+    for rank, key in enumerate(order):
+        out[key] = "val" if rank < n_eval else ("test" if rank < 2 * n_eval else "train")
+    return out
+
+
+# ------------------------------------------------------------------------------------ per-sample
+def _sample_chain(rng: np.random.Generator, pair: bool, category: str | None = None) -> list[dict]:
+    from octopus_rt.training.data.composite import ORDERED_PAIRS
+    from octopus_rt.training.data.distortions import CATEGORIES, subtypes
+
+    if pair:
+        cats = ORDERED_PAIRS[int(rng.integers(len(ORDERED_PAIRS)))]
+        severities = [int(rng.integers(1, 4)) for _ in cats]
+    else:
+        cat = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        cats = (cat,)
+        low = 2 if cat in _FAINT_AT_ONE else 1
+        severities = [int(rng.integers(low, 6))]
+    chain = []
+    for cat, severity in zip(cats, severities):
+        names = subtypes(cat)
+        chain.append({"category": cat, "subtype": names[int(rng.integers(len(names)))], "severity": severity})
+    return chain
+
+
+def _make_sample(task: tuple) -> dict:
+    """Worker body: one distorted image, its masks and records. Returns a JSON-able dict."""
+    import cv2
+
+    from octopus_rt.training.data.composite import apply_chain
+    from octopus_rt.training.data.records import region_from_mask, save_image, save_mask
+    from octopus_rt.training.data.regions import describe_region, load_sam, propose_regions
+    from octopus_rt.training.data.tasks import build_records
+
+    cv2.setNumThreads(1)  # one process per core already
+    index, source_path, source_id, out_dir, options = task
+    out = Path(out_dir)
+    rng = np.random.default_rng([options["seed"], index])
+    image = _load(Path(source_path), options["size"])
+    height, width = image.shape[:2]
+    sample_id = f"s{index:06d}"
+    sam = load_sam(options["sam"]) if options["sam"] else None
+    masks = propose_regions(image, rng, sam_generator=sam)
+    uniform = len(masks) < 2 or rng.random() < options["uniform_prob"]
+    regions = []
+    if uniform:
+        full = np.ones((height, width), dtype=bool)
+        rel = f"masks/{sample_id}_whole.png"
+        save_mask(full, out / rel)
+        region = region_from_mask(0, full, rel, "whole image", whole_image=True)
+        region.distortions = _sample_chain(rng, rng.random() < options["pair_prob"])
+        image = apply_chain(image, full, region.distortions, rng, options["feather"])
+        regions.append(region)
+    else:
+        labels = [describe_region(image, m) for m in masks]
+        k = int(rng.integers(1, min(3, len(masks)) + 1))
+        chosen = sorted(int(i) for i in rng.choice(len(masks), size=k, replace=False))
+        shared = None
+        chains = {}
+        for i in chosen:
+            pair = rng.random() < options["pair_prob"]
+            # Sometimes reuse one category in several regions, so SiD-G can compare intensities.
+            category = shared if (shared is not None and not pair and rng.random() < 0.5) else None
+            chains[i] = _sample_chain(rng, pair, category)
+            shared = shared or chains[i][0]["category"]
+        distorted = image
+        for i in chosen:
+            distorted = apply_chain(distorted, masks[i], chains[i], rng, options["feather"])
+        image = distorted
+        for i, mask in enumerate(masks):
+            rel = f"masks/{sample_id}_r{i}.png"
+            save_mask(mask, out / rel)
+            region = region_from_mask(i, mask, rel, labels[i])
+            region.distortions = chains.get(i, [])
+            regions.append(region)
+    image_rel = f"images/{sample_id}.png"
+    save_image(image, out / image_rel)
+    records = build_records(sample_id, image_rel, regions, rng, width=width, height=height, source=source_id)
+    result = {"index": index, "source": source_id, "records": records}
+    part = out / ".work" / f"{sample_id}.json"
+    tmp = part.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, separators=(",", ":")), encoding="utf-8")
+    tmp.replace(part)  # the part file is the commit marker for --resume
+    return result
+
+
+def _probe(task: tuple) -> tuple[str, int | None, str | None]:
+    path, size = task
+    try:
+        return path, dhash(_load(Path(path), size)), None
+    except (OSError, ValueError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
+        return path, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
+    from tqdm import tqdm
+
+    bar = dict(total=len(tasks), desc=desc, disable=not progress, unit="img")
+    if workers <= 1 or len(tasks) <= 1:
+        yield from tqdm(map(fn, tasks), **bar)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent may hold OpenCV / torch thread pools that fork would break.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from tqdm(pool.imap(fn, tasks), **bar)
+
+
+def _prepare_out(out: Path, options: SynthOptions, state: dict) -> None:
+    work = out / ".work"
+    if out.exists() and any(out.iterdir()):
+        if options.resume:
+            state_file = work / "state.json"
+            if not state_file.exists():
+                raise InputError(f"nothing to resume in {out} (no unfinished run there)")
+            previous = json.loads(state_file.read_text(encoding="utf-8"))
+            if previous != state:
+                raise InputError(f"--resume with different options than the run in {out}; use --overwrite")
+            return
+        if not options.overwrite:
+            raise InputError(f"output folder {out} is not empty; pass --overwrite or --resume")
+        for name in _GENERATED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "state.json").write_text(json.dumps(state, sort_keys=True), encoding="utf-8")
+
+
+def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions = SynthOptions()) -> SynthReport:
+    """Build a dataset in `out_dir` from the images in `src_dir` (see the module docstring)."""
+    from octopus_rt.training.data.records import write_jsonl
+
+    src, out = Path(src_dir), Path(out_dir)
+    sources = list_sources(src)
+    if options.size < MIN_SIDE:
+        raise InputError(f"--size must be >= {MIN_SIDE}")
+    if options.sam:
+        from octopus_rt.training.data.regions import load_sam
+
+        load_sam(options.sam)  # fail early, with one line, on a bad checkpoint
+    user_groups = _read_groups(options.groups)
+    state = {k: v for k, v in asdict(options).items() if k not in ("workers", "overwrite", "resume", "progress")}
+    state["src"] = str(src.resolve())
+    _prepare_out(out, options, state)
+
+    report = SynthReport()
+    probes = list(_map(_probe, [(str(p), options.size) for p in sources], options.workers, options.progress, "check"))
+    usable = [(Path(p), h) for p, h, err in probes if err is None]
+    report.skipped = [(Path(p).name, err) for p, h, err in probes if err is not None]
+    if not usable:
+        raise InputError(f"none of the {len(sources)} images in {src} is usable (all unreadable or < 32x32)")
+    names = [p.name for p, _ in usable]
+    groups = group_sources(names, [h for _, h in usable], options.hash_distance, user_groups)
+    split_of_group = _assign_splits(groups, options.seed)
+    split_of_source = {names[i]: split_of_group[g] for i, g in enumerate(groups)}
+
+    num = len(usable) if options.num is None else options.num
+    plain = {"seed": options.seed, "size": options.size, "sam": options.sam,
+             "uniform_prob": options.uniform_prob, "pair_prob": options.pair_prob, "feather": options.feather}
+    results: dict[int, dict] = {}
+    todo = []
+    for i in range(num):
+        part = out / ".work" / f"s{i:06d}.json"
+        if options.resume and part.exists():
+            results[i] = json.loads(part.read_text(encoding="utf-8"))
+        else:
+            path = usable[i % len(usable)][0]
+            todo.append((i, str(path), path.name, str(out), plain))
+    for result in _map(_make_sample, todo, options.workers, options.progress, "synth"):
+        results[result["index"]] = result
+    by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for i in range(num):
+        split = split_of_source[results[i]["source"]]
+        by_split[split].extend(results[i]["records"])
+    for split, records in by_split.items():
+        write_jsonl(records, out / f"{split}.jsonl")
+    report.samples = num
+    report.records = {split: len(records) for split, records in by_split.items()}
+    (out / "report.json").write_text(json.dumps({
+        "samples": num, "records": report.records, "sources": len(usable),
+        "groups": len(set(groups)), "skipped": [{"file": f, "reason": r} for f, r in report.skipped],
+    }, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(out / ".work")
+    if not num:
+        raise OctopusError("--num 0: nothing generated")
+    return report

@@ -1,0 +1,84 @@
+"""Precision conversions of exported ONNX graphs (fp16, dynamic int8, int4 weight-only).
+
+All functions take an fp32 ONNX file and write the converted graph to another path; the graph's
+input and output names, shapes and dtypes stay the same (float32 I/O), so the runtime feeds every
+precision the same way:
+
+- `to_fp16`: weights and compute in float16, float32 at the graph boundary (`keep_io_types`).
+- `to_int8`: onnxruntime `quantize_dynamic` (int8 weights, activations quantised per call) of the
+  MatMul / Gemm ops, for CPU and edge. onnxruntime 1.32 has no `optimize_model` argument.
+- `to_int4`: weight-only 4-bit block quantisation of the constant-weight MatMuls into
+  `com.microsoft.MatMulNBits`, the format edge LLM runtimes use: decoding is bound by the weight
+  bytes read per token, which this cuts by ~8x against fp32.
+
+Graphs larger than protobuf's 2 GiB limit are written with one external data file
+`<name>.data` next to the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["PRECISIONS", "save_onnx", "to_fp16", "to_int8", "to_int4"]
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def save_onnx(model, path: str | os.PathLike[str]) -> None:
+    """Save an onnx.ModelProto, with weights in `<file>.data` when the model is too big for one file."""
+    import onnx
+
+    path = Path(path)
+    size = sum(init.ByteSize() for init in model.graph.initializer)
+    if size > _EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """float16 weights and compute, float32 inputs/outputs."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # keep_io_types: the runtime feeds float32 embeddings and KV caches at every precision.
+    # disable_shape_infer: shape inference on dynamo graphs with symbolic dims adds nothing here.
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    save_onnx(converted, dst)
+
+
+def to_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    size = Path(src).stat().st_size
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=size > _EXTERNAL_DATA_THRESHOLD,
+    )
+
+
+def to_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, block_size: int = 32) -> None:
+    """4-bit weight-only MatMulNBits quantisation (symmetric, `block_size` weights per scale)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
+    quantizer.process()
+    save_onnx(quantizer.model.model, dst)

@@ -53,12 +53,14 @@ def verify(
 def _register_subcommands() -> None:
     from octopus_rt.export.cli import export_app
     from octopus_rt.runtime.cli import register as register_runtime
+    from octopus_rt.runtime.doctor_cli import register as register_doctor
     from octopus_rt.training.cli import register as register_training
     from octopus_rt.training.data.cli import data_app
 
     app.add_typer(export_app, name="export", help="Write a model bundle (ONNX graphs, tokenizer, manifest).")
     app.add_typer(data_app, name="data", help="Build, import and inspect region-wise quality datasets.")
     register_runtime(app)
+    register_doctor(app)
     register_training(app)
 
 

@@ -245,7 +245,9 @@ def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        # torch's messages run to several sentences of advice; the first one names the problem.
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
         raise InputError(f"cannot read SAM checkpoint {checkpoint} (corrupt or truncated?): {reason}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # training checkpoints often nest it
@@ -285,6 +287,12 @@ def load_sam(
     elif config is not None:
         raise InputError(f"--sam-config is only used with --model-type custom, not {model_type}")
     state = _read_state_dict(checkpoint)
+    guess = _guess_model_type(state)
+    if model_type != "custom" and guess != model_type and "image_encoder.patch_embed.proj.weight" in state:
+        # Fail before building (and randomly initialising) a large model of the wrong type.
+        hint = f"it looks like --model-type {guess}" if guess else (
+            "it matches no official type; use --model-type custom with its --sam-config")
+        raise InputError(f"checkpoint {checkpoint} does not fit --model-type {model_type}: {hint}")
     if model_type == "custom":
         sam = build_sam(config)
     else:
@@ -297,7 +305,6 @@ def load_sam(
     unexpected = sorted(set(state) - set(expected))
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
-        guess = _guess_model_type(state)
         if missing and not any(k.startswith("image_encoder.") for k in state):
             hint = "it holds no SAM image encoder weights"
         elif guess is not None and guess != model_type:

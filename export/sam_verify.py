@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -163,11 +164,13 @@ def _export_sam_onnx_model(sam: Any, path: Path, opset: int, embedding_shape: tu
         torch.tensor([1500.0, 2250.0]),
     )
     names = list(DECODER_INPUTS) + ["orig_im_size"]
-    torch.onnx.export(
-        model, dummy, str(path), input_names=names, output_names=["masks", "iou_predictions", "low_res_masks"],
-        dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
-        opset_version=opset, do_constant_folding=True, dynamo=False,
-    )
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # its int(prepadded_size) TracerWarning is the known crop bug
+        torch.onnx.export(
+            model, dummy, str(path), input_names=names, output_names=["masks", "iou_predictions", "low_res_masks"],
+            dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
 
 
 def _compare_with_sam_onnx_model(

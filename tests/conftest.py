@@ -6,3 +6,4 @@ import os
 
 # Two torch threads on two cores are slower than one when the other core is busy (measured).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from fixtures_sam import *  # noqa: F401,F403

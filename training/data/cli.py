@@ -45,3 +45,57 @@ def synth(
         typer.echo(f"skipped {len(report.skipped)} source image(s):", err=True)
         for name, reason in report.skipped:
             typer.echo(f"  {name}: {reason}", err=True)
+
+
+@data_app.command()
+def show(
+    data_dir: Path = typer.Argument(..., help="Dataset folder."),
+    record_id: str = typer.Argument(..., help="Record id to draw."),
+    out: Path = typer.Option(Path("sample.png"), "--out", help="PNG to write."),
+) -> None:
+    """Render one record (image, region masks with labels, question and answer) to a PNG."""
+    from octopus_rt.training.data.show import find_record, render_record
+
+    path = render_record(data_dir, find_record(data_dir, record_id), out)
+    typer.echo(f"wrote {path}")
+
+
+@data_app.command("import")
+def import_(
+    fmt: str = typer.Argument(..., help="q-instruct | dq495k | q-align | q-bench | q-bench-hf | kadid | koniq"),
+    path: Path = typer.Argument(..., help="The dataset's JSON / CSV file."),
+    out: Path = typer.Option(..., "--out", help="Folder for {train,val,test}.jsonl and dataset.json."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to "
+                                              "(default: the file's folder; KADID: its images/ folder)."),
+    split: str = typer.Option("auto", "--split", help="auto (80/10/10 by source) or train / val / test."),
+    mos_scale: Optional[str] = typer.Option(None, "--mos-scale", help="'WORST,BEST' of the score scale (default 1,5)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the auto split."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+) -> None:
+    """Convert a public quality dataset into octopus-rt records."""
+    from octopus_rt.errors import InputError
+    from octopus_rt.training.data.importers import import_dataset
+
+    scale = None
+    if mos_scale:
+        try:
+            lo, hi = (float(v) for v in mos_scale.split(","))
+        except ValueError as exc:
+            raise InputError(f"--mos-scale takes 'WORST,BEST', got {mos_scale!r}") from exc
+        scale = (lo, hi)
+    report = import_dataset(fmt, path, out, image_root=image_root, split=split, seed=seed, mos_scale=scale,
+                            overwrite=overwrite)
+    typer.echo(f"imported {sum(report.records.values())} records ("
+               + ", ".join(f"{k} {v}" for k, v in report.records.items()) + f") -> {out}")
+    if report.skipped:
+        typer.echo(f"skipped {len(report.skipped)}:", err=True)
+        for item, reason in report.skipped[:50]:
+            typer.echo(f"  {item}: {reason}", err=True)
+
+
+@data_app.command()
+def stats(data_dir: Path = typer.Argument(..., help="Dataset folder.")) -> None:
+    """Print counts per split, task, sub-task, distortion and severity."""
+    from octopus_rt.training.data.stats import compute_stats, format_stats
+
+    typer.echo(format_stats(compute_stats(data_dir)))

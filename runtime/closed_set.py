@@ -15,12 +15,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from octopus_rt import vocab
+
 __all__ = [
     "POINT_MAPPINGS",
     "word_scores",
     "closed_set_probs",
     "point_from_probs",
     "level_score",
+    "AXES",
+    "axis_token_ids",
+    "first_mentions",
+    "position_probs",
+    "point_from_position_probs",
 ]
 
 POINT_MAPPINGS = ("paper", "quadrant")
@@ -92,3 +99,59 @@ def level_score(level_probs: np.ndarray, weights: Sequence[float]) -> float:
     """Scalar quality score: the probability-weighted sum of the level weights (Q-Align convention)."""
     probs = np.asarray(level_probs, dtype=np.float64)
     return float(np.dot(probs, np.asarray(weights, dtype=np.float64)))
+
+
+# --- Positional mentions in generated text (used by the runtime loop and the reference pipeline) ---
+
+AXES: dict[str, tuple[str, ...]] = {"horizontal": vocab.HORIZONTAL_WORDS, "vertical": vocab.VERTICAL_WORDS}
+
+
+def axis_token_ids(closed_set: dict[str, Sequence[int]]) -> dict[int, str]:
+    """{token id: axis} for the positional words' token ids recorded in the manifest's `closed_set`.
+
+    A generated token whose id is in this map *mentions* that axis (e.g. " left" -> "horizontal").
+    For a word whose forms all span several tokens the manifest records the first sub-token, which
+    then counts as the mention (documented limitation of single-token detection).
+    """
+    mapping: dict[int, str] = {}
+    for axis, words in AXES.items():
+        for word in words:
+            for token_id in closed_set[word]:
+                mapping.setdefault(int(token_id), axis)
+    return mapping
+
+
+def first_mentions(token_ids: Sequence[int], axis_ids: dict[int, str]) -> dict[str, int]:
+    """{axis: index of the first generated token that mentions it}; axes never mentioned are absent.
+
+    Only the first mention per axis counts ("top left ... the right part" uses "left").
+    """
+    steps: dict[str, int] = {}
+    for step, token_id in enumerate(token_ids):
+        axis = axis_ids.get(int(token_id))
+        if axis is not None and axis not in steps:
+            steps[axis] = step
+    return steps
+
+
+def position_probs(
+    axis_logits: dict[str, np.ndarray], closed_set: dict[str, Sequence[int]], tau: float = 1.0
+) -> dict[str, float]:
+    """Closed-set probabilities per mentioned axis from the raw logits (V,) of the step that emitted
+    the axis' first word: {"left", "right"} and/or {"top", "bottom"}, each pair summing to 1."""
+    probs: dict[str, float] = {}
+    for axis, logits in axis_logits.items():
+        words = AXES[axis]
+        values = closed_set_probs(np.asarray(logits), [closed_set[w] for w in words], tau)
+        probs.update({w: float(p) for w, p in zip(words, values)})
+    return probs
+
+
+def point_from_position_probs(
+    probs: dict[str, float], width: int, height: int, mapping: str = "paper"
+) -> tuple[float, float] | None:
+    """The point for `position_probs` output: None when no axis was mentioned, else eq. 4 (or the
+    quadrant mapping) with the centre on an unmentioned axis."""
+    if not probs:
+        return None
+    return point_from_probs(probs.get("right"), probs.get("bottom"), width, height, mapping)

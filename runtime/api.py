@@ -1,0 +1,354 @@
+"""`Octopus`: the public runtime API over a model bundle (numpy + onnxruntime + tokenizers + Pillow).
+
+    from octopus_rt.runtime import Octopus
+    model = Octopus("bundle/")                     # device="auto": CUDA if available, else CPU
+    answer = model.ask("photo.jpg", "Which region is most degraded?")
+    answer.text, answer.point, answer.probs, answer.mask
+
+Pipeline of `ask` (stage names as in `Answer.timings_ms`):
+decode_image -> preprocess -> vision -> prefill_prefix (prompt prefix + image tokens, cached per
+image) -> prefill (the question's own tokens) -> decode (greedy, KV cache) -> closed-set point ->
+sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess (mask upscaling).
+A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from octopus_rt import vocab
+from octopus_rt.bundle import BundleError, check_files, read_manifest, section_path
+from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.runtime import closed_set
+from octopus_rt.runtime.backends import Backend
+from octopus_rt.runtime.cache import ImageCache, ImageEntry
+from octopus_rt.runtime.generate import Decoder, KVState
+from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
+from octopus_rt.runtime.preprocess import VisionPreprocess
+from octopus_rt.runtime.results import Answer, ChoiceResult, ScoreResult
+
+__all__ = ["Octopus"]
+
+
+class _Timer:
+    """Collects per-stage wall times in milliseconds (a stage run twice accumulates)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.events: list[tuple[str, float, float]] = []  # (stage, start perf_counter s, duration s)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.ms[name] = self.ms.get(name, 0.0) + elapsed * 1000.0
+            self.events.append((name, start, elapsed))
+
+
+class Octopus:
+    """A loaded bundle. Sessions are created lazily, on the first call that needs each graph.
+
+    bundle_dir: a bundle folder (docs/bundle.md). device: "auto" | "cpu" | "cuda" | "tensorrt".
+    threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+    cache_images: how many images' features / prefix KV cache / SAM embedding to keep (LRU).
+    max_pixels: refuse larger images before decoding them (None: no limit).
+    profile_dir: when set, onnxruntime writes per-node profiles there (see `end_profiling`).
+
+    Load-time checks (one-line `BundleError`): folder and manifest present, format version, an `lmm`
+    section, every listed file present with the recorded size (hashes: `octopus-rt verify`).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike[str],
+        device: str = "auto",
+        threads: int | None = None,
+        *,
+        cache_images: int = 4,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        profile_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir)
+        lmm = self.manifest.get("lmm")
+        if not isinstance(lmm, dict) or "files" not in lmm:
+            raise BundleError(f"bundle {self.bundle_dir} has no lmm section; run `octopus-rt export lmm` first")
+        problems = check_files(self.bundle_dir, self.manifest, sections=("lmm", "sam"))
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BundleError(f"bundle {self.bundle_dir}: {problems[0]}{more}; re-export or run `octopus-rt verify`")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        self.lmm = lmm
+        self.defaults = {**self.manifest.get("defaults", {})}
+        self.max_pixels = max_pixels
+        self.backend = Backend(device=device, threads=threads, profile_dir=Path(profile_dir) if profile_dir else None)
+        self.cache = ImageCache(cache_images)
+        self._tokenizer = None
+        self._decoder: Decoder | None = None
+        self._sam = None
+        self.preprocess = VisionPreprocess.from_manifest(lmm["preprocess"])
+        self.prompt = lmm["prompt"]
+        self.closed_set: dict[str, list[int]] = {w: [int(i) for i in ids] for w, ids in lmm["closed_set"].items()}
+        self.axis_ids = closed_set.axis_token_ids(self.closed_set)
+        self.eos_ids = [int(e) for e in lmm["tokenizer"].get("eos_token_ids", [])]
+        self.context = int(lmm["decoder"]["max_position_embeddings"])
+        self.whole_image_phrases = tuple(lmm.get("whole_image_phrases") or vocab.WHOLE_IMAGE_PHRASES)
+        score_prompt = lmm.get("score_prompt") or {}
+        self.score_question = score_prompt.get("question", vocab.SCORE_QUESTION)
+        self.score_answer_prefix = score_prompt.get("answer_prefix", vocab.SCORE_ANSWER_PREFIX)
+
+    # ----------------------------------------------------------------------------------- parts
+    @property
+    def device(self) -> str:
+        """The resolved device name ("cpu", "cuda", "tensorrt")."""
+        return self.backend.choice.name
+
+    @property
+    def has_sam(self) -> bool:
+        return isinstance(self.manifest.get("sam"), dict) and "files" in self.manifest["sam"]
+
+    def _file(self, name: str) -> Path:
+        return section_path(self.bundle_dir, self.lmm, name)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self._file(self.lmm["tokenizer"].get("file", "tokenizer.json"))))
+        return self._tokenizer
+
+    @property
+    def decoder(self) -> Decoder:
+        if self._decoder is None:
+            table = np.load(self._file(self.lmm["embedding"]["file"]), mmap_mode="r")
+            graph = self.backend.graph("decoder", self._file(self.lmm["decoder"]["file"]))
+            self._decoder = Decoder(graph, table, self.lmm["decoder"])
+        return self._decoder
+
+    @property
+    def sam(self):
+        if self._sam is None:
+            if not self.has_sam:
+                raise BundleError(
+                    f"bundle {self.bundle_dir} has no sam section, so it cannot segment; "
+                    "run `octopus-rt export sam` into it, or do not ask for a mask"
+                )
+            from octopus_rt.runtime.segment import SamStage
+
+            self._sam = SamStage(self.backend, self.bundle_dir, self.manifest["sam"])
+        return self._sam
+
+    # ------------------------------------------------------------------------------ shared steps
+    def _prompt_ids(self, question: str, answer_prefix: str = "") -> tuple[list[int], int]:
+        """Token ids of the full prompt and the index just after the last image token."""
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("question is empty")
+        p = self.prompt
+        text = p["prefix"] + p["image_token"] * int(p["num_image_tokens"]) + p["infix"] + question + p["suffix"]
+        ids = self.tokenizer.encode(text + answer_prefix, add_special_tokens=bool(p.get("add_special_tokens", False))).ids
+        image_id = int(p["image_token_id"])
+        positions = [i for i, t in enumerate(ids) if t == image_id]
+        if len(positions) != int(p["num_image_tokens"]):
+            raise OctopusError(
+                f"prompt has {len(positions)} image tokens, the bundle expects {p['num_image_tokens']} "
+                "(does the question contain the image token text?)"
+            )
+        if len(ids) >= self.context:
+            raise InputError(
+                f"question too long: the prompt is {len(ids)} tokens and the model's context is {self.context}"
+            )
+        return ids, positions[-1] + 1
+
+    def _entry(self, pending: PendingImage, timer: _Timer, cached: list[str]) -> tuple[ImageEntry, np.ndarray | None]:
+        entry = self.cache.get(pending.key)
+        rgb = None
+        if entry is None:
+            with timer.stage("decode_image"):
+                rgb = pending.decode()
+            entry = self.cache.put(pending.key, ImageEntry(size=(int(rgb.shape[1]), int(rgb.shape[0]))))
+        return entry, rgb
+
+    def _features(self, entry: ImageEntry, pending: PendingImage, rgb, timer: _Timer, cached: list[str]) -> np.ndarray:
+        if entry.features is not None:
+            cached.append("vision")
+            return entry.features
+        if rgb is None:
+            with timer.stage("decode_image"):
+                rgb = pending.decode()
+        with timer.stage("preprocess"):
+            pixels = self.preprocess(rgb)
+        vision = self.lmm["vision"]
+        graph = self.backend.graph("vision", self._file(vision["file"]))
+        with timer.stage("vision"):
+            features = graph.run_numpy(
+                {vision.get("input_names", ["pixel_values"])[0]: pixels}, vision.get("output_names", ["image_features"])[:1]
+            )[0]
+        entry.features = features
+        return features
+
+    def _prefill(
+        self, pending: PendingImage, ids: list[int], split: int, timer: _Timer, cached: list[str]
+    ) -> tuple[np.ndarray, KVState, ImageEntry, np.ndarray | None]:
+        """Prefill the prompt: the shared prefix (cached per image) then the rest. Returns the last
+        position's logits (V,), the cache after the prompt, the image's cache entry and, when it had
+        to be decoded, the RGB image."""
+        entry, rgb = self._entry(pending, timer, cached)
+        prefix_ids = tuple(ids[:split])
+        decoder = self.decoder
+        if entry.prefix is not None and entry.prefix_ids == prefix_ids:
+            cached.append("prefix")
+            state = entry.prefix
+        else:
+            features = self._features(entry, pending, rgb, timer, cached)
+            with timer.stage("prefill_prefix"):
+                embeds = decoder.embed(prefix_ids)
+                image_id = int(self.prompt["image_token_id"])
+                where = np.flatnonzero(np.asarray(prefix_ids) == image_id)
+                embeds[0, where] = features[0].astype(embeds.dtype)
+                _, state = decoder.forward(embeds, decoder.empty_state())
+            entry.prefix_ids, entry.prefix = prefix_ids, state
+        with timer.stage("prefill"):
+            logits, state = decoder.forward(decoder.embed(ids[split:]), state)
+        return logits, state, entry, rgb
+
+    # ---------------------------------------------------------------------------------- public
+    def ask(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        tau: float | None = None,
+        point_mapping: str | None = None,
+        multimask: bool | None = None,
+        segment: bool = True,
+    ) -> Answer:
+        """Answer `question` about `image`, ground it to a point and (with a SAM section) a mask.
+
+        None options take the manifest's `defaults`. `segment=False` skips SAM even when present.
+        Raises InputError (bad image / question / option) or BundleError (bundle problems).
+        """
+        tau = float(self.defaults.get("tau", 1.0) if tau is None else tau)
+        if not tau > 0:
+            raise InputError(f"tau must be > 0, got {tau}")
+        mapping = point_mapping or self.defaults.get("point_mapping", "paper")
+        if mapping not in closed_set.POINT_MAPPINGS:
+            raise InputError(f"unknown point mapping {mapping!r}; choose one of {', '.join(closed_set.POINT_MAPPINGS)}")
+        limit = int(self.defaults.get("max_new_tokens", 64) if max_new_tokens is None else max_new_tokens)
+        if limit < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {limit}")
+        multimask = bool(self.defaults.get("multimask", True) if multimask is None else multimask)
+
+        timer, cached = _Timer(), []
+        start = time.perf_counter()
+        with timer.stage("decode_image"):
+            pending = open_image(image, max_pixels=self.max_pixels)
+        ids, split = self._prompt_ids(question)
+        logits, state, entry, rgb = self._prefill(pending, ids, split, timer, cached)
+        limit = min(limit, self.context - len(ids))
+        with timer.stage("decode"):
+            result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids)
+        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        width, height = entry.size
+        probs = closed_set.position_probs(result.axis_logits, self.closed_set, tau)
+        point = closed_set.point_from_position_probs(probs, width, height, mapping)
+        whole = vocab.says_whole_image(text, self.whole_image_phrases)
+        mask, mask_iou = None, None
+        if whole:
+            mask, mask_iou = np.ones((height, width), dtype=bool), 1.0
+        elif segment and point is not None and self.has_sam:
+            mask, mask_iou = self._segment(entry, pending, rgb, point, multimask, timer, cached)
+        timings = dict(timer.ms)
+        if result.step_ms:
+            timings["decode_per_token"] = float(np.median(result.step_ms))
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        self._last_events = timer.events
+        self._last_step_ms = result.step_ms
+        return Answer(
+            text=text,
+            token_ids=result.token_ids,
+            point=point,
+            probs=probs or None,
+            whole_image=whole,
+            mask=mask,
+            mask_iou=mask_iou,
+            image_size=(width, height),
+            timings_ms=timings,
+            cached=tuple(cached),
+        )
+
+    def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> tuple[np.ndarray, float]:
+        sam = self.sam
+        width, height = entry.size
+        if entry.sam_embedding is None:
+            if rgb is None:
+                with timer.stage("decode_image"):
+                    rgb = pending.decode()
+            with timer.stage("sam_preprocess"):
+                image, resized = sam.preprocess(rgb)
+            with timer.stage("sam_encoder"):
+                entry.sam_embedding = sam.encode(image)
+            entry.sam_resized_hw = resized
+        else:
+            cached.append("sam_embedding")
+        with timer.stage("sam_decoder"):
+            low_res, iou = sam.decode(entry.sam_embedding, point, (height, width), entry.sam_resized_hw)
+        with timer.stage("postprocess"):
+            index = sam.select(iou, multimask)
+            mask = sam.masks_at(low_res, index, (height, width), entry.sam_resized_hw)
+        return mask, float(iou[index])
+
+    def _next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str], tau: float):
+        timer, cached = _Timer(), []
+        start = time.perf_counter()
+        with timer.stage("decode_image"):
+            pending = open_image(image, max_pixels=self.max_pixels)
+        ids, split = self._prompt_ids(question, answer_prefix)
+        logits, _, _, _ = self._prefill(pending, ids, split, timer, cached)
+        probs = closed_set.closed_set_probs(logits, [self.closed_set[w] for w in words], tau)
+        timings = dict(timer.ms)
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        return {w: float(p) for w, p in zip(words, probs)}, timings
+
+    def score(self, image: ImageInput) -> ScoreResult:
+        """Scalar quality in [0, 1]: closed-set softmax over the level words at the token after the
+        manifest's score prompt (Q-Align), weighted by vocab.LEVEL_WEIGHTS."""
+        probs, timings = self._next_token_probs(
+            image, self.score_question, self.score_answer_prefix, vocab.LEVEL_WORDS, 1.0
+        )
+        score = closed_set.level_score([probs[w] for w in vocab.LEVEL_WORDS], vocab.LEVEL_WEIGHTS)
+        return ScoreResult(score=score, probs=probs, timings_ms=timings)
+
+    def choose(self, image: ImageInput, question: str, options: Sequence[str]) -> ChoiceResult:
+        """Multiple choice (Q-Bench-A1 layout, vocab.format_mcq_question): softmax over the offered
+        option letters at the first answer token."""
+        options = list(options)
+        if not 1 <= len(options) <= len(vocab.OPTION_LETTERS):
+            raise InputError(f"multiple choice takes 1 to {len(vocab.OPTION_LETTERS)} options, got {len(options)}")
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("question is empty")
+        letters = vocab.OPTION_LETTERS[: len(options)]
+        probs, timings = self._next_token_probs(image, vocab.format_mcq_question(question, options), "", letters, 1.0)
+        index = int(np.argmax([probs[letter] for letter in letters]))
+        return ChoiceResult(letter=letters[index], index=index, option=options[index], probs=probs, timings_ms=timings)
+
+    def end_profiling(self) -> list[Path]:
+        """Stop onnxruntime profiling (profile_dir set) and return the profile files written."""
+        return self.backend.end_profiling()
+
+    @property
+    def last_stage_events(self) -> list[tuple[str, float, float]]:
+        """(stage, start time.perf_counter() seconds, duration seconds) of the last `ask`."""
+        return list(getattr(self, "_last_events", []))

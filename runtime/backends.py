@@ -1,0 +1,189 @@
+"""One small interface over onnxruntime execution providers: cpu, cuda, tensorrt.
+
+`Backend` resolves a device name to an execution-provider list once, creates one
+`InferenceSession` per graph lazily (on first use, so a bundle whose SAM stage is never used never
+loads SAM), and runs graphs through IO binding with `OrtValue`s. A GPU provider can therefore keep
+tensors (the decoder's KV cache) on the device between calls: outputs are bound to `device_type`
+and fed back as inputs without a copy to host memory.
+
+onnxruntime itself is imported lazily, on the first session or provider query, so importing the
+runtime package stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from octopus_rt.errors import OctopusError
+
+__all__ = ["DEVICES", "DeviceChoice", "resolve_device", "Graph", "Backend"]
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+_PROVIDER = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OctopusError(
+            "onnxruntime is not installed; install octopus-rt[cpu] (onnxruntime) or octopus-rt[gpu] "
+            "(onnxruntime-gpu), not both"
+        ) from exc
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """A resolved device: name ("cpu", "cuda", "tensorrt"), the provider list in priority order, and
+    where bound outputs live ("cpu" or "cuda")."""
+
+    name: str
+    providers: tuple[str, ...]
+    device_type: str
+    reason: str
+
+
+def resolve_device(device: str = "auto", available: Sequence[str] | None = None) -> DeviceChoice:
+    """Map a device name to providers. "auto" takes CUDA when onnxruntime offers it, else CPU.
+
+    TensorRT is never chosen by "auto": building engines takes minutes on first use, so it is opt-in
+    (`device="tensorrt"`). A requested provider that is missing raises OctopusError with one line.
+    """
+    if device not in DEVICES:
+        raise OctopusError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if available is None:
+        available = _ort().get_available_providers()
+    available = tuple(available)
+    if device == "auto":
+        if _PROVIDER["cuda"] in available:
+            return DeviceChoice("cuda", (_PROVIDER["cuda"], _PROVIDER["cpu"]), "cuda", "auto: CUDA provider available")
+        return DeviceChoice("cpu", (_PROVIDER["cpu"],), "cpu", "auto: no GPU provider in this onnxruntime")
+    wanted = _PROVIDER[device]
+    if wanted not in available:
+        hint = " (install octopus-rt[gpu], which brings onnxruntime-gpu, instead of [cpu])" if device != "cpu" else ""
+        raise OctopusError(
+            f"device {device!r} needs onnxruntime's {wanted}, which this install lacks "
+            f"(available: {', '.join(available) or 'none'}){hint}"
+        )
+    if device == "tensorrt":
+        providers = (wanted, _PROVIDER["cuda"], _PROVIDER["cpu"])
+        return DeviceChoice("tensorrt", tuple(p for p in providers if p in available), "cuda", "requested")
+    if device == "cuda":
+        return DeviceChoice("cuda", (wanted, _PROVIDER["cpu"]), "cuda", "requested")
+    return DeviceChoice("cpu", (wanted,), "cpu", "requested")
+
+
+class Graph:
+    """One ONNX graph behind an `InferenceSession`, run with IO binding.
+
+    `run(inputs, outputs)` takes {name: numpy array or OrtValue} and returns a list of OrtValues in
+    the order of `outputs` (bound to the backend's device; `.numpy()` copies one to host memory).
+    Input and output names, and the element type of every input, come from the session.
+    """
+
+    def __init__(self, name: str, session: Any, device_type: str) -> None:
+        self.name = name
+        self.session = session
+        self.device_type = device_type
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.input_types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """numpy array -> OrtValue on this graph's device."""
+        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+
+    def run(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:
+        ort = _ort()
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(value, dtype=self.input_types.get(name, value.dtype)), self.device_type, 0
+                )
+            binding.bind_ortvalue_input(name, value)
+        names = list(outputs) if outputs is not None else self.output_names
+        for name in names:
+            binding.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(binding)
+        return list(binding.get_outputs())
+
+    def run_numpy(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """`run`, with every output copied to host numpy arrays."""
+        return [value.numpy() for value in self.run(inputs, outputs)]
+
+
+@dataclass
+class Backend:
+    """Sessions of one bundle on one device. `threads`: intra-op threads (None: onnxruntime's default).
+
+    `profile_dir`: when set, every session writes onnxruntime's per-node profile (Chrome trace JSON)
+    there; `end_profiling()` stops it and returns the files.
+    `per_graph`: optional {graph name: device name} override (e.g. keep SAM's encoder on "cpu").
+    """
+
+    device: str = "auto"
+    threads: int | None = None
+    profile_dir: Path | None = None
+    per_graph: dict[str, str] = field(default_factory=dict)
+    _choice: DeviceChoice | None = field(default=None, init=False, repr=False)
+    _graphs: dict[str, Graph] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def choice(self) -> DeviceChoice:
+        if self._choice is None:
+            self._choice = resolve_device(self.device)
+        return self._choice
+
+    def graph(self, name: str, path: str | os.PathLike[str]) -> Graph:
+        """The session for graph `name` (created on first call)."""
+        if name in self._graphs:
+            return self._graphs[name]
+        ort = _ort()
+        choice = resolve_device(self.per_graph[name]) if name in self.per_graph else self.choice
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads is not None:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        if self.profile_dir is not None:
+            Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(self.profile_dir) / name)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=list(choice.providers))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise OctopusError(f"cannot load {name} graph {path}: {str(exc).splitlines()[0]}") from exc
+        graph = Graph(name, session, choice.device_type)
+        self._graphs[name] = graph
+        return graph
+
+    @property
+    def loaded(self) -> dict[str, Graph]:
+        return dict(self._graphs)
+
+    def end_profiling(self) -> list[Path]:
+        """Stop profiling on every loaded session; returns the profile files written."""
+        files = []
+        for graph in self._graphs.values():
+            if self.profile_dir is not None:
+                files.append(Path(graph.session.end_profiling()))
+        return files

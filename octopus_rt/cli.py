@@ -55,6 +55,7 @@ def _register_subcommands() -> None:
     from octopus_rt.runtime.cli import register as register_runtime
     from octopus_rt.runtime.doctor_cli import register as register_doctor
     from octopus_rt.training.cli import register as register_training
+    from octopus_rt.training.eval_cli import register as register_eval
     from octopus_rt.training.data.cli import data_app
 
     app.add_typer(export_app, name="export", help="Write a model bundle (ONNX graphs, tokenizer, manifest).")
@@ -62,6 +63,7 @@ def _register_subcommands() -> None:
     register_runtime(app)
     register_doctor(app)
     register_training(app)
+    register_eval(app)
 
 
 _register_subcommands()

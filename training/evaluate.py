@@ -1,0 +1,453 @@
+"""`octopus-rt eval`: measure a bundle on a dataset split, with baselines and 95 % intervals.
+
+What is measured (per task and sub-task of the record form, docs/eval.md):
+- grounding: mIoU (paper metric, empty union = 1), positional accuracy per axis and both (the
+  runtime's closed-set probabilities, argmax per axis = the side its point lands on, against the
+  target region's eq. 1 terms), whole-image detection recall for both classes;
+- referring: short-answer accuracy (the set of distortion names said equals the reference's set),
+  long-answer keyword precision / recall (distortion names); descriptions: keyword precision / recall;
+- quality: closed-set score over level words -> SRCC / PLCC (raw and after a 4-parameter logistic
+  fit) on records with `mos`; multiple-choice accuracy on records with `candidates` / `answer`.
+Baselines in the same table: majority class (from the train split), the same model on a blank image,
+the segmenter prompted at the image centre, at a seeded random point, and at the oracle point (the
+ground-truth mask's pixel farthest from its border) as the ceiling.
+
+`sweep_defaults` picks tau and the point mapping that maximise mIoU on the VALIDATION split. Points
+for each tau are recomputed from the tau = 1 closed-set probabilities with the runtime's
+`closed_set_probs` (softmax(log p / tau) = softmax(s / tau) for word scores s, exactly), so the
+language model runs once per record and only the SAM decoder runs per (tau, mapping).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from octopus_rt import vocab
+from octopus_rt.training import eval_metrics as m
+
+__all__ = ["EvalOptions", "Row", "EvalReport", "DEFAULT_TAUS", "evaluate", "sweep_defaults", "retemper",
+           "load_split"]
+
+DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+PIPELINE = "model"
+
+
+@dataclass
+class EvalOptions:
+    """bundle: bundle dir; data_dir: dataset folder with {split}.jsonl. max_records: cap per split
+    (first records in file order; None = all). baselines: run the blank-image / point baselines.
+    tau / point_mapping: None = the bundle's manifest defaults. seed: random-point baseline and
+    bootstrap. threads: onnxruntime intra-op threads."""
+
+    bundle: Path
+    data_dir: Path
+    split: str = "test"
+    max_records: int | None = None
+    baselines: bool = True
+    tau: float | None = None
+    point_mapping: str | None = None
+    seed: int = 0
+    threads: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Row:
+    """One figure of the table: task / sub-task, metric name, system (model or baseline), estimate."""
+
+    task: str
+    subtask: str
+    metric: str
+    system: str
+    estimate: m.Estimate
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "subtask": self.subtask, "metric": self.metric, "system": self.system,
+                **self.estimate.to_json()}
+
+
+@dataclass
+class EvalReport:
+    bundle: str
+    data_dir: str
+    split: str
+    tau: float
+    point_mapping: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sweep: dict | None = None
+
+    def to_json(self) -> dict:
+        return {"bundle": self.bundle, "data_dir": self.data_dir, "split": self.split, "tau": self.tau,
+                "point_mapping": self.point_mapping, "rows": [r.to_json() for r in self.rows],
+                "notes": list(self.notes), "sweep": self.sweep}
+
+    def find(self, task: str, subtask: str, metric: str, system: str = PIPELINE) -> m.Estimate | None:
+        for row in self.rows:
+            if (row.task, row.subtask, row.metric, row.system) == (task, subtask, metric, system):
+                return row.estimate
+        return None
+
+
+def load_split(data_dir: Path, split: str, max_records: int | None = None) -> list[dict]:
+    """Records of DATA_DIR/{split}.jsonl in file order (at most max_records)."""
+    from octopus_rt.errors import InputError
+
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise InputError(f"no {split} split in {data_dir} (expected {path})")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                records.append(json.loads(line))
+                if max_records is not None and len(records) >= max_records:
+                    break
+    return records
+
+
+def _question(record: dict) -> str:
+    text = record["conversations"][0]["value"]
+    return text.replace("<image>\n", "").replace("<image>", "").strip()
+
+
+def _reference(record: dict) -> str:
+    return record["conversations"][1]["value"]
+
+
+def _target_region(record: dict) -> dict | None:
+    targets = record.get("target_regions") or []
+    by_id = {r["id"]: r for r in record.get("regions") or []}
+    return by_id.get(targets[0]) if len(targets) == 1 else None
+
+
+def retemper(p_first: float, tau: float) -> float:
+    """Probability of an axis' first word (left / top) at temperature tau, from its value at tau = 1,
+    through the runtime's closed-set softmax over the log-probabilities."""
+    from octopus_rt.runtime.closed_set import closed_set_probs
+
+    p = min(max(float(p_first), 1e-12), 1.0 - 1e-12)
+    return float(closed_set_probs(np.log([p, 1.0 - p]), [[0], [1]], tau)[0])
+
+
+class _Harness:
+    """The runtime API plus a separately cached SAM stage for point-prompted baselines and sweeps."""
+
+    def __init__(self, bundle: Path, threads: int) -> None:
+        from octopus_rt.bundle import read_manifest
+        from octopus_rt.runtime.api import Octopus
+
+        self.bundle = Path(bundle)
+        self.octopus = Octopus(self.bundle, threads=threads)
+        manifest = read_manifest(self.bundle)
+        self.defaults = manifest.get("defaults", {})
+        self.sam = None
+        self._embeddings: dict[str, tuple[Any, tuple[int, int]]] = {}
+        if isinstance(manifest.get("sam"), dict):
+            from octopus_rt.runtime.backends import Backend
+            from octopus_rt.runtime.segment import SamStage
+
+            self.sam = SamStage(Backend(device="cpu", threads=threads), self.bundle, manifest["sam"])
+
+    def ask(self, image: Any, question: str, tau: float, mapping: str, segment: bool = True):
+        return self.octopus.ask(image, question, tau=tau, point_mapping=mapping, segment=segment)
+
+    def segment_at(self, key: str, rgb: np.ndarray, point: tuple[float, float]) -> np.ndarray | None:
+        """Mask (H x W bool) for one positive point on an image, the encoder run once per `key`."""
+        if self.sam is None:
+            return None
+        if key not in self._embeddings:
+            if len(self._embeddings) > 4:  # records of one image are consecutive; keep memory flat
+                self._embeddings.clear()
+            image, resized = self.sam.preprocess(rgb)
+            self._embeddings[key] = (self.sam.encode(image), resized)
+        embedding, resized = self._embeddings[key]
+        orig = rgb.shape[:2]
+        low_res, iou = self.sam.decode(embedding, point, orig, resized)
+        index = self.sam.select(iou, bool(self.defaults.get("multimask", True)))
+        return self.sam.masks_at(low_res, index, orig, resized)
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L")) >= 128
+
+
+def _axis_guess(probs: dict | None, words: tuple[str, str]) -> str | None:
+    if not probs or words[0] not in probs:
+        return None
+    return words[0] if probs[words[0]] >= probs[words[1]] else words[1]
+
+
+def _answer_mask(answer: Any, shape: tuple[int, int]) -> np.ndarray:
+    if answer.whole_image:
+        return np.ones(shape, dtype=bool)
+    return np.zeros(shape, dtype=bool) if answer.mask is None else np.asarray(answer.mask, dtype=bool)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _majority(train: list[dict]) -> dict[str, Any]:
+    """Majority-class answers from the train split: grounding side pair, whole vs local, distortion set."""
+    sides: Counter = Counter()
+    whole: Counter = Counter()
+    names: Counter = Counter()
+    for record in train:
+        if record.get("task") == "grounding":
+            target = _target_region(record)
+            if target is None:
+                continue
+            whole[bool(target.get("whole_image"))] += 1
+            if target.get("position"):
+                sides[tuple(target["position"])] += 1
+        elif record.get("task") == "referring" and str(record.get("subtask", "")).startswith("short"):
+            names[frozenset(m.distortion_keywords(_reference(record)))] += 1
+    return {"sides": sides.most_common(1)[0][0] if sides else None,
+            "whole": whole.most_common(1)[0][0] if whole else False,
+            "names": set(names.most_common(1)[0][0]) if names else set()}
+
+
+def _grounding(h: _Harness, options: EvalOptions, records: list[dict], tau: float, mapping: str,
+               majority: dict) -> list[Row]:
+    """Rows of the grounding task (overall and per sub-task) for the model and the baselines."""
+    data_dir = Path(options.data_dir)
+    rng = np.random.default_rng(options.seed)
+    # per (subtask, metric, system) -> values
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+
+    def put(sub: str, metric: str, system: str, value: float) -> None:
+        values[(sub, metric, system)].append(value)
+        values[("all", metric, system)].append(value)
+
+    for record in _progress(records, options.progress, "grounding"):
+        target = _target_region(record)
+        if target is None or not record.get("answer_mask"):
+            continue
+        sub = str(record.get("subtask") or "all")
+        rgb = _load_rgb(data_dir / record["image"])
+        gt = _load_mask(data_dir / record["answer_mask"])
+        height, width = gt.shape
+        is_whole = bool(target.get("whole_image"))
+        question = _question(record)
+        key = record["image"]
+        systems: dict[str, Any] = {PIPELINE: h.ask(rgb, question, tau, mapping)}
+        if options.baselines:
+            systems["blank image"] = h.ask(np.full_like(rgb, 128), question, tau, mapping, segment=False)
+        for system, answer in systems.items():
+            put(sub, "whole-image recall (whole)" if is_whole else "whole-image recall (local)", system,
+                float(bool(answer.whole_image) == is_whole))
+            if system == PIPELINE:
+                pred = _answer_mask(answer, gt.shape)
+            elif answer.whole_image:
+                pred = np.ones(gt.shape, dtype=bool)
+            else:  # the blank image's point, prompted on the real image
+                pred = None if answer.point is None else h.segment_at(key, rgb, answer.point)
+            put(sub, "mIoU", system, m.mask_iou(pred, gt))
+            if not is_whole and target.get("position"):
+                want_h, want_v = target["position"]
+                got_h = _axis_guess(answer.probs, vocab.HORIZONTAL_WORDS)
+                got_v = _axis_guess(answer.probs, vocab.VERTICAL_WORDS)
+                put(sub, "position: horizontal", system, float(got_h == want_h))
+                put(sub, "position: vertical", system, float(got_v == want_v))
+                put(sub, "position: both", system, float(got_h == want_h and got_v == want_v))
+        if options.baselines:
+            if majority["sides"] is not None and not is_whole and target.get("position"):
+                want_h, want_v = target["position"]
+                maj_h, maj_v = majority["sides"]
+                put(sub, "position: horizontal", "majority class", float(maj_h == want_h))
+                put(sub, "position: vertical", "majority class", float(maj_v == want_v))
+                put(sub, "position: both", "majority class", float((maj_h, maj_v) == (want_h, want_v)))
+            put(sub, "whole-image recall (whole)" if is_whole else "whole-image recall (local)", "majority class",
+                float(majority["whole"] == is_whole))
+            if h.sam is not None:
+                prompts = {"SAM @ centre": (width / 2.0, height / 2.0),
+                           "SAM @ random point": (float(rng.uniform(0, width)), float(rng.uniform(0, height))),
+                           "SAM @ oracle point (ceiling)": m.oracle_point(gt)}
+                for system, point in prompts.items():
+                    put(sub, "mIoU", system, m.mask_iou(h.segment_at(key, rgb, point), gt))
+    return _rows("grounding", values, options.seed)
+
+
+def _rows(task: str, values: dict[tuple[str, str, str], list[float]], seed: int) -> list[Row]:
+    rows = []
+    for (sub, metric, system), vals in sorted(values.items(), key=lambda kv: (kv[0][0] != "all",) + kv[0]):
+        # mIoU is a mean of per-record IoUs (bootstrap); the other grounding figures are proportions.
+        estimate = m.bootstrap_mean(vals, seed=seed) if metric == "mIoU" else m.proportion(v == 1.0 for v in vals)
+        rows.append(Row(task, sub, metric, system, estimate))
+    return rows
+
+
+def _text_tasks(h: _Harness, options: EvalOptions, records: list[dict], tau: float, mapping: str,
+                majority: dict) -> list[Row]:
+    """Referring (short: exact name-set accuracy; long: keyword P/R) and descriptions (keyword P/R)."""
+    data_dir = Path(options.data_dir)
+    out: list[Row] = []
+    by_task: dict[str, dict[tuple[str, str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in _progress(records, options.progress, "text tasks"):
+        task = record.get("task")
+        if task not in ("referring", "global_description", "local_description"):
+            continue
+        sub = str(record.get("subtask") or "all")
+        reference = m.distortion_keywords(_reference(record))
+        rgb = _load_rgb(data_dir / record["image"])
+        systems = {PIPELINE: h.ask(rgb, _question(record), tau, mapping, segment=False).text}
+        if options.baselines:
+            systems["blank image"] = h.ask(np.full_like(rgb, 128), _question(record), tau, mapping,
+                                           segment=False).text
+        table = by_task[task]
+        for system, text in systems.items():
+            said = m.distortion_keywords(text)
+            if task == "referring" and sub.startswith("short"):
+                table[(sub, "short answer: names exact", system)].append(float(said == reference))
+                table[("short (all)", "short answer: names exact", system)].append(float(said == reference))
+            else:
+                precision, recall = m.keyword_precision_recall(said, reference)
+                if precision is not None:
+                    table[(sub, "keyword precision", system)].append(precision)
+                if recall is not None:
+                    table[(sub, "keyword recall", system)].append(recall)
+        if options.baselines and task == "referring" and sub.startswith("short"):
+            hit = float(majority["names"] == reference)
+            table[(sub, "short answer: names exact", "majority class")].append(hit)
+            table[("short (all)", "short answer: names exact", "majority class")].append(hit)
+    for task, table in by_task.items():
+        for (sub, metric, system), vals in sorted(table.items()):
+            estimate = (m.proportion(v == 1.0 for v in vals) if metric.startswith("short")
+                        else m.bootstrap_mean(vals, seed=options.seed))
+            out.append(Row(task, sub, metric, system, estimate))
+    return out
+
+
+def _mcq_answer_index(record: dict) -> int | None:
+    answer, options = record.get("answer"), list(record.get("candidates") or [])
+    if isinstance(answer, int) and 0 <= answer < len(options):
+        return answer
+    if isinstance(answer, str):
+        if answer in options:
+            return options.index(answer)
+        if answer.strip().upper() in vocab.OPTION_LETTERS[: len(options)]:
+            return vocab.OPTION_LETTERS.index(answer.strip().upper())
+    return None
+
+
+def _quality(h: _Harness, options: EvalOptions, records: list[dict]) -> tuple[list[Row], list[str]]:
+    """SRCC / PLCC of the closed-set level score against `mos`; MCQ accuracy on `candidates`."""
+    data_dir = Path(options.data_dir)
+    preds, mos, hits = [], [], []
+    for record in _progress(records, options.progress, "quality"):
+        if record.get("mos") is not None:
+            preds.append(h.octopus.score(_load_rgb(data_dir / record["image"])).score)
+            mos.append(float(record["mos"]))
+        if record.get("candidates") and record.get("answer") is not None:
+            want = _mcq_answer_index(record)
+            if want is None:
+                continue
+            question = _question(record) if record.get("conversations") else record.get("question", "")
+            choice = h.octopus.choose(_load_rgb(data_dir / record["image"]), question, list(record["candidates"]))
+            hits.append(choice.index == want)
+    rows, notes = [], []
+    if preds:
+        n = len(preds)
+        for metric, value in (("SRCC", m.srcc(preds, mos)), ("PLCC (raw)", m.plcc(preds, mos)),
+                              ("PLCC (4-param logistic fit)", m.plcc_fitted(preds, mos))):
+            rows.append(Row("quality", "mos", metric, PIPELINE, m.Estimate(value, n, float("nan"), float("nan"), "none")))
+        notes.append("quality score: closed-set softmax over level words, score = sum p_i w_i "
+                     "(w = 1, .75, .5, .25, 0); PLCC reported raw and after a 4-parameter logistic fit")
+    if hits:
+        rows.append(Row("mcq", "all", "accuracy", PIPELINE, m.proportion(hits)))
+    return rows, notes
+
+
+def evaluate(options: EvalOptions) -> EvalReport:
+    """Run every measurement the split's records allow and return the table (see module docstring)."""
+    from octopus_rt.errors import InputError
+
+    records = load_split(options.data_dir, options.split, options.max_records)
+    if not records:
+        raise InputError(f"the {options.split} split of {options.data_dir} is empty")
+    h = _Harness(options.bundle, options.threads)
+    tau = float(options.tau if options.tau is not None else h.defaults.get("tau", 1.0))
+    mapping = str(options.point_mapping or h.defaults.get("point_mapping", "paper"))
+    train_path = Path(options.data_dir) / "train.jsonl"
+    majority = _majority(load_split(options.data_dir, "train")) if train_path.is_file() else \
+        {"sides": None, "whole": False, "names": set()}
+    report = EvalReport(str(options.bundle), str(options.data_dir), options.split, tau, mapping)
+    report.rows += _grounding(h, options, [r for r in records if r.get("task") == "grounding"], tau, mapping,
+                              majority)
+    report.rows += _text_tasks(h, options, records, tau, mapping, majority)
+    quality_rows, notes = _quality(h, options, records)
+    report.rows += quality_rows
+    report.notes += notes
+    report.notes.append(f"tau {tau:g}, point mapping {mapping}; majority class from the train split; "
+                        f"random point seeded with {options.seed}; 95% CI: Wilson for proportions, "
+                        "percentile bootstrap (2000 resamples) for means")
+    return report
+
+
+def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS, write: bool = True) -> dict:
+    """Choose tau and the point mapping by grounding mIoU on the VALIDATION split; write them into
+    the bundle's manifest defaults (bundle.update_defaults) when `write`.
+
+    Returns {"taus", "miou": {mapping: [mIoU per tau]}, "n", "best": {"tau", "point_mapping", "miou"}}.
+    Ties go to the smaller |log tau| (closest to the plain softmax), then to "paper".
+    """
+    from octopus_rt.bundle import update_defaults
+    from octopus_rt.errors import InputError
+    from octopus_rt.runtime.closed_set import POINT_MAPPINGS, point_from_probs
+
+    records = [r for r in load_split(options.data_dir, "val", options.max_records) if r.get("task") == "grounding"]
+    records = [r for r in records if _target_region(r) is not None and r.get("answer_mask")]
+    if not records:
+        raise InputError(f"the val split of {options.data_dir} has no grounding records to sweep tau on")
+    h = _Harness(options.bundle, options.threads)
+    if h.sam is None:
+        raise InputError(f"{options.bundle} has no sam section: the sweep measures mIoU and needs a segmenter")
+    data_dir = Path(options.data_dir)
+    ious = {mapping: [[] for _ in taus] for mapping in POINT_MAPPINGS}
+    for record in _progress(records, options.progress, "sweep"):
+        rgb = _load_rgb(data_dir / record["image"])
+        gt = _load_mask(data_dir / record["answer_mask"])
+        height, width = gt.shape
+        answer = h.ask(rgb, _question(record), 1.0, "paper", segment=False)
+        for mapping in POINT_MAPPINGS:
+            for i, tau in enumerate(taus):
+                if answer.whole_image:
+                    pred = np.ones(gt.shape, dtype=bool)
+                elif answer.probs is None:
+                    pred = None
+                else:
+                    p_right = None if "left" not in answer.probs else 1.0 - retemper(answer.probs["left"], tau)
+                    p_bottom = None if "top" not in answer.probs else 1.0 - retemper(answer.probs["top"], tau)
+                    point = point_from_probs(p_right, p_bottom, width, height, mapping)
+                    pred = h.segment_at(record["image"], rgb, point)
+                ious[mapping][i].append(m.mask_iou(pred, gt))
+    curves = {mapping: [float(np.mean(v)) for v in per_tau] for mapping, per_tau in ious.items()}
+    candidates = [(curves[mp][i], -abs(np.log(t)), mp == "paper", t, mp)
+                  for mp in POINT_MAPPINGS for i, t in enumerate(taus)]
+    best = max(candidates)
+    result = {"taus": list(taus), "miou": curves, "n": len(records), "split": "val",
+              "best": {"tau": float(best[3]), "point_mapping": best[4], "miou": float(best[0])}}
+    if write:
+        update_defaults(options.bundle, {"tau": float(best[3]), "point_mapping": best[4]})
+    return result

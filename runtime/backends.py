@@ -13,6 +13,7 @@ runtime package stays cheap.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ class Backend:
     per_graph: dict[str, str] = field(default_factory=dict)
     _choice: DeviceChoice | None = field(default=None, init=False, repr=False)
     _graphs: dict[str, Graph] = field(default_factory=dict, init=False, repr=False)
+    load_ms: float = field(default=0.0, init=False)
+    """Total wall time spent creating sessions so far (milliseconds)."""
 
     @property
     def choice(self) -> DeviceChoice:
@@ -157,6 +160,7 @@ class Backend:
         """The session for graph `name` (created on first call)."""
         if name in self._graphs:
             return self._graphs[name]
+        start = time.perf_counter()
         ort = _ort()
         choice = resolve_device(self.per_graph[name]) if name in self.per_graph else self.choice
         options = ort.SessionOptions()
@@ -174,6 +178,7 @@ class Backend:
             raise OctopusError(f"cannot load {name} graph {path}: {str(exc).splitlines()[0]}") from exc
         graph = Graph(name, session, choice.device_type)
         self._graphs[name] = graph
+        self.load_ms += (time.perf_counter() - start) * 1000.0
         return graph
 
     @property

@@ -1,9 +1,287 @@
-"""`octopus-rt infer`, `infer-batch`, `doctor`. Imports only typer at module level."""
+"""`octopus-rt infer` and `octopus-rt infer-batch`: parse, call the `Octopus` API, print.
+
+Imports only typer and the standard library at module level; numpy, onnxruntime and the runtime are
+imported inside the commands (cold start of `octopus-rt infer` matters).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+__all__ = ["register", "resolve_bundle", "DEMO_BUNDLE_ENV"]
+
+DEMO_BUNDLE_ENV = "OCTOPUS_BUNDLE"
+_DEVICE_HELP = "auto (CUDA if available, else CPU) | cpu | cuda | tensorrt."
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+def _demo_bundle() -> Path:
+    import octopus_rt
+
+    return Path(octopus_rt.__file__).resolve().parent / "demo" / "bundle"
+
+
+def resolve_bundle(bundle: Optional[Path]) -> Path:
+    """--bundle, else $OCTOPUS_BUNDLE, else the built-in demo bundle; BundleError when none exists."""
+    from octopus_rt.bundle import BundleError
+
+    if bundle is not None:
+        return bundle
+    env = os.environ.get(DEMO_BUNDLE_ENV)
+    if env:
+        return Path(env)
+    demo = _demo_bundle()
+    if (demo / "manifest.json").is_file():
+        return demo
+    raise BundleError(
+        f"no bundle: pass --bundle DIR or set {DEMO_BUNDLE_ENV} (the built-in demo bundle is not installed at {demo})"
+    )
+
+
+def _load(bundle: Optional[Path], device: str, threads: Optional[int], profile_dir: Optional[Path] = None):
+    from octopus_rt.runtime.api import Octopus
+
+    return Octopus(resolve_bundle(bundle), device=device, threads=threads, profile_dir=profile_dir)
+
+
+def _human(answer, mask_path: Optional[str], overlay_path: Optional[str], device: str) -> str:
+    lines = [f"answer: {answer.text}"]
+    if answer.point is None:
+        lines.append("point:  none (the answer names no position)")
+    else:
+        lines.append(f"point:  ({answer.point[0]:.1f}, {answer.point[1]:.1f}) px of {answer.image_size[0]}x{answer.image_size[1]}")
+    if answer.probs:
+        lines.append("probs:  " + "  ".join(f"{k} {v:.3f}" for k, v in answer.probs.items()))
+    if answer.whole_image:
+        lines.append("whole image: yes (full mask, SAM skipped)")
+    if answer.mask is not None:
+        where = f" -> {mask_path}" if mask_path else ""
+        lines.append(f"mask:   {100.0 * float(answer.mask.mean()):.1f}% of the image, predicted IoU {answer.mask_iou:.3f}{where}")
+    if overlay_path:
+        lines.append(f"overlay: {overlay_path}")
+    total = answer.timings_ms.get("total", 0.0)
+    lines.append(f"time:   {total:.0f} ms on {device}")
+    return "\n".join(lines)
+
+
+def _write_profile(path: Path, model, profile_dir: Path) -> None:
+    """onnxruntime's per-node Chrome traces of every session, plus our stage spans on their own track."""
+    events: list[dict[str, Any]] = []
+    for file in model.end_profiling():
+        try:
+            events.extend(json.loads(Path(file).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    spans = model.last_stage_events
+    origin = min((start for _, start, _ in spans), default=0.0)
+    for name, start, duration in spans:
+        events.append(
+            {
+                "name": name,
+                "cat": "octopus_stage",
+                "ph": "X",
+                "pid": "octopus-rt stages",
+                "tid": 0,
+                "ts": round((start - origin) * 1e6, 3),
+                "dur": round(duration * 1e6, 3),
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(events), encoding="utf-8")
+
+
+def infer(
+    image: Path = typer.Argument(..., help="Image file (JPEG, PNG, WebP, TIFF, ...)."),
+    question: str = typer.Argument(..., help="Question about the image's quality."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help=f"Model bundle folder (default: ${DEMO_BUNDLE_ENV}, then the demo bundle)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in docs/runtime.md)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Write the mask as an 8-bit PNG (255 inside)."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Write the image with mask, point and answer."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    tau: Optional[float] = typer.Option(None, "--tau", help="Closed-set temperature (default: the bundle's)."),
+    point_mapping: Optional[str] = typer.Option(None, "--point-mapping", help="paper | quadrant (default: the bundle's)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer length cap (default: the bundle's)."),
+    multimask: Optional[bool] = typer.Option(None, "--multimask/--single-mask", help="Keep SAM's best-IoU multimask output, or its single mask."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="Write onnxruntime's per-node profile + stage timings (Chrome trace JSON)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores)."),
+) -> None:
+    """Answer a question about an image, ground it to a point and a mask."""
+    import tempfile
+
+    from octopus_rt.bundle import BundleError
+
+    with tempfile.TemporaryDirectory(prefix="octopus-profile-") as tmp:
+        model = _load(bundle, device, threads, Path(tmp) if profile else None)
+        if mask is not None and not model.has_sam:
+            raise BundleError(f"--mask needs a bundle with a sam section; {model.bundle_dir} has none")
+        answer = model.ask(
+            image,
+            question,
+            max_new_tokens=max_new_tokens,
+            tau=tau,
+            point_mapping=point_mapping,
+            multimask=multimask,
+            segment=bool(mask or overlay),
+        )
+        if profile:
+            _write_profile(profile, model, Path(tmp))
+    mask_path = None
+    if mask is not None and answer.mask is not None:
+        from octopus_rt.runtime.overlay import mask_to_png
+
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        mask_to_png(answer.mask).save(mask)
+        mask_path = str(mask)
+    if overlay is not None:
+        from octopus_rt.runtime.images import load_image
+        from octopus_rt.runtime.overlay import render_overlay
+
+        overlay.parent.mkdir(parents=True, exist_ok=True)
+        render_overlay(load_image(image, max_pixels=None).rgb, answer.mask, answer.point, answer.text).save(overlay)
+    if as_json:
+        record = answer.to_json(mask_path)
+        record.update({"overlay": str(overlay) if overlay else None, "device": model.device, "bundle": str(model.bundle_dir)})
+        if profile:
+            record["profile"] = str(profile)
+        typer.echo(json.dumps(record))
+    else:
+        typer.echo(_human(answer, mask_path, str(overlay) if overlay else None, model.device))
+
+
+def _batch_items(source: Path, question: Optional[str]):
+    """(id, record or None, error or None) for each input: JSONL lines or a folder's images."""
+    from octopus_rt.errors import InputError
+
+    if source.is_dir():
+        if not question:
+            raise InputError("a folder input needs --question")
+        for path in sorted(p for p in source.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
+            yield path.name, {"image": str(path), "question": question}, None
+        return
+    if not source.is_file():
+        raise InputError(f"batch input not found: {source}")
+    with open(source, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                yield f"line-{number}", None, f"line {number} is not a JSON object: {exc}"
+                continue
+            record = dict(record)
+            if question and "question" not in record:
+                record["question"] = question
+            image = record.get("image")
+            if isinstance(image, str) and not Path(image).is_absolute():
+                record["image"] = str(source.parent / image)
+            yield str(record.get("id", f"line-{number}")), record, None
+
+
+def _done_ids(out: Path) -> set[str]:
+    done: set[str] = set()
+    if not out.is_file():
+        return done
+    with open(out, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interrupted run; the item is redone
+            if isinstance(record, dict) and "id" in record:
+                done.add(str(record["id"]))
+    return done
+
+
+def _run_item(model, record: dict[str, Any], masks: Optional[Path], item_id: str, options: dict[str, Any]) -> dict[str, Any]:
+    from octopus_rt.errors import InputError
+
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        raise InputError("record has no \"image\" path")
+    task = record.get("task") or ("choose" if "options" in record else "ask")
+    if task == "score":
+        result = model.score(image)
+        return {"score": result.score, "probs": result.probs, "timings_ms": result.timings_ms}
+    question = record.get("question")
+    if not isinstance(question, str):
+        raise InputError("record has no \"question\" (or pass --question)")
+    if task == "choose":
+        result = model.choose(image, question, record.get("options") or [])
+        return {"letter": result.letter, "option": result.option, "probs": result.probs, "timings_ms": result.timings_ms}
+    if task != "ask":
+        raise InputError(f"unknown task {task!r}; use ask, score or choose")
+    answer = model.ask(image, question, segment=masks is not None and model.has_sam, **options)
+    mask_path = None
+    if masks is not None and answer.mask is not None:
+        from octopus_rt.runtime.overlay import mask_to_png
+
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)
+        mask_path = str(masks / f"{safe}.png")
+        mask_to_png(answer.mask).save(mask_path)
+    return answer.to_json(mask_path)
+
+
+def infer_batch(
+    source: Path = typer.Argument(..., help="JSONL of {\"id\", \"image\", \"question\"} (or a folder of images)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: one line per input; resumes from existing lines."),
+    question: Optional[str] = typer.Option(None, "--question", "-q", help="Question for a folder (or for lines without one)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help=f"Model bundle folder (default: ${DEMO_BUNDLE_ENV}, then the demo bundle)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder for mask PNGs (default: no segmentation)."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    tau: Optional[float] = typer.Option(None, "--tau"),
+    point_mapping: Optional[str] = typer.Option(None, "--point-mapping"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Answer many questions; one output line per input, errors recorded per line; resumable."""
+    from octopus_rt.errors import OctopusError
+
+    model = _load(bundle, device, threads)
+    items = list(_batch_items(source, question))
+    done = _done_ids(out)
+    if masks is not None:
+        masks.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    options = {"tau": tau, "point_mapping": point_mapping, "max_new_tokens": max_new_tokens}
+    counts = {"done": 0, "errors": 0, "skipped": 0}
+    with open(out, "a", encoding="utf-8") as sink, typer.progressbar(
+        items, label="infer-batch", file=sys.stderr, show_pos=True
+    ) as progress:
+        for item_id, record, error in progress:
+            if item_id in done:
+                counts["skipped"] += 1
+                continue
+            result: dict[str, Any] = {"id": item_id}
+            if record is not None:
+                result.update({k: record.get(k) for k in ("image", "question") if k in record})
+            if error is None:
+                try:
+                    result.update(_run_item(model, record, masks, item_id, options))
+                except OctopusError as exc:
+                    error = str(exc)
+            if error is not None:
+                result["error"] = error
+                counts["errors"] += 1
+            else:
+                counts["done"] += 1
+            sink.write(json.dumps(result) + "\n")
+            sink.flush()
+            done.add(item_id)
+    typer.echo(f"{counts['done']} answered, {counts['errors']} errors, {counts['skipped']} already in {out}", err=True)
+    if counts["errors"]:
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:
     """Add the runtime's commands to the root app."""
+    app.command("infer")(infer)
+    app.command("infer-batch")(infer_batch)

@@ -49,6 +49,11 @@ class SamStage:
         grid_h, grid_w = (int(v) for v in self.encoder_spec.get("embedding_shape", [1, 256, 64, 64])[-2:])
         self.mask_input_hw = (4 * grid_h, 4 * grid_w)
 
+    def load(self) -> None:
+        """Create both sessions now (otherwise they are created on first use)."""
+        self.backend.graph("sam_encoder", self.folder / self.encoder_spec["file"])
+        self.backend.graph("sam_decoder", self.folder / self.decoder_spec["file"])
+
     def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """H x W x 3 uint8 -> (1 x 3 x S x S float32 normalised + padded, resized (nh, nw))."""
         return sam_postprocess.preprocess_image(rgb, self.input_size, self.pixel_mean, self.pixel_std)

@@ -145,15 +145,11 @@ class _Harness:
 
         self.bundle = Path(bundle)
         self.octopus = Octopus(self.bundle, threads=threads)
-        manifest = read_manifest(self.bundle)
-        self.defaults = manifest.get("defaults", {})
-        self.sam = None
+        self.defaults = read_manifest(self.bundle).get("defaults", {})
+        # The runtime's own SAM stage (same sessions); embeddings are cached here per image key
+        # so the baselines' extra prompts cost one decoder call each.
+        self.sam = self.octopus.sam if self.octopus.has_sam else None
         self._embeddings: dict[str, tuple[Any, tuple[int, int]]] = {}
-        if isinstance(manifest.get("sam"), dict):
-            from octopus_rt.runtime.backends import Backend
-            from octopus_rt.runtime.segment import SamStage
-
-            self.sam = SamStage(Backend(device="cpu", threads=threads), self.bundle, manifest["sam"])
 
     def ask(self, image: Any, question: str, tau: float, mapping: str, segment: bool = True):
         return self.octopus.ask(image, question, tau=tau, point_mapping=mapping, segment=segment)

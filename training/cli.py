@@ -2,8 +2,61 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+
+def _train_command(
+    base_model: Path = typer.Argument(..., help="transformers LlavaForConditionalGeneration directory to start from."),
+    data: list[str] = typer.Option(..., "--data", help="Dataset folder with train.jsonl (+ val.jsonl), optionally "
+                                   "PATH:WEIGHT to mix several; repeat for more."),
+    out: Path = typer.Option(..., "--out", help="Directory to create for the merged model (must not exist)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints and logs [default: OUT.train]."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the (weighted) training data."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Samples per process per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches accumulated per optimizer step."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate (cosine decay)."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps before the cosine decay."),
+    lm_tuning: str = typer.Option("lora", "--lm-tuning", help="Language model: lora | full | frozen."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank."),
+    lora_alpha: float = typer.Option(32.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA input."),
+    freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Freeze the vision tower and projector "
+                                       "(default: fully fine-tuned, as in the paper)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: never)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on the val split every N steps "
+                                   "(0: at the end only)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the work directory."),
+    on_error: str = typer.Option("stop", "--on-error", help="Bad records or images: stop | skip."),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on GPU, "
+                                  "fp32 on CPU)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="Recompute activations in the backward pass to save memory."),
+    seed: int = typer.Option(0, "--seed", help="Seed of LoRA init, data order and dropout."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs still go to log.jsonl)."),
+) -> None:
+    """Fine-tune a LLaVA model on quality data (LoRA on the language model, full vision tuning) and
+    write the merged model, ready for `octopus-rt export lmm`. Runs unchanged under torchrun / accelerate."""
+    from octopus_rt.training.options import TrainOptions, parse_data_arg
+    from octopus_rt.training.train import train
+
+    options = TrainOptions(
+        base_model=base_model, data=[parse_data_arg(d) for d in data], out=out, work_dir=work_dir, epochs=epochs,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lm_tuning=lm_tuning,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_vision=freeze_vision,
+        max_steps=max_steps, save_every=save_every, eval_every=eval_every, resume=resume, on_error=on_error,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed, progress=not no_progress,
+    )
+    result = train(options)
+    if result.out is not None:
+        last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+        typer.echo(f"merged model written to {result.out} ({len(result.steps)} steps{last}; "
+                   f"{result.tokens_per_s:.0f} tokens/s, {result.samples_per_s:.2f} samples/s; logs in {result.work_dir})")
 
 
 def register(app: typer.Typer) -> None:
     """Add the training and evaluation commands to the root app."""
+    app.command("train")(_train_command)

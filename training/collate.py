@@ -102,16 +102,11 @@ class Collator:
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise InputError("the chat template does not render conversations incrementally; cannot mask answers")
             spans.append((len(before), len(upto)))
-        # Expand the placeholder as the processor does, shifting the answer spans accordingly.
-        extra = len(self.image_token) * (self.num_image_tokens - 1)
+        ids, offsets = self._tokenize(full)
+        # Spans are in the unexpanded text; shift those after the placeholder by the expansion.
         image_at = full.find(self.image_token)
-        if image_at < 0:
-            raise InputError(f"the chat template did not write the image placeholder {self.image_token!r}")
-        text = full.replace(self.image_token, self.image_token * self.num_image_tokens, 1)
+        extra = len(self.image_token) * (self.num_image_tokens - 1)
         spans = [(a + extra, b + extra) if a > image_at else (a, b) for a, b in spans]
-        encoding = self.tokenizer(text, add_special_tokens=self.add_special_tokens, return_offsets_mapping=True)
-        ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         in_answer = np.zeros(len(ids), dtype=bool)
         for a, b in spans:
             in_answer |= (offsets[:, 1] > a) & (offsets[:, 0] < b)
@@ -119,6 +114,21 @@ class Collator:
         if self.max_length is not None and len(ids) > self.max_length:
             raise InputError(f"conversation of {len(ids)} tokens exceeds the maximum length {self.max_length}")
         return EncodedText(ids, labels)
+
+    def _tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 (L,), character offsets int64 (L, 2)) of `text` after expanding the image
+        placeholder to num_image_tokens copies, as the processor does."""
+        if self.image_token not in text:
+            raise InputError(f"the chat template did not write the image placeholder {self.image_token!r}")
+        expanded = text.replace(self.image_token, self.image_token * self.num_image_tokens, 1)
+        encoding = self.tokenizer(expanded, add_special_tokens=self.add_special_tokens, return_offsets_mapping=True)
+        ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+        return ids, np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+    def encode_prompt(self, turns: list[Turn]) -> np.ndarray:
+        """Token ids int64 (L,) of `turns` (ending with a user turn) plus the generation prompt: what
+        the model sees before it answers."""
+        return self._tokenize(self.render(turns, generation_prompt=True))[0]
 
     def pixel_values(self, images: list) -> "torch.Tensor":  # noqa: F821 - torch imported lazily
         import torch

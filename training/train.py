@@ -1,0 +1,448 @@
+"""The training loop of `octopus-rt train`: `train(TrainOptions(...)) -> TrainResult`.
+
+One optimizer step sees a global batch of batch_size * grad_accum * world_size samples taken from a
+seeded per-epoch order (the same on every process). The loss of a step is the sum of the answer
+tokens' cross-entropies over the global batch divided by the number of answer tokens in the global
+batch; each process counts its tokens first, the counts are all-reduced, every micro-batch's summed
+loss is divided by that global count, and gradients are all-reduced (summed) after accumulation.
+So accumulation and several processes give the same update as one large batch.
+
+Extension points for recipes (the demo model): `lm_tuning="full"` trains a small model from its
+initial weights, and `loss_hook(model, batch, outputs, records) -> scalar tensor` adds an auxiliary
+loss per micro-batch (weighted 1 / (grad_accum * world_size), i.e. averaged over the global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from octopus_rt.errors import InputError
+from octopus_rt.training.options import TrainOptions
+
+__all__ = ["TrainResult", "train", "evaluate", "load_base_model", "read_datasets", "resolve_precision"]
+
+
+@dataclass
+class TrainResult:
+    """What a run did. `losses[i]` is the loss of optimizer step `steps[i]` (1-based, this call only);
+    `model` is the final (merged when merging) model, kept in memory for callers such as tests."""
+
+    out: Path | None
+    work_dir: Path
+    steps: list[int]
+    losses: list[float]
+    lrs: list[float]
+    last_eval: dict | None
+    tokens_per_s: float
+    samples_per_s: float
+    trainable_parameters: int
+    total_parameters: int
+    lora_targets: list[str]
+    model: object = field(default=None, repr=False)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """'auto' -> bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
+    import torch
+
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
+    return precision
+
+
+def load_base_model(base_model: Path):
+    """(model float32 on CPU, processor) from a LlavaForConditionalGeneration directory, after checking
+    the architecture. Raises InputError for a missing or unsupported directory."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from octopus_rt.training.lora import check_architecture
+
+    base_model = Path(base_model)
+    if not (base_model / "config.json").is_file():
+        raise InputError(f"{base_model} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(base_model)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"cannot read the config of {base_model}: {exc}") from None
+    check_architecture(config)
+    import torch
+
+    model = LlavaForConditionalGeneration.from_pretrained(base_model, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(base_model)
+    return model, processor
+
+
+def read_datasets(options: TrainOptions, log: Callable[[str], None]):
+    """(MixedDataset of the train splits, list of val records, skipped-line messages)."""
+    from octopus_rt.training.records import MixedDataset, read_split
+
+    train_sets, val_records, skipped = [], [], []
+    for source in options.data:
+        report = read_split(source.path, "train", options.on_error)
+        if not report.records:
+            raise InputError(f"{source.path}/train.jsonl holds no usable record")
+        train_sets.append(report.records)
+        skipped += report.skipped
+        val = read_split(source.path, "val", options.on_error, required=False)
+        val_records += val.records
+        skipped += val.skipped
+    if skipped:
+        log(f"skipped {len(skipped)} bad record(s); first: {skipped[0]}")
+    return MixedDataset(train_sets, [d.weight for d in options.data], options.seed), val_records, skipped
+
+
+def _check_paths(options: TrainOptions) -> None:
+    if options.out.exists():
+        raise InputError(f"output directory {options.out} already exists; choose another --out or remove it")
+    if options.resume:
+        from octopus_rt.training.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(options.work_dir) is None:
+            raise InputError(f"--resume: no complete checkpoint in {options.work_dir}/checkpoints")
+    elif options.work_dir.exists() and any(options.work_dir.iterdir()):
+        raise InputError(f"work directory {options.work_dir} already holds a run; pass --resume to continue it "
+                         "or remove it")
+
+
+def _load_images(records, on_error: str, log):
+    """(kept records, their PIL images); with on_error="skip" unloadable images are dropped and logged."""
+    from octopus_rt.training.records import load_image
+
+    kept, images = [], []
+    for record in records:
+        try:
+            images.append(load_image(record))
+        except InputError as exc:
+            if on_error == "stop":
+                raise InputError(f"{exc} (use --on-error skip to drop bad records)") from None
+            log(f"skipped: {exc}")
+            continue
+        kept.append(record)
+    return kept, images
+
+
+def _answer_loss_sum(logits, labels):
+    """Sum of next-token cross-entropies over answer positions. logits (B, L, V), labels (B, L)."""
+    import torch.nn.functional as F
+
+    from octopus_rt.training.collate import IGNORE_INDEX
+
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    return F.cross_entropy(logits[:, :-1][keep].float(), shifted[keep], reduction="sum")
+
+
+def _autocast(device, precision: str):
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def evaluate(model, collator, records, *, dist=None, batch_size: int = 4, precision: str = "fp32",
+             max_samples: int | None = None, referring_max_new_tokens: int = 48):
+    """Validation loss, positional-word accuracy and referring accuracy (see training/metrics.py) of
+    `model` on `records` (sharded over processes when `dist` is given). Returns an EvalResult."""
+    import torch
+
+    from octopus_rt import vocab
+    from octopus_rt.training.metrics import EvalResult, PositionTally, closed_set_token_ids, mentioned_distortions
+    from octopus_rt.training.records import load_image
+
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    device = next(model.parameters()).device
+    records = list(records)[: max_samples] if max_samples else list(records)
+    mine = records[rank::world]
+    tokenizer = collator.tokenizer
+    horizontal = closed_set_token_ids(tokenizer, vocab.HORIZONTAL_WORDS)
+    vertical = closed_set_token_ids(tokenizer, vocab.VERTICAL_WORDS)
+    from octopus_rt.training.metrics import position_tally
+
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, tally = 0.0, 0, PositionTally()
+    ref_ok, ref_n = 0, 0
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start: start + batch_size]
+            images = [load_image(r) for r in chunk]
+            batch = {k: v.to(device) for k, v in collator.collate_records(chunk, images).items()}
+            with _autocast(device, precision):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=batch["pixel_values"]).logits
+            loss_sum += float(_answer_loss_sum(logits, batch["labels"]))
+            tokens += int((batch["labels"][:, 1:] >= 0).sum())
+            tally.add(position_tally(logits.float().cpu().numpy(), batch["labels"].cpu().numpy(),
+                                     horizontal, vertical))
+            for record, image in zip(chunk, images):
+                if record.task != "referring":
+                    continue
+                ids = torch.from_numpy(collator.encode_prompt(record.turns[:1])).unsqueeze(0).to(device)
+                pixel_values = collator.pixel_values([image]).to(device)
+                generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           pixel_values=pixel_values, max_new_tokens=referring_max_new_tokens,
+                                           do_sample=False)
+                text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+                ref_n += 1
+                ref_ok += int(mentioned_distortions(text) == mentioned_distortions(record.turns[1].text))
+    model.train(was_training)
+    sums = np.concatenate([[loss_sum, tokens, ref_ok, ref_n], tally.as_array()]).astype(np.float64)
+    if dist is not None:
+        sums = dist.all_sum(list(sums))
+    loss = float(sums[0] / sums[1]) if sums[1] else None
+    return EvalResult(loss, int(sums[1]), PositionTally.from_array(sums[4:]), int(sums[2]), int(sums[3]))
+
+
+class _Logger:
+    """Console (tqdm on the main process), JSONL file and TensorBoard (when installed)."""
+
+    def __init__(self, work_dir: Path, enabled: bool, total: int, initial: int, progress: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        self.file = None
+        if not enabled:
+            return
+        self.file = open(work_dir / "log.jsonl", "a", encoding="utf-8")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # TensorBoard is optional
+            SummaryWriter = None
+        if SummaryWriter is not None:
+            self.tb = SummaryWriter(log_dir=str(work_dir / "tensorboard"))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, values: dict) -> None:
+        """One optimizer step done: move the progress bar and show loss, lr and tokens/s."""
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                 tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+
+    def record(self, entry: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            prefix = "eval/" if entry.get("type") == "eval" else "train/"
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("step", "type"):
+                    self.tb.add_scalar(prefix + key, value, entry["step"])
+
+    def close(self) -> None:
+        for handle in (self.bar, self.tb, self.file):
+            if handle is not None:
+                handle.close()
+
+
+def _lr_lambda(total: int, warmup: int, min_ratio: float):
+    def factor(step: int) -> float:  # `step` = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainResult:
+    """Run (or resume) one training run and write the merged model to `options.out`.
+
+    Raises InputError / OctopusError with one-line messages for bad input; see the module docstring.
+    """
+    import torch
+
+    from octopus_rt.training.checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, save_checkpoint
+    from octopus_rt.training.collate import Collator
+    from octopus_rt.training.distributed import init_distributed
+    from octopus_rt.training.lora import apply_tuning
+    from octopus_rt.training.merge import merged_model, save_merged
+
+    options.validate()
+    _check_paths(options)
+    dist = init_distributed()
+    try:
+        precision = resolve_precision(options.precision, dist.device)
+        say = print if dist.is_main else (lambda _text: None)
+        dataset, val_records, skipped = read_datasets(options, say)
+        global_batch = options.batch_size * options.grad_accum * dist.world_size
+        steps_per_epoch = dataset.samples_per_epoch // global_batch
+        if steps_per_epoch < 1:
+            raise InputError(f"the training data ({dataset.samples_per_epoch} samples per epoch) is smaller than one "
+                             f"global batch ({global_batch}); lower --batch-size or --grad-accum")
+        total_steps = options.max_steps or max(1, round(options.epochs * steps_per_epoch))
+
+        torch.manual_seed(options.seed)
+        model, processor = load_base_model(options.base_model)
+        if options.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, summary = apply_tuning(model, options.lm_tuning, rank=options.lora_rank, alpha=options.lora_alpha,
+                                      dropout=options.lora_dropout, freeze_vision=options.freeze_vision)
+        model.to(dist.device)
+        model.train()
+        collator = Collator(processor)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(total_steps, options.warmup_steps, options.min_lr_ratio))
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        fingerprint = {"samples_per_epoch": dataset.samples_per_epoch, "global_batch": global_batch,
+                       "total_steps": total_steps, "trainable": summary.trainable_parameters}
+
+        start_step = 0
+        if options.resume:
+            ckpt = load_checkpoint(latest_checkpoint(options.work_dir), dist.rank)
+            saved = {k: ckpt.meta.get(k) for k in fingerprint}
+            if saved != fingerprint:
+                raise InputError(f"--resume: the run differs from the checkpoint's (saved {saved}, now {fingerprint})")
+            missing = set(n for n, _ in named) ^ set(ckpt.trainable)
+            if missing:
+                raise InputError(f"--resume: checkpoint parameters do not match the model ({sorted(missing)[:3]} ...)")
+            with torch.no_grad():
+                for name, parameter in named:
+                    parameter.copy_(ckpt.trainable[name].to(parameter.device))
+            optimizer.load_state_dict(ckpt.optimizer)
+            scheduler.load_state_dict(ckpt.scheduler)
+            if scaler is not None and ckpt.scaler is not None:
+                scaler.load_state_dict(ckpt.scaler)
+            start_step = int(ckpt.meta["step"])
+        elif dist.is_main:
+            options.work_dir.mkdir(parents=True, exist_ok=True)
+            (options.work_dir / "options.json").write_text(json.dumps(options.to_json(), indent=1), encoding="utf-8")
+            if skipped:
+                (options.work_dir / "skipped.txt").write_text("\n".join(skipped) + "\n", encoding="utf-8")
+        dist.barrier()
+
+        logger = _Logger(options.work_dir, dist.is_main, total_steps, start_step, options.progress)
+        say = logger.message
+        say(f"training {summary.trainable_parameters:,} of {summary.total_parameters:,} parameters "
+            f"({len(summary.lora_targets)} LoRA modules), {total_steps} steps of {global_batch} samples, "
+            f"{dist.world_size} process(es), {precision} on {dist.device.type}")
+
+        orders: dict[int, list] = {}
+
+        def sample_key(flat: int):
+            epoch, within = divmod(flat, steps_per_epoch * global_batch)
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = dataset.epoch_order(epoch)
+            return orders[epoch][within]
+
+        steps, losses, lrs = [], [], []
+        last_eval = None
+        run_tokens, run_samples, run_time = 0.0, 0.0, 0.0
+        for step in range(start_step + 1, total_steps + 1):
+            began = time.perf_counter()
+            micro = []
+            for m in range(options.grad_accum):
+                first = (step - 1) * global_batch + (m * dist.world_size + dist.rank) * options.batch_size
+                records = [dataset.record(sample_key(first + i)) for i in range(options.batch_size)]
+                records, images = _load_images(records, options.on_error, say)
+                micro.append((records, images, [collator.encode(r.turns) for r in records]))
+            local_tokens = sum(e.num_answer_tokens for _, _, enc in micro for e in enc)
+            local_inputs = sum(len(e.input_ids) for _, _, enc in micro for e in enc)
+            local_samples = sum(len(r) for r, _, _ in micro)
+            global_tokens, global_inputs, global_samples = dist.all_sum([local_tokens, local_inputs, local_samples])
+            if global_tokens == 0:
+                raise InputError(f"step {step}: the global batch holds no answer tokens (empty answers?)")
+            loss_sum = 0.0
+            for records, images, encoded in micro:
+                if not records:
+                    continue
+                batch = {k: v.to(dist.device) for k, v in collator.batch(encoded, images).items()}
+                with _autocast(dist.device, precision):
+                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    pixel_values=batch["pixel_values"])
+                summed = _answer_loss_sum(outputs.logits, batch["labels"])
+                loss = summed / global_tokens
+                if loss_hook is not None:
+                    loss = loss + loss_hook(model, batch, outputs, records) / (options.grad_accum * dist.world_size)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss_sum += float(summed.detach())
+            dist.sum_gradients(params)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if options.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = float(dist.all_sum(loss_sum) / global_tokens)
+            elapsed = time.perf_counter() - began
+            run_tokens += global_inputs
+            run_samples += global_samples
+            run_time += elapsed
+            steps.append(step)
+            losses.append(step_loss)
+            lrs.append(lr)
+            logger.advance({"loss": step_loss, "lr": lr, "tokens_per_s": run_tokens / run_time})
+            if step % options.log_every == 0 or step == total_steps:
+                logger.record({"type": "train", "step": step, "epoch": (step * global_batch) / dataset.samples_per_epoch,
+                               "loss": step_loss, "lr": lr, "answer_tokens": int(global_tokens),
+                               "tokens_per_s": run_tokens / run_time, "samples_per_s": run_samples / run_time,
+                               "eta_s": (total_steps - step) * run_time / len(steps)})
+            if val_records and ((options.eval_every and step % options.eval_every == 0) or step == total_steps):
+                result = evaluate(model, collator, val_records, dist=dist, batch_size=options.batch_size,
+                                  precision=precision, max_samples=options.eval_max_samples)
+                last_eval = {"type": "eval", "step": step, **result.as_dict()}
+                logger.record(last_eval)
+                say("eval step {step}: ".format(step=step) + ", ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()
+                    if k not in ("type", "step")))
+            if options.save_every and step % options.save_every == 0 and step < total_steps:
+                trainable = {n: p.detach().cpu().clone() for n, p in named} if dist.is_main else {}
+                save_checkpoint(options.work_dir, CheckpointState(
+                    trainable, optimizer.state_dict() if dist.is_main else {}, scheduler.state_dict(),
+                    scaler.state_dict() if scaler is not None else None, dict(fingerprint, step=step)),
+                    rank=dist.rank, world_size=dist.world_size, keep=options.keep_checkpoints, all_ok=dist.all_ok)
+        logger.close()
+        out = None
+        final_model = model
+        if options.merge and dist.is_main:
+            final_model = merged_model(model)
+            out = save_merged(final_model, processor, options.out)
+        dist.barrier()
+        result = TrainResult(
+            out=out if options.merge else None, work_dir=options.work_dir, steps=steps, losses=losses, lrs=lrs,
+            last_eval=last_eval, tokens_per_s=run_tokens / run_time if run_time else 0.0,
+            samples_per_s=run_samples / run_time if run_time else 0.0,
+            trainable_parameters=summary.trainable_parameters, total_parameters=summary.total_parameters,
+            lora_targets=summary.lora_targets, model=final_model)
+        if dist.is_main:
+            summary_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "model"}
+            (options.work_dir / "result.json").write_text(json.dumps(summary_json, indent=1), encoding="utf-8")
+        return result
+    finally:
+        dist.close()

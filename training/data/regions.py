@@ -187,8 +187,8 @@ def describe_region(image: np.ndarray, mask: np.ndarray) -> str:
 
 @lru_cache(maxsize=2)
 def load_sam(checkpoint: str):
-    """SamAutomaticMaskGenerator for a segment-anything checkpoint (model type from the file name:
-    vit_b / vit_l / vit_h, else tried in that order). One per process (cached)."""
+    """SamAutomaticMaskGenerator for a segment-anything checkpoint; the model type (vit_b / vit_l /
+    vit_h) is read from the checkpoint's patch-embedding width. One per process (cached)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise InputError(f"SAM checkpoint not found: {checkpoint}")
@@ -197,16 +197,15 @@ def load_sam(checkpoint: str):
         from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
     except ImportError as exc:
         raise InputError(f"--sam needs segment-anything and torch ({exc}); install octopus-rt[export]") from exc
-    kinds = [k for k in ("vit_b", "vit_l", "vit_h") if k in path.name] or ["vit_b", "vit_l", "vit_h"]
-    errors = []
-    for kind in kinds:
-        try:
-            model = sam_model_registry[kind]()
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:  # wrong type or not a checkpoint
-            errors.append(f"{kind}: {str(exc).splitlines()[0][:80]}")
-            continue
-        model.eval()
-        return SamAutomaticMaskGenerator(model, points_per_side=16)
-    raise InputError(f"invalid SAM checkpoint {checkpoint}: " + "; ".join(errors))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        width = int(state["image_encoder.patch_embed.proj.weight"].shape[0])
+        kind = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}[width]
+        model = sam_model_registry[kind]()
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, OSError, EOFError,
+            pickle.UnpicklingError) as exc:  # not a (complete) SAM checkpoint
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise InputError(f"invalid SAM checkpoint {checkpoint}: {reason}") from exc
+    model.eval()
+    return SamAutomaticMaskGenerator(model, points_per_side=16)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from octopus_rt.export import lmm_cli, sam_cli
+from octopus_rt.export import lmm_cli, sam_cli, trt_cli
 
 export_app = typer.Typer(no_args_is_help=True)
 lmm_cli.register(export_app)
 sam_cli.register(export_app)
+trt_cli.register(export_app)

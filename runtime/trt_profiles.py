@@ -485,6 +485,11 @@ def plan_graph(
     cpu = ("CPUExecutionProvider", {})
     name, target, why = find_engine_target(manifest, device)
     engine_graph = (target or {}).get("graphs", {}).get(graph)
+    current_sha = section.get("files", {}).get(record["file"], {}).get("sha256")
+    if engine_graph is not None and engine_graph.get("source_sha256") not in (None, current_sha):
+        # The graph was re-exported after the engine was built: the engine is stale.
+        why = f"engines {name} were built from another export of {graph}; rebuild with `octopus-rt export trt`"
+        engine_graph, target = None, None
     preferred = requested
     if requested == "auto":
         preferred = dict(DEFAULT_PROVIDERS, **manifest.get("defaults", {}).get("providers", {})).get(graph, "cuda")

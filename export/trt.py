@@ -1,0 +1,514 @@
+"""`octopus-rt export trt`: build TensorRT engines for a bundle, ahead of deployment, on the target.
+
+Engines are onnxruntime TensorRT **EP-context models** (docs/deploy.md explains the choice): for
+each graph, an onnxruntime session with the TensorRT execution provider builds the engine with
+explicit optimisation profiles (runtime/trt_profiles.py) and dumps `<graph>_ctx.onnx`, a one-node
+ONNX model whose EPContext node points at the serialized engine file next to it. The runtime
+keeps ONE code path: it opens that ONNX file with onnxruntime like any other graph.
+
+Per graph (vision, sam_encoder, sam_decoder; the decoder with --decoder):
+
+1. CPU reference: the bundle's ONNX graph on onnxruntime's CPU provider, on seeded inputs at the
+   profile's opt shapes (`parity_inputs`), also giving the graph's declared input shapes.
+2. Build: a session with TensorrtExecutionProvider (fp16, engine cache, timing cache shared by all
+   graphs and carried over from the previous build, profiles for the dynamic inputs, EP-context
+   dump, LayerNorm kept in fp32 for the SAM encoder under fp16) runs once, which builds the engine.
+3. Parity: the dumped context model, loaded as the runtime loads it, against the CPU reference
+   (`compare_outputs`: cosine similarity, max relative error, mask IoU, top-1 agreement).
+
+Everything is written into a staging folder and committed as the bundle's `engines` section
+(octopus_rt.bundle.stage_section / commit_section) under a target named by GPU compute capability
+and TensorRT version (e.g. `sm87-trt10.3`); targets built earlier on other machines are kept.
+Without onnxruntime's TensorRT provider, an NVIDIA GPU or the TensorRT libraries the command fails
+before writing anything, with one line naming what is missing.
+
+Lines that need a GPU (never executed on the machines this was written on): the bodies of
+`OrtSessionFactory.__call__` with TensorRT/CUDA providers, `_build_graph`'s build and context-load
+runs, and the successful path of `build_engines` after `require_tensorrt`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from octopus_rt import bundle as bundle_mod
+from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.runtime.trt_profiles import (
+    DEFAULT_PROVIDERS,
+    ENGINES_FORMAT,
+    GRAPHS,
+    TRT_GRAPHS_DEFAULT,
+    ProfileLimits,
+    cuda_options,
+    default_limits,
+    dynamic_only,
+    graph_profile,
+    graph_record,
+    tensorrt_build_options,
+    tensorrt_load_options,
+)
+
+__all__ = [
+    "TrtBuildOptions",
+    "ParityResult",
+    "TrtBuildResult",
+    "SessionFactory",
+    "OrtSessionFactory",
+    "TensorRTUnavailable",
+    "require_tensorrt",
+    "parity_inputs",
+    "compare_outputs",
+    "build_engines",
+]
+
+# Parity thresholds against the CPU fp32 path. fp16 engines differ by rounding; a broken engine
+# (wrong profile, overflow to inf/NaN, a mis-parsed op) is far outside these.
+_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+_MAX_REL_ERR = {"fp32": 1e-3, "fp16": 5e-2}
+_MIN_MASK_IOU = {"fp32": 0.995, "fp16": 0.97}
+_TIMING_DIR = "timing"
+_CACHE_DIR = "cache"
+_PARITY_SEED = 0
+
+SessionFactory = Callable[[Path, list, bool], Any]
+
+
+class TensorRTUnavailable(OctopusError):
+    """onnxruntime's TensorRT provider, an NVIDIA GPU or the TensorRT libraries are missing."""
+
+
+@dataclass
+class TrtBuildOptions:
+    """Options of `octopus-rt export trt`. max_* default to the manifest (trt_profiles.default_limits).
+
+    workspace_gib: TensorRT builder workspace; graphs: which graphs to build (decoder is opt-in:
+    the decode loop runs on the CUDA provider by default, see docs/deploy.md).
+    """
+
+    fp16: bool = True
+    max_batch: int | None = None
+    max_seq: int | None = None
+    max_past: int | None = None
+    workspace_gib: float = 2.0
+    graphs: tuple[str, ...] = TRT_GRAPHS_DEFAULT
+    device_id: int = 0
+    builder_optimization_level: int = 3
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.graphs if g not in GRAPHS]
+        if unknown:
+            raise InputError(f"unknown graph(s) {', '.join(unknown)}; known: {', '.join(GRAPHS)}")
+        if not self.workspace_gib > 0:
+            raise InputError(f"--workspace must be > 0 GiB, got {self.workspace_gib}")
+        if not 0 <= self.builder_optimization_level <= 5:
+            raise InputError(f"builder optimisation level must be 0..5, got {self.builder_optimization_level}")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+    @property
+    def workspace_bytes(self) -> int:
+        return int(self.workspace_gib * (1 << 30))
+
+
+@dataclass
+class ParityResult:
+    """Per-output agreement of an engine with the CPU path; `failures` lists what broke a threshold."""
+
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": self.outputs, "ok": self.ok, "failures": list(self.failures)}
+
+
+@dataclass
+class TrtBuildResult:
+    name: str
+    target: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+class _Session(Protocol):  # what the builder needs from an onnxruntime.InferenceSession
+    def get_inputs(self) -> list: ...
+    def get_outputs(self) -> list: ...
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list: ...
+
+
+class OrtSessionFactory:
+    """Creates onnxruntime sessions: (model path, providers [(name, options)], disable_optimizations).
+
+    ORT's own graph optimisations are disabled for TensorRT builds and context models: TensorRT
+    optimises the whole graph itself, and fused contrib ops would split it into several engines.
+    """
+
+    def __call__(self, path: Path, providers: list, disable_optimizations: bool) -> _Session:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if disable_optimizations:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        opts = [p[1] if isinstance(p, tuple) else {} for p in providers]
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=names, provider_options=opts)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors; one line for the user
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OctopusError(f"onnxruntime could not load {path.name} with {names[0]}: {first}") from exc
+
+
+def require_tensorrt(env: Any) -> str:
+    """Engine target name for this machine, or TensorRTUnavailable naming what is missing.
+
+    `env` is a runtime.doctor.Environment (probed, or built by a test)."""
+    if env.onnxruntime is None:
+        raise TensorRTUnavailable("onnxruntime is not installed; install onnxruntime-gpu with TensorRT (docs/deploy.md)")
+    if "TensorrtExecutionProvider" not in env.providers:
+        raise TensorRTUnavailable(
+            f"onnxruntime {env.onnxruntime} has no TensorrtExecutionProvider (available: {', '.join(env.providers)}); "
+            "install onnxruntime-gpu built with TensorRT (on Jetson NVIDIA's JetPack wheel), see docs/deploy.md"
+        )
+    if env.compute_capability is None:
+        raise TensorRTUnavailable("no NVIDIA GPU found (nvidia-smi / Jetson probes); build engines on the machine that runs them")
+    if env.tensorrt is None:
+        raise TensorRTUnavailable("TensorRT libraries not found (no tensorrt module, no libnvinfer); install TensorRT 10 (docs/deploy.md)")
+    return env.device_info().engine_name
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def parity_inputs(
+    manifest: Mapping[str, Any],
+    graph: str,
+    shapes: Mapping[str, Sequence[int]],
+    types: Mapping[str, str] | None = None,
+    *,
+    embeddings: np.ndarray | None = None,
+    seed: int = _PARITY_SEED,
+) -> dict[str, np.ndarray]:
+    """Seeded, realistic inputs of `graph` at `shapes` ({input name: shape}).
+
+    types: onnxruntime type strings ("tensor(float)", ...) per input, default float32/int64 as the
+    bundle contract says. Decoder: inputs_embeds are rows of the embedding table when given (real
+    magnitudes), attention_mask ones, position_ids P..P+S-1. SAM decoder: one point inside the image
+    plus the padding point (label -1), no mask input.
+    """
+    rng = np.random.default_rng(seed)
+    types = types or {}
+    feeds: dict[str, np.ndarray] = {}
+    past = 0
+    for name, shape in shapes.items():
+        if name.startswith("past_key_values."):
+            past = int(shape[2])
+    for name, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        dtype = _NP_TYPES.get(types.get(name, ""), np.int64 if name in ("attention_mask", "position_ids") else np.float32)
+        if name == "attention_mask":
+            value = np.ones(shape)
+        elif name == "position_ids":
+            value = np.broadcast_to(np.arange(past, past + shape[1]), shape)
+        elif name == "inputs_embeds" and embeddings is not None:
+            ids = rng.integers(0, embeddings.shape[0], size=shape[:2])
+            value = np.asarray(embeddings[ids.reshape(-1)], dtype=np.float32).reshape(shape)
+        elif name == "point_coords":
+            size = int(manifest["sam"]["encoder"]["input_size"])
+            value = rng.uniform(0.1 * size, 0.9 * size, size=shape)
+        elif name == "point_labels":
+            value = np.ones(shape)
+            value[..., -1] = -1  # SAM's padding point, as the runtime appends it
+        elif name in ("mask_input", "has_mask_input"):
+            value = np.zeros(shape)
+        else:
+            value = rng.standard_normal(shape)
+        feeds[name] = np.ascontiguousarray(value, dtype=dtype)
+    return feeds
+
+
+def compare_outputs(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], precision: str
+) -> ParityResult:
+    """Agreement of `candidate` with `reference`, output by output.
+
+    For every output: cosine similarity and max |a-b| / max |a| (thresholds per precision); for
+    "low_res_masks": IoU of the masks (logit > 0); for "logits": whether the argmax agrees.
+    """
+    result = ParityResult()
+    for name, ref in reference.items():
+        if name not in candidate:
+            result.failures.append(f"{name}: missing from the engine's outputs")
+            continue
+        ref64 = np.asarray(ref, dtype=np.float64)
+        got64 = np.asarray(candidate[name], dtype=np.float64)
+        if ref64.shape != got64.shape:
+            result.failures.append(f"{name}: shape {got64.shape} != {ref64.shape}")
+            continue
+        if not np.all(np.isfinite(got64)):
+            result.failures.append(f"{name}: non-finite values (fp16 overflow?)")
+            continue
+        a, b = ref64.ravel(), got64.ravel()
+        denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+        cosine = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+        scale = float(np.max(np.abs(a))) if a.size else 0.0
+        rel = float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(b), initial=0.0))
+        stats: dict[str, float] = {"cosine": cosine, "max_rel_err": rel}
+        if cosine < _MIN_COSINE[precision]:
+            result.failures.append(f"{name}: cosine {cosine:.5f} < {_MIN_COSINE[precision]}")
+        if rel > _MAX_REL_ERR[precision]:
+            result.failures.append(f"{name}: max relative error {rel:.3g} > {_MAX_REL_ERR[precision]}")
+        if name == "low_res_masks":
+            ma, mb = ref64 > 0, got64 > 0
+            union = np.logical_or(ma, mb).sum()
+            iou = float(np.logical_and(ma, mb).sum() / union) if union else 1.0
+            stats["mask_iou"] = iou
+            if iou < _MIN_MASK_IOU[precision]:
+                result.failures.append(f"{name}: mask IoU {iou:.4f} < {_MIN_MASK_IOU[precision]}")
+        if name == "logits" and ref64.ndim >= 2:
+            agree = float(np.mean(ref64.argmax(-1) == got64.argmax(-1)))
+            stats["top1_agreement"] = agree
+            if agree < 1.0:
+                result.failures.append(f"{name}: top-1 token differs ({agree:.2f} agreement)")
+        result.outputs[name] = stats
+    return result
+
+
+def _octopus_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("octopus-rt")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # engines are large; a hard link survives the old section's removal
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(bundle_dir: Path, manifest: Mapping[str, Any], staging: Path, name: str) -> list[str]:
+    """Copy the other targets of the current engines section into `staging`, and this target's
+    timing cache (reused across builds). Returns the names of the targets kept."""
+    engines = manifest.get("engines")
+    if not isinstance(engines, dict) or engines.get("format") != ENGINES_FORMAT:
+        return []
+    old = bundle_dir / engines["dir"]
+    kept = []
+    for target in engines.get("targets", {}):
+        prefix = f"{target}/"
+        for rel in engines.get("files", {}):
+            if not rel.startswith(prefix):
+                continue
+            if target == name and not rel.startswith(f"{name}/{_TIMING_DIR}/"):
+                continue
+            if not (old / rel).is_file():
+                continue
+            if target == name:
+                # The builder rewrites the timing cache in place: a copy, never a link to the
+                # committed file (a failed build must leave the current section intact).
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(old / rel, staging / rel)
+            else:
+                _link_or_copy(old / rel, staging / rel)
+        if target != name:
+            kept.append(target)
+    return kept
+
+
+def _source_sha(manifest: Mapping[str, Any], graph: str) -> str | None:
+    section = manifest[GRAPHS[graph][0]]
+    return section.get("files", {}).get(graph_record(manifest, graph)["file"], {}).get("sha256")
+
+
+def _io(session: _Session) -> tuple[dict[str, list], dict[str, str], list[str]]:
+    shapes = {i.name: list(i.shape) for i in session.get_inputs()}
+    types = {i.name: i.type for i in session.get_inputs()}
+    return shapes, types, [o.name for o in session.get_outputs()]
+
+
+def _embeddings(bundle_dir: Path, manifest: Mapping[str, Any]) -> np.ndarray | None:
+    embedding = manifest.get("lmm", {}).get("embedding")
+    if not embedding:
+        return None
+    path = bundle_mod.section_path(bundle_dir, manifest["lmm"], embedding["file"])
+    return np.load(path, mmap_mode="r") if path.is_file() else None
+
+
+def _build_graph(
+    bundle_dir: Path,
+    manifest: Mapping[str, Any],
+    graph: str,
+    limits: ProfileLimits,
+    options: TrtBuildOptions,
+    target_dir: Path,
+    factory: SessionFactory,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    record = graph_record(manifest, graph)
+    source = bundle_mod.section_path(bundle_dir, manifest[GRAPHS[graph][0]], record["file"])
+    full = graph_profile(manifest, graph, limits)
+
+    # 1. CPU reference (also tells which inputs the ONNX graph declares dynamic).
+    cpu = factory(source, [("CPUExecutionProvider", {})], False)
+    declared, types, outputs = _io(cpu)
+    missing = [n for n in declared if n not in full]
+    if missing:
+        raise OctopusError(f"{graph}: graph inputs {missing} are not in the bundle contract")
+    profile = dynamic_only(full, declared)
+    feeds = parity_inputs(manifest, graph, {n: full[n].opt for n in declared}, types,
+                          embeddings=_embeddings(bundle_dir, manifest) if graph == "decoder" else None)
+    reference = dict(zip(outputs, cpu.run(None, feeds)))
+    del cpu
+    gc.collect()
+
+    # 2. Build the engine and dump the EP-context model.
+    ctx_file = target_dir / f"{graph}_ctx.onnx"
+    trt = tensorrt_build_options(
+        profile,
+        ctx_file=str(ctx_file),
+        engine_cache_dir=_CACHE_DIR,
+        timing_cache_dir=str(target_dir / _TIMING_DIR),
+        cache_prefix=graph,
+        fp16=options.fp16,
+        layer_norm_fp32=graph == "sam_encoder",
+        workspace_bytes=options.workspace_bytes,
+        device_id=options.device_id,
+        builder_optimization_level=options.builder_optimization_level,
+    )
+    log(f"{graph}: building the TensorRT engine ({options.precision}"
+        + (", LayerNorm fp32" if trt["trt_layer_norm_fp32_fallback"] else "")
+        + (f", profile {trt['trt_profile_max_shapes']}" if profile else ", static shapes") + ")")
+    started = time.monotonic()
+    builder = factory(source, [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))], True)
+    builder.run(None, feeds)  # the engine is built (and the context model dumped) by now at the latest
+    del builder
+    gc.collect()
+    seconds = time.monotonic() - started
+    if not ctx_file.is_file():
+        raise OctopusError(
+            f"{graph}: the TensorRT provider wrote no EP-context model {ctx_file.name} (onnxruntime >= 1.18 is "
+            "needed, and the whole graph must be supported by TensorRT)"
+        )
+    blob = ctx_file.read_bytes()
+    if b"EPContext" not in blob:
+        raise OctopusError(f"{graph}: {ctx_file.name} holds no EPContext node")
+    if str(target_dir).encode() in blob:
+        # The bundle moves (staging -> section folder, then to the device): paths must be relative.
+        raise OctopusError(f"{graph}: {ctx_file.name} refers to its engine by an absolute path")
+
+    # 3. Parity of the context model, loaded as the runtime loads it.
+    load = tensorrt_load_options(device_id=options.device_id, fp16=options.fp16, workspace_bytes=options.workspace_bytes)
+    engine = factory(ctx_file, [("TensorrtExecutionProvider", load), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))], True)
+    candidate = dict(zip([o.name for o in engine.get_outputs()], engine.run(None, feeds)))
+    del engine
+    gc.collect()
+    parity = compare_outputs(reference, candidate, options.precision)
+    log(f"{graph}: built in {seconds:.0f} s; parity " + ", ".join(
+        f"{k} cos {v['cosine']:.5f}" for k, v in parity.outputs.items()))
+    if not parity.ok:
+        raise OctopusError(f"{graph}: the TensorRT engine disagrees with the CPU path: " + "; ".join(parity.failures))
+    return {
+        "file": f"{target_dir.name}/{ctx_file.name}",
+        "source": f"{GRAPHS[graph][0]}/{record['file']}",
+        "source_sha256": _source_sha(manifest, graph),
+        "profile": {n: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for n, r in profile.items()},
+        "layer_norm_fp32_fallback": bool(trt["trt_layer_norm_fp32_fallback"]),
+        "build_seconds": round(seconds, 1),
+        "parity": parity.to_dict(),
+    }
+
+
+def build_engines(
+    bundle_dir: str | os.PathLike[str],
+    options: TrtBuildOptions | None = None,
+    *,
+    env: Any = None,
+    session_factory: SessionFactory | None = None,
+    log: Callable[[str], None] = lambda _line: None,
+) -> TrtBuildResult:
+    """Build, verify and commit this machine's engines into the bundle's `engines` section.
+
+    env: a runtime.doctor.Environment (default: probed now); session_factory: creates sessions
+    (default OrtSessionFactory; tests substitute one). Raises TensorRTUnavailable before writing
+    anything when TensorRT cannot run here, OctopusError when a build or parity check fails (the
+    bundle is then unchanged).
+    """
+    options = options or TrtBuildOptions()
+    bundle_dir = Path(bundle_dir).expanduser()
+    manifest = bundle_mod.read_manifest(bundle_dir)
+    problems = bundle_mod.check_files(bundle_dir, manifest, sections=("lmm", "sam"))
+    if problems:
+        raise bundle_mod.BundleError(f"{len(problems)} problem(s) with the bundle's files, first: {problems[0]}")
+    graphs = [g for g in options.graphs if graph_record(manifest, g) is not None]
+    if not graphs:
+        raise InputError(f"the bundle has none of the graphs {', '.join(options.graphs)} (export lmm / sam first)")
+    limits = default_limits(manifest, max_batch=options.max_batch, max_seq=options.max_seq, max_past=options.max_past)
+    if env is None:
+        from octopus_rt.runtime.doctor import probe_environment
+
+        env = probe_environment()
+    name = require_tensorrt(env)
+    factory = session_factory or OrtSessionFactory()
+
+    staging = bundle_mod.stage_section(bundle_dir, "engines")
+    try:
+        kept = _carry_over(bundle_dir, manifest, staging, name)
+        target_dir = staging / name
+        (target_dir / _TIMING_DIR).mkdir(parents=True, exist_ok=True)
+        (target_dir / _CACHE_DIR).mkdir(exist_ok=True)
+        log(f"building engines {name} for {env.gpu_name} (TensorRT {env.tensorrt}, onnxruntime {env.onnxruntime}); "
+            f"limits {limits.to_dict()}")
+        built = {g: _build_graph(bundle_dir, manifest, g, limits, options, target_dir, factory, log) for g in graphs}
+        target = {
+            "compute_capability": env.compute_capability,
+            "gpu_name": env.gpu_name,
+            "jetson": env.jetson,
+            "tensorrt": env.tensorrt,
+            "cuda": env.cuda,
+            "driver": env.driver,
+            "onnxruntime": env.onnxruntime,
+            "precision": options.precision,
+            "limits": limits.to_dict(),
+            "workspace_bytes": options.workspace_bytes,
+            "builder_optimization_level": options.builder_optimization_level,
+            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "graphs": built,
+        }
+        previous = manifest.get("engines") if isinstance(manifest.get("engines"), dict) else {}
+        targets = {t: previous["targets"][t] for t in kept}
+        targets[name] = target
+        section = {
+            "format": ENGINES_FORMAT,
+            "versions": {"octopus_rt": _octopus_version(), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
+            "targets": targets,
+        }
+        new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    providers = dict(DEFAULT_PROVIDERS, **new_manifest.get("defaults", {}).get("providers", {}))
+    providers.update({g: "tensorrt" for g in built})
+    new_manifest = bundle_mod.update_defaults(bundle_dir, {"providers": providers})
+    log(f"committed engines {name} ({', '.join(built)}) into {bundle_dir}")
+    return TrtBuildResult(name, target, new_manifest)
+

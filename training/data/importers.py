@@ -44,8 +44,11 @@ def _load_json(path: Path) -> list[dict]:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} is neither JSON nor JSON lines: {exc}") from exc
-    if isinstance(data, dict):  # some dumps wrap the list
-        data = next((v for v in data.values() if isinstance(v, list)), [data])
+    if isinstance(data, dict):
+        # one record (a one-line JSON lines file), or a dump that wraps the list under some key
+        record_keys = ("id", "image", "img_path", "image_A", "conversations", "question")
+        wrapped = next((v for v in data.values() if isinstance(v, list)), None)
+        data = [data] if any(k in data for k in record_keys) or wrapped is None else wrapped
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of records")
     return data

@@ -96,14 +96,15 @@ def region_from_mask(
 def save_mask(mask: np.ndarray, path: Path) -> None:
     """Write a (H, W) bool mask as an 8-bit PNG with values 0 / 255."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path, format="PNG")
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path, format="PNG", compress_level=1)
 
 
 def save_image(image: np.ndarray, path: Path) -> None:
     """Write a (H, W, 3) uint8 RGB image as PNG (lossless: the only JPEG artefacts in our data are
-    the ones the compression distortion put there on purpose)."""
+    the ones the compression distortion put there on purpose). zlib level 1: level 6 (Pillow's
+    default) took 4x longer, about a third of the whole per-image cost, for ~15% smaller files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image, mode="RGB").save(path, format="PNG")
+    Image.fromarray(image, mode="RGB").save(path, format="PNG", compress_level=1)
 
 
 def conversation(question: str, answer: str) -> list[dict]:

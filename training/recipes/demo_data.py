@@ -1,0 +1,176 @@
+"""Source photos and dataset of the demo bundle (used by training/recipes/build_demo.py).
+
+Photos are scikit-image's sample images (`skimage.data`, shipped inside the scikit-image wheel, so no
+download); their origins and licences are listed in docs/demo.md. Near-duplicates are grouped (the
+stereo pair's two views; `data.cat` is the very same photo as `data.chelsea`, so only one is used)
+and every crop of one photo stays in that photo's group, so no photo leaks across splits.
+
+HELD-OUT photos never enter training: they are synthesised into a separate dataset that becomes the
+whole test split (and the README's example images). The other photos are synthesised together; the
+data engine splits them by group into train / val / test, and its val and test parts both become
+our val split (used for the tau sweep and the segmenter's validation), so our test split rests only
+on photos the models never saw.
+
+Grey-scale photos are turned into a two-tone colour image (a fixed dark and light colour per photo,
+mixed by the grey level) so that the saturation and colour distortions the data engine draws stay
+visible on them; docs/demo.md states this.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PHOTOS", "HELD_OUT", "DemoData", "prepare_photos", "build_dataset", "merge_datasets"]
+
+# skimage.data function -> group name. Photos only (no synthetic test patterns, no binary masks, no
+# images smaller than 128 px). stereo_motorcycle returns (left, right, disparity): both views, one group.
+PHOTOS: dict[str, str] = {
+    "astronaut": "astronaut",
+    "chelsea": "chelsea",
+    "coffee": "coffee",
+    "rocket": "rocket",
+    "hubble_deep_field": "hubble",
+    "immunohistochemistry": "ihc",
+    "retina": "retina",
+    "stereo_motorcycle": "motorcycle",
+    "camera": "camera",
+    "brick": "brick",
+    "grass": "grass",
+    "gravel": "gravel",
+    "moon": "moon",
+    "coins": "coins",
+    "clock": "clock",
+    "page": "page",
+    "text": "text",
+    "cell": "cell",
+}
+# Never in training: the test split and the example images come from these.
+HELD_OUT: tuple[str, ...] = ("coffee", "rocket", "chelsea", "coins")
+# Two-tone colours (dark, light) for grey-scale photos, cycled in PHOTOS order.
+_DUOTONES = (((30, 20, 60), (250, 220, 160)), ((10, 40, 30), (200, 240, 255)), ((60, 20, 10), (240, 250, 200)))
+
+
+@dataclass
+class DemoData:
+    """Paths of the prepared sources and the merged dataset."""
+
+    train_src: Path
+    heldout_src: Path
+    groups_file: Path
+    data_dir: Path
+
+
+def _load_photo(name: str) -> list[np.ndarray]:
+    """H x W x 3 uint8 RGB view(s) of one skimage.data photo."""
+    from skimage import data
+
+    raw = getattr(data, name)()
+    views = list(raw[:2]) if name == "stereo_motorcycle" else [raw]
+    out = []
+    for view in views:
+        view = np.asarray(view)
+        if view.dtype != np.uint8:
+            view = (np.clip(view, 0, 1) * 255).astype(np.uint8)
+        if view.ndim == 2:
+            index = list(PHOTOS).index(name) % len(_DUOTONES)
+            dark, light = (np.asarray(c, dtype=np.float32) for c in _DUOTONES[index])
+            t = view.astype(np.float32)[..., None] / 255.0
+            view = (dark * (1 - t) + light * t + 0.5).astype(np.uint8)
+        out.append(view[..., :3])
+    return out
+
+
+def _crops(image: np.ndarray, rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """`count` random crops covering 55-85 % of each side (seeded), for more varied content."""
+    h, w = image.shape[:2]
+    crops = []
+    for _ in range(count):
+        ch, cw = int(h * rng.uniform(0.55, 0.85)), int(w * rng.uniform(0.55, 0.85))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crops.append(image[y:y + ch, x:x + cw])
+    return crops
+
+
+def prepare_photos(work: Path, seed: int = 0, crops_per_photo: int = 3) -> tuple[Path, Path, Path]:
+    """Write the source folders: work/src_train (photos + crops), work/src_heldout (whole photos only),
+    and work/groups.csv ("filename,group" lines for `data synth --groups`). Returns the three paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, 7])
+    train_src, heldout_src = work / "src_train", work / "src_heldout"
+    for folder in (train_src, heldout_src):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    lines = []
+    for name, group in PHOTOS.items():
+        views = _load_photo(name)
+        if name in HELD_OUT:
+            for k, view in enumerate(views):
+                Image.fromarray(view).save(heldout_src / f"{name}_{k}.png")
+            continue
+        for k, view in enumerate(views):
+            pieces = [view] + _crops(view, rng, crops_per_photo)
+            for c, piece in enumerate(pieces):
+                filename = f"{name}_{k}_c{c}.png"
+                Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
+                lines.append(f"{filename},{group}")
+    groups = work / "groups.csv"
+    groups.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return train_src, heldout_src, groups
+
+
+def _prefixed(record: dict, prefix: str) -> dict:
+    """A record with every path (image, answer mask, region masks) moved under `prefix/`."""
+    out = dict(record)
+    out["image"] = f"{prefix}/{record['image']}"
+    if record.get("answer_mask"):
+        out["answer_mask"] = f"{prefix}/{record['answer_mask']}"
+    if record.get("regions"):
+        out["regions"] = [{**r, "mask": f"{prefix}/{r['mask']}" if r.get("mask") else r.get("mask")}
+                          for r in record["regions"]]
+    return out
+
+
+def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
+    """out/{train,val,test}.jsonl: train = seen's train; val = seen's val + test; test = all of
+    heldout's records. Image and mask files stay where they are (seen/ and heldout/ inside out/)."""
+    from octopus_rt.training.data.records import read_jsonl, write_jsonl
+
+    def read(folder: Path, split: str) -> list[dict]:
+        path = folder / f"{split}.jsonl"
+        return read_jsonl(path) if path.exists() else []
+
+    splits = {
+        "train": [_prefixed(r, seen.name) for r in read(seen, "train")],
+        "val": [_prefixed(r, seen.name) for r in read(seen, "val") + read(seen, "test")],
+        "test": [_prefixed(r, heldout.name) for s in ("train", "val", "test") for r in read(heldout, s)],
+    }
+    for split, records in splits.items():
+        write_jsonl(records, out / f"{split}.jsonl")
+    return {split: len(records) for split, records in splits.items()}
+
+
+def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, size: int, workers: int,
+                  progress: bool = True) -> DemoData:
+    """Photos -> two `data synth` runs -> the merged dataset in work/data (see module docstring)."""
+    from octopus_rt.training.data.synth import SynthOptions, synthesize
+
+    train_src, heldout_src, groups = prepare_photos(work, seed)
+    data_dir = work / "data"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    seen, heldout = data_dir / "seen", data_dir / "heldout"
+    synthesize(train_src, seen, SynthOptions(num=num_seen, seed=seed, size=size, workers=workers,
+                                             groups=str(groups), progress=progress))
+    synthesize(heldout_src, heldout, SynthOptions(num=num_heldout, seed=seed + 1, size=size, workers=workers,
+                                                  progress=progress))
+    counts = merge_datasets(seen, heldout, data_dir)
+    (data_dir / "demo_splits.json").write_text(json.dumps({
+        "records": counts, "held_out_photos": list(HELD_OUT),
+        "val_and_seen_photos": sorted(set(PHOTOS) - set(HELD_OUT))}, indent=1) + "\n", encoding="utf-8")
+    return DemoData(train_src, heldout_src, groups, data_dir)

@@ -281,10 +281,16 @@ def compare_outputs(
             if iou < _MIN_MASK_IOU[precision]:
                 result.failures.append(f"{name}: mask IoU {iou:.4f} < {_MIN_MASK_IOU[precision]}")
         if name == "logits" and ref64.ndim >= 2:
-            agree = float(np.mean(ref64.argmax(-1) == got64.argmax(-1)))
-            stats["top1_agreement"] = agree
-            if agree < 1.0:
-                result.failures.append(f"{name}: top-1 token differs ({agree:.2f} agreement)")
+            top1 = got64.argmax(-1)
+            stats["top1_agreement"] = float(np.mean(ref64.argmax(-1) == top1))
+            # fp16 may swap near-tied tokens (untrained test models have many): the engine's
+            # top-1 must then still be among the reference's top 5; fp32 must agree exactly.
+            k = 1 if precision == "fp32" else 5
+            top_k = np.argsort(-ref64, axis=-1)[..., :k]
+            inside = float(np.mean(np.any(top_k == top1[..., None], axis=-1)))
+            stats[f"top1_in_ref_top{k}"] = inside
+            if inside < 1.0:
+                result.failures.append(f"{name}: the top-1 token is outside the reference's top {k} ({inside:.2f})")
         result.outputs[name] = stats
     return result
 

@@ -7,6 +7,7 @@ PromptEncoder + MaskDecoder, SamPredictor) and PyTorch; tiny seeded models keep 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,9 @@ def test_cli_bad_inputs(tiny_sam_checkpoint, tmp_path, capsys):
     assert "no SAM image encoder" in _cli_error(
         [str(not_sam), "--model-type", "custom", "--sam-config", json.dumps(TINY_SAM_CONFIG), "--out", out], capsys)
     assert "custom" in _cli_error([ckpt, "--model-type", "vit_b", "--out", out], capsys)
+    lonely = tmp_path / "lonely.pth"  # no lonely.json beside it
+    shutil.copy(tiny_sam_checkpoint, lonely)
+    assert "needs --sam-config" in _cli_error([str(lonely), "--model-type", "custom", "--out", out], capsys)
     assert "not valid JSON" in _cli_error([ckpt, "--model-type", "custom", "--sam-config", "{bad", "--out", out], capsys)
     assert "unknown SAM config key" in _cli_error(
         [ckpt, "--model-type", "custom", "--sam-config", '{"depth": 2}', "--out", out], capsys)

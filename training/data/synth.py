@@ -187,7 +187,7 @@ def _make_sample(task: tuple) -> dict:
 
     from octopus_rt.training.data.composite import apply_chain
     from octopus_rt.training.data.records import region_from_mask, save_image, save_mask
-    from octopus_rt.training.data.regions import describe_region, load_sam, propose_regions
+    from octopus_rt.training.data.regions import RegionOptions, describe_region, load_sam, propose_regions
     from octopus_rt.training.data.tasks import build_records
 
     cv2.setNumThreads(1)  # one process per core already
@@ -198,7 +198,9 @@ def _make_sample(task: tuple) -> dict:
     height, width = image.shape[:2]
     sample_id = f"s{index:06d}"
     sam = load_sam(options["sam"]) if options["sam"] else None
-    masks = propose_regions(image, rng, sam_generator=sam)
+    # A third of the images get at most 4 regions, all but one distorted (see below).
+    coarse = rng.random() < 0.35
+    masks = propose_regions(image, rng, RegionOptions(max_kept=4) if coarse else RegionOptions(), sam_generator=sam)
     uniform = len(masks) < 2 or rng.random() < options["uniform_prob"]
     regions = []
     if uniform:
@@ -212,6 +214,9 @@ def _make_sample(task: tuple) -> dict:
     else:
         labels = [describe_region(image, m) for m in masks]
         k = int(rng.integers(1, min(3, len(masks)) + 1))
+        if coarse:
+            # all regions but one: the clean one is then the unique "least degraded" (HyD-G-min)
+            k = len(masks) - 1
         chosen = sorted(int(i) for i in rng.choice(len(masks), size=k, replace=False))
         shared = None
         chains = {}

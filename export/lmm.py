@@ -423,8 +423,12 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     progress(f"verifying in onnxruntime ({precision})")
     embed_for_check = np.load(staging / "embed_tokens.npy", mmap_mode="r")
     report = verify_lmm(reference, staging / "vision.onnx", staging / "decoder.onnx", embed_for_check, dims, image_token_id, precision)
-    for key, value in report.summary().items():
-        progress(f"  {key}: {value}")
+    progress(
+        f"verified {precision}: vision max|diff| {report.vision_max_abs_diff:.2e}, decoder max|diff| "
+        f"{report.decoder_max_abs_diff:.2e} at {len(reference.decoder)} shapes, {report.steps} steps: "
+        f"logits max|diff| {report.generation_max_abs_diff:.2e}, min cosine {report.generation_min_cosine:.6f}, "
+        f"top-1 {report.top1_agreement:.3f}, greedy tokens identical: {report.tokens_identical}"
+    )
     if report.failures:
         raise OctopusError(f"{precision} export failed verification: " + "; ".join(report.failures))
 

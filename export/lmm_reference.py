@@ -116,7 +116,7 @@ def processor_inputs(processor, questions, images) -> dict[str, torch.Tensor]:
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        padding=True,
+        processor_kwargs={"padding": True},
     )
 
 

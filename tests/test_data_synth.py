@@ -206,3 +206,30 @@ def test_images_are_png_not_jpeg(dataset):
     root, _, _ = dataset
     for path in (root / "out" / "images").iterdir():
         assert path.suffix == ".png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_user_label_maps_give_regions_and_names(tmp_path):
+    src = tmp_path / "src"
+    _write_sources(src)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    with Image.open(src / "coffee.png") as im:
+        w, h = im.size
+    label_map = np.zeros((h, w), np.uint8)
+    label_map[:, w // 2:] = 7
+    label_map[: h // 3, : w // 2] = 3
+    Image.fromarray(label_map, mode="L").save(labels / "coffee.png")
+    (labels / "names.json").write_text(json.dumps({"0": "saucer", "7": "table", "3": "cup"}))
+    (src / "astronaut_copy.png").unlink()
+    for name in ("astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+        (src / f"{name}.png").unlink()
+    out = tmp_path / "out"
+    synthesize(src, out, SynthOptions(num=6, seed=0, size=SIZE, workers=1, labels=str(labels), uniform_prob=0.0,
+                                      progress=False))
+    records = _records(out)
+    for record in records:
+        assert sorted(r["label"] for r in record["regions"]) == ["cup", "saucer", "table"]
+        for region in record["regions"]:
+            mask = _mask(out, region["mask"])
+            expected = {"table": label_map == 7, "cup": label_map == 3, "saucer": label_map == 0}[region["label"]]
+            assert np.array_equal(mask, expected)

@@ -26,6 +26,8 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the dataset already in --out."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run with the same options."),
     groups: Optional[Path] = typer.Option(None, "--groups", help="File of 'filename,group' lines kept in one split."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label maps <stem>.png (+ names.json) "
+                                          "used as regions instead of proposals."),
     uniform: float = typer.Option(0.2, "--uniform", help="Share of images distorted as a whole."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -37,6 +39,7 @@ def synth(
         raise InputError("--overwrite and --resume exclude each other")
     options = SynthOptions(num=num, seed=seed, size=size, sam=str(sam) if sam else None, workers=workers,
                            overwrite=overwrite, resume=resume, groups=str(groups) if groups else None,
+                           labels=str(labels) if labels else None,
                            uniform_prob=uniform, progress=not quiet)
     report = synthesize(src_dir, out, options)
     counts = ", ".join(f"{k} {v}" for k, v in report.records.items())

@@ -138,18 +138,31 @@ def propose_regions(
 
 
 def label_map_regions(label_map: np.ndarray, options: RegionOptions = RegionOptions()) -> list[tuple[np.ndarray, int]]:
-    """Regions from a user's (H, W) integer label map: one (mask, label value) per value that forms
-    a region large and thick enough (the largest component of that value)."""
-    out = []
-    total = label_map.size
+    """Regions from a user's (H, W) integer label map: per label value its largest connected piece,
+    if large and thick enough (as for proposals); the other pixels go to the nearest kept region so
+    the regions still tile the image. Returns (mask, label value) pairs, largest first."""
+    from scipy import ndimage
+
+    pieces: list[tuple[np.ndarray, int]] = []
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * options.thin_radius + 1,) * 2)
     for value in np.unique(label_map):
         count, comps = cv2.connectedComponents((label_map == value).astype(np.uint8), connectivity=4)
         if count < 2:
             continue
         areas = np.bincount(comps.ravel())[1:]
         piece = comps == (1 + int(areas.argmax()))
-        if piece.sum() >= options.min_area * total:
-            out.append((piece, int(value)))
+        core = cv2.erode(piece.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=1)
+        if piece.sum() >= options.min_area * label_map.size and core.sum() >= 0.25 * piece.sum():
+            pieces.append((piece, int(value)))
+    if not pieces:
+        return []
+    index = np.full(label_map.shape, -1, dtype=np.int32)
+    for k, (piece, _) in enumerate(pieces):
+        index[piece] = k
+    if (index < 0).any():
+        _, (iy, ix) = ndimage.distance_transform_edt(index < 0, return_indices=True)
+        index = index[iy, ix]
+    out = [(index == k, value) for k, (_, value) in enumerate(pieces)]
     return sorted(out, key=lambda item: -int(item[0].sum()))
 
 

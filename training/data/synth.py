@@ -38,6 +38,8 @@ class SynthOptions:
     """Options of `synthesize`. `num`: distorted images to make (None: one per usable source);
     `size`: longest side in pixels (larger sources are downscaled, smaller kept); `sam`: a
     segment-anything checkpoint for region proposals; `groups`: a file of "filename,group" lines;
+    `labels`: a folder of user label maps (<source stem>.png, integer values; optional names.json
+    {"value": "name"}) used instead of proposals for the sources that have one;
     `uniform_prob`: share of whole-image samples; `feather`: composite feather in pixels."""
 
     num: int | None = None
@@ -48,6 +50,7 @@ class SynthOptions:
     overwrite: bool = False
     resume: bool = False
     groups: str | None = None
+    labels: str | None = None
     uniform_prob: float = 0.2
     pair_prob: float = 0.45
     hash_distance: int = 8
@@ -181,6 +184,33 @@ def _sample_chain(rng: np.random.Generator, pair: bool, category: str | None = N
     return chain
 
 
+def _user_regions(labels_dir: str | None, source_path: str, shape: tuple[int, int]):
+    """(masks, names) from the user's label map for this source, None when there is none."""
+    if not labels_dir:
+        return None
+    import cv2
+    from PIL import Image
+
+    from octopus_rt.training.data.regions import label_map_regions
+
+    path = Path(labels_dir) / (Path(source_path).stem + ".png")
+    if not path.is_file():
+        return None
+    with Image.open(path) as im:
+        if im.mode in ("P", "L", "I", "I;16"):  # palette indices or grey values are the labels
+            label_map = np.asarray(im).astype(np.int32)
+        else:  # colour-coded labels: one value per RGB colour
+            rgb = np.asarray(im.convert("RGB")).astype(np.int32)
+            label_map = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    label_map = cv2.resize(label_map.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    names_file = Path(labels_dir) / "names.json"
+    names = json.loads(names_file.read_text(encoding="utf-8")) if names_file.is_file() else {}
+    regions = label_map_regions(label_map.astype(np.int32))
+    if not regions:
+        return None
+    return [m for m, _ in regions], [names.get(str(v)) for _, v in regions]
+
+
 def _make_sample(task: tuple) -> dict:
     """Worker body: one distorted image, its masks and records. Returns a JSON-able dict."""
     import cv2
@@ -200,7 +230,14 @@ def _make_sample(task: tuple) -> dict:
     sam = load_sam(options["sam"]) if options["sam"] else None
     # A third of the images get at most 4 regions, all but one distorted (see below).
     coarse = rng.random() < 0.35
-    masks = propose_regions(image, rng, RegionOptions(max_kept=4) if coarse else RegionOptions(), sam_generator=sam)
+    user = _user_regions(options["labels"], source_path, (height, width))
+    if user is not None:
+        masks, names = user
+        coarse = coarse and len(masks) <= 4
+    else:
+        masks = propose_regions(image, rng, RegionOptions(max_kept=4) if coarse else RegionOptions(),
+                                sam_generator=sam)
+        names = [None] * len(masks)
     uniform = len(masks) < 2 or rng.random() < options["uniform_prob"]
     regions = []
     if uniform:
@@ -212,7 +249,7 @@ def _make_sample(task: tuple) -> dict:
         image = apply_chain(image, full, region.distortions, rng, options["feather"])
         regions.append(region)
     else:
-        labels = [describe_region(image, m) for m in masks]
+        labels = [name or describe_region(image, m) for name, m in zip(names, masks)]
         k = int(rng.integers(1, min(3, len(masks)) + 1))
         if coarse:
             # all regions but one: the clean one is then the unique "least degraded" (HyD-G-min)
@@ -305,6 +342,8 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
 
         load_sam(options.sam)  # fail early, with one line, on a bad checkpoint
     user_groups = _read_groups(options.groups)
+    if options.labels and not Path(options.labels).is_dir():
+        raise InputError(f"label map folder not found: {options.labels}")
     state = {k: v for k, v in asdict(options).items() if k not in ("workers", "overwrite", "resume", "progress")}
     state["src"] = str(src.resolve())
     _prepare_out(out, options, state)
@@ -322,7 +361,8 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
 
     num = len(usable) if options.num is None else options.num
     plain = {"seed": options.seed, "size": options.size, "sam": options.sam,
-             "uniform_prob": options.uniform_prob, "pair_prob": options.pair_prob, "feather": options.feather}
+             "uniform_prob": options.uniform_prob, "pair_prob": options.pair_prob, "feather": options.feather,
+             "labels": options.labels}
     results: dict[int, dict] = {}
     todo = []
     for i in range(num):

@@ -282,6 +282,28 @@ def test_failed_verification_leaves_bundle_unchanged(tiny_sam_checkpoint, tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+def test_trt_friendly_comparison_catches_a_wrong_decoder(tiny_sam, tmp_path, monkeypatch):
+    """The SamOnnxModel comparison fails for a decoder that differs (here: a swapped x/y point)."""
+    from octopus_rt.export.sam_verify import _compare_with_sam_onnx_model
+
+    sam, config = tiny_sam
+    original = SamDecoderWrapper._embed_points
+    monkeypatch.setattr(SamDecoderWrapper, "_embed_points",
+                        lambda self, coords, labels: original(self, coords.flip(-1), labels))
+    sam_export._export_graphs(sam, config, tmp_path, "fp32", 17)
+    grid, low = config.embedding_size, 4 * config.embedding_size
+    rng = np.random.default_rng(0)
+    feeds = [{
+        "image_embeddings": rng.standard_normal((1, config.prompt_embed_dim, grid, grid)).astype(np.float32),
+        "point_coords": np.array([[[10.0, 100.0], [0.0, 0.0]]], np.float32),
+        "point_labels": np.array([[1.0, -1.0]], np.float32),
+        "mask_input": np.zeros((1, 1, low, low), np.float32),
+        "has_mask_input": np.zeros(1, np.float32),
+    }]
+    with pytest.raises(SamVerificationError, match="SamOnnxModel"):
+        _compare_with_sam_onnx_model(sam, tmp_path / "sam_decoder.onnx", feeds, 17, config.image_size)
+
+
 # ---------------------------------------------------------------- bad input through the CLI
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -606,3 +607,104 @@ def test_gpu_doctor_sees_the_gpu():
         pytest.skip("no NVIDIA GPU found by nvidia-smi or the Jetson probes")
     assert tp.engine_name(env.compute_capability, env.tensorrt or "10.0") .startswith("sm")
     assert diagnose(env).ok
+
+
+# ---------------------------------------------------------------- real exported LMM graphs on CPU
+
+
+def test_profile_shapes_are_valid_inputs_of_the_exported_decoder(tiny_lmm_bundle):
+    """Every corner of the decoder profile (min, opt, max) is a shape the exported graph accepts,
+    and the outputs have the shapes the contract promises (present = P + S)."""
+    from octopus_rt.bundle import read_manifest, section_path
+    from octopus_rt.export.trt import OrtSessionFactory, parity_inputs
+
+    bundle = tiny_lmm_bundle("phi3_clip")
+    manifest = read_manifest(bundle)
+    decoder = manifest["lmm"]["decoder"]
+    limits = tp.ProfileLimits(max_batch=2, max_seq=6, max_past=9, opt_seq=1, opt_past=4)
+    profile = tp.graph_profile(manifest, "decoder", limits)
+    session = OrtSessionFactory()(section_path(bundle, manifest["lmm"], decoder["file"]), [("CPUExecutionProvider", {})], False)
+    declared = {i.name: i.shape for i in session.get_inputs()}
+    assert set(tp.dynamic_only(profile, declared)) == set(declared)  # all decoder inputs are dynamic
+    for corner in ("min", "opt", "max"):
+        shapes = {n: getattr(r, corner) for n, r in profile.items()}
+        feeds = parity_inputs(manifest, "decoder", shapes)
+        logits, present = session.run(["logits", "present.0.key"], feeds)[:2]
+        b, s, p = shapes["inputs_embeds"][0], shapes["inputs_embeds"][1], shapes["past_key_values.0.key"][2]
+        assert logits.shape == (b, decoder["vocab_size"])
+        assert present.shape == (b, decoder["num_key_value_heads"], p + s, decoder["head_dim"])
+    vision = tp.graph_profile(manifest, "vision", limits)
+    h, w = manifest["lmm"]["preprocess"]["input_height"], manifest["lmm"]["preprocess"]["input_width"]
+    assert vision["pixel_values"].max == (2, 3, h, w)
+
+
+def test_build_with_decoder_records_profiles(tiny_lmm_bundle, tmp_path):
+    from octopus_rt.bundle import read_manifest
+    from octopus_rt.export.trt import TrtBuildOptions, build_engines
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_lmm_bundle("phi3_clip"), bundle)
+    fake = FakeTensorRT()
+    options = TrtBuildOptions(max_batch=2, max_seq=40, max_past=60, graphs=tp.TRT_GRAPHS_DEFAULT + ("decoder",))
+    result = build_engines(bundle, options, env=_env(), session_factory=fake)
+    graphs = result.target["graphs"]
+    assert set(graphs) == {"vision", "decoder"}
+    assert result.target["limits"]["max_seq"] == 40 and result.target["limits"]["max_past"] == 60
+    assert graphs["decoder"]["profile"]["past_key_values.0.value"]["max"][2] == 60
+    assert graphs["decoder"]["profile"]["attention_mask"]["max"] == [2, 100]
+    assert graphs["vision"]["profile"]["pixel_values"]["max"][0] == 2  # batch is dynamic in vision.onnx
+    assert graphs["decoder"]["parity"]["outputs"]["logits"]["top1_agreement"] == 1.0
+    decoder_build = next(b for b in fake.builds if b["trt_engine_cache_prefix"] == "decoder")
+    assert "past_key_values.1.key:2x" in decoder_build["trt_profile_max_shapes"]
+    assert decoder_build["trt_layer_norm_fp32_fallback"] is False
+    manifest = read_manifest(bundle)
+    assert manifest["defaults"]["providers"]["decoder"] == "tensorrt"  # the user opted in
+    report = diagnose(_env(), bundle, device="tensorrt")
+    assert report.ok and report.plans == {"vision": "tensorrt", "decoder": "tensorrt"}
+
+
+# ---------------------------------------------------------------- benchmark script
+
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_exits_clearly_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the benchmark would run")
+    assert _bench_module().main(["--out", "unused.json"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an NVIDIA GPU" in err and "nothing was run" in err
+    assert not Path("unused.json").exists()
+
+
+def test_bench_bandwidth_arithmetic():
+    bench = _bench_module()
+    phi3 = bench.PHI3_MINI
+    sizes = bench.decoder_bytes(phi3, 32)
+    # Phi-3-mini has 3.82 B parameters; the decoder reads all but the embedding table per token.
+    params = sizes["total"] / 2 + phi3["vocab"] * phi3["hidden"] - 2 * phi3["hidden"]  # + embedding, - its row
+    assert 3.75e9 < params < 3.85e9
+    assert bench.kv_bytes(phi3, 32, 1000) == 2 * 32 * 32 * 96 * 1000 * 2
+    assert bench.extrapolate(1.0, phi3, 32, 32) == 1.0
+    assert 10 < bench.extrapolate(1.0, phi3, 2, 32) < 16  # per-layer bytes dominate the head
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_cpu_smoke(tmp_path):
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--allow-cpu", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["backends"]["ort_cpu"]["ms"]) == set(bench.STAGES)
+    assert "skipped" in report["backends"]["tensorrt_fp16"]

@@ -225,7 +225,44 @@ def test_two_gloo_processes_equal_one_process(base_dir, small_quad, tmp_path):
     assert len(one) == len(two) == 3
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-4)
     assert "2 process(es)" in done.stdout + done.stderr
+    # The validation pass is sharded over the processes and all-reduced: same figures as one process.
+    eval_one, eval_two = _log(tmp_path / "one.train", "eval")[-1], _log(tmp_path / "two.train", "eval")[-1]
+    assert eval_one["pos_n"] == eval_two["pos_n"] > 0
+    assert abs(eval_one["val_loss"] - eval_two["val_loss"]) < 1e-4
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+# ---------------------------------------------------------------- options for recipes
+
+
+def test_gradient_checkpointing_gives_the_same_losses(base_dir, small_quad, tmp_path):
+    from octopus_rt.training.train import train
+
+    common = dict(max_steps=2, batch_size=2, lr=1e-3, lora_dropout=0.0, merge=False)
+    plain = train(_options(base_dir, small_quad, tmp_path / "a", **common))
+    checkpointed = train(_options(base_dir, small_quad, tmp_path / "b", gradient_checkpointing=True, **common))
+    np.testing.assert_allclose(checkpointed.losses, plain.losses, rtol=0, atol=1e-6)
+
+
+def test_full_training_with_an_auxiliary_loss_hook(base_dir, small_quad, tmp_path):
+    """Recipe hooks: full tuning of every parameter, plus an extra loss whose gradient must arrive."""
+    from octopus_rt.training.train import train
+
+    seen = []
+
+    def hook(model, batch, outputs, records):
+        seen.append(len(records))
+        bias = model.model.multi_modal_projector.linear_1.bias
+        return 1e3 * bias.sum()  # dominates: Adam's first step moves every element by exactly -lr
+
+    common = dict(max_steps=1, batch_size=2, grad_accum=2, lr=1e-3, lm_tuning="full", merge=False)
+    result = train(_options(base_dir, small_quad, tmp_path / "a", **common), loss_hook=hook)
+    assert seen == [2, 2] and result.trainable_parameters == result.total_parameters
+    from octopus_rt.training.train import load_base_model
+
+    initial = load_base_model(base_dir)[0].model.multi_modal_projector.linear_1.bias.detach()
+    moved = result.model.model.multi_modal_projector.linear_1.bias.detach() - initial
+    np.testing.assert_allclose(moved.numpy(), -1e-3, rtol=1e-3)

@@ -200,3 +200,32 @@ def test_data_weights_and_epoch_order():
     assert len({k for k in order if k[0] == 0}) == 5  # a subset without repeats
     assert np.bincount([i for d, i in order if d == 1]).min() >= 2  # whole copies of the small set
     assert order == mixed.epoch_order(0) and order != mixed.epoch_order(1)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_position_tally_uses_the_closed_set_softmax():
+    from octopus_rt.runtime.closed_set import closed_set_probs
+    from octopus_rt.training.metrics import mentioned_distortions, position_tally
+
+    horizontal, vertical = [[10, 11], [12]], [[20], [21, 22]]  # left/right, top/bottom token forms
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 6, 32))
+    labels = np.full((3, 6), -100)
+    labels[0, 2:4] = [21, 10]  # "bottom left"
+    labels[1, 3:5] = [20, 12]  # "top right"
+    labels[2, 1:3] = [5, 6]  # no positional word
+    tally = position_tally(logits, labels, horizontal, vertical)
+    expected_h = [int(np.argmax(closed_set_probs(logits[0, 2], horizontal)) == 0),
+                  int(np.argmax(closed_set_probs(logits[1, 3], horizontal)) == 1)]
+    expected_v = [int(np.argmax(closed_set_probs(logits[0, 1], vertical)) == 1),
+                  int(np.argmax(closed_set_probs(logits[1, 2], vertical)) == 0)]
+    assert (tally.horizontal_total, tally.vertical_total, tally.both_total) == (2, 2, 2)
+    assert tally.horizontal_correct == sum(expected_h) and tally.vertical_correct == sum(expected_v)
+    assert tally.both_correct == sum(h and v for h, v in zip(expected_h, expected_v))
+    # Raising the logit of the right word at its predecessor position makes it correct.
+    logits[0, 2, 10] = 50.0
+    logits[0, 1, 21] = 50.0
+    assert position_tally(logits, labels, horizontal, vertical).both_correct >= 1
+    assert mentioned_distortions("Severe Noise, and overly high brightness.") == {"noise", "overly high brightness"}

@@ -1,0 +1,294 @@
+"""`octopus-rt export lmm`: parity of the exported graphs with transformers, manifest contract, bad input.
+
+The exporter verifies itself; these tests check it independently: the bundle is driven the way the
+runtime drives it (tokenizers + manifest prompt strings + embedding table + graphs) and compared
+with the transformers model's own processor + generate().
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+from octopus_rt import bundle as bundle_mod  # noqa: E402
+from octopus_rt import vocab  # noqa: E402
+from octopus_rt.cli import main  # noqa: E402
+from octopus_rt.errors import OctopusError  # noqa: E402
+
+STEPS = 12
+
+
+def _section(bundle_dir: Path) -> tuple[dict, Path]:
+    manifest = bundle_mod.read_manifest(bundle_dir)
+    return manifest["lmm"], bundle_dir / manifest["lmm"]["dir"]
+
+
+def _runtime_style_generate(bundle_dir: Path, questions, images, steps: int):
+    """Greedy decoding driven only by what the bundle holds (plus the processor's pixel values)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoProcessor
+
+    from octopus_rt.export.llava_wrappers import DecoderDims
+    from octopus_rt.export.lmm_verify import make_session, onnx_generate
+
+    section, folder = _section(bundle_dir)
+    prompt = section["prompt"]
+    tokenizer = Tokenizer.from_file(str(folder / section["tokenizer"]["file"]))
+    rows = []
+    for question in questions:
+        text = prompt["prefix"] + prompt["image_token"] * prompt["num_image_tokens"] + prompt["infix"] + question + prompt["suffix"]
+        rows.append(tokenizer.encode(text, add_special_tokens=prompt["add_special_tokens"]).ids)
+    width = max(len(r) for r in rows)
+    pad = section["tokenizer"]["pad_token_id"]
+    input_ids = np.array([[pad] * (width - len(r)) + r for r in rows], dtype=np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
+    processor = AutoProcessor.from_pretrained(section["source"]["model_dir"])
+    pixels = processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+    dec = section["decoder"]
+    dims = DecoderDims(
+        num_layers=dec["num_layers"], num_attention_heads=0, num_key_value_heads=dec["num_key_value_heads"],
+        head_dim=dec["head_dim"], hidden_size=dec["hidden_size"], vocab_size=dec["vocab_size"],
+        max_position_embeddings=dec["max_position_embeddings"],
+    )
+    embed = np.load(folder / section["embedding"]["file"], mmap_mode="r")
+    tokens, logits = onnx_generate(
+        make_session(folder / section["vision"]["file"]), make_session(folder / dec["file"]), embed, dims,
+        prompt["image_token_id"], input_ids, mask, pixels, steps,
+        min_new_tokens=steps, eos_token_ids=section["tokenizer"]["eos_token_ids"],
+    )
+    return input_ids, tokens, logits
+
+
+def _transformers_generate(model_dir: Path, questions, images, steps: int):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from octopus_rt.export.lmm_reference import processor_inputs
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    inputs = processor_inputs(processor, questions, images)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    length = inputs["input_ids"].shape[1]
+    return inputs["input_ids"].numpy(), out.sequences[:, length:].numpy(), torch.stack(out.logits).numpy()
+
+
+@pytest.mark.parametrize("kind", ["phi3_clip", "llama_clip"])
+def test_fp32_bundle_matches_transformers_generate(kind, tiny_llava_dir, tiny_lmm_bundle):
+    from octopus_rt.export.lmm_reference import synthetic_images
+
+    bundle_dir = tiny_lmm_bundle(kind)
+    # Questions and images the exporter's own verification did not use; batch 3, left padding.
+    questions = ["Is the sky noisy?", vocab.format_mcq_question("Where is the blur?", ["top left", "bottom right"]), "Rate it."]
+    images = synthetic_images(4, seed=7)[1:]
+    ids_rt, tokens_rt, logits_rt = _runtime_style_generate(bundle_dir, questions, images, STEPS)
+    ids_ref, tokens_ref, logits_ref = _transformers_generate(tiny_llava_dir(kind), questions, images, STEPS)
+    np.testing.assert_array_equal(ids_rt, ids_ref)  # pre-rendered prompt == processor + chat template
+    np.testing.assert_array_equal(tokens_rt, tokens_ref)
+    assert np.abs(logits_rt - logits_ref).max() <= 1e-4
+
+
+def test_manifest_lmm_section_follows_the_contract(tiny_lmm_bundle):
+    import onnx
+
+    bundle_dir = tiny_lmm_bundle("phi3_clip")
+    manifest = bundle_mod.read_manifest(bundle_dir)
+    assert bundle_mod.check_files(bundle_dir, manifest, hashes=True) == []
+    assert manifest["defaults"] == bundle_mod.DEFAULTS
+    section, folder = _section(bundle_dir)
+    assert set(section["files"]) >= {"vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json"}
+    for key in ("versions", "opset", "ir_version", "precision", "source", "vision", "embedding", "decoder",
+                "tokenizer", "preprocess", "prompt", "closed_set", "closed_set_forms", "whole_image_phrases",
+                "score_prompt"):
+        assert key in section, key
+    assert section["precision"] == "fp32"
+    dec = section["decoder"]
+    n = dec["num_layers"]
+    expected_inputs = ["inputs_embeds", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    expected_outputs = ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    graph = onnx.load(str(folder / dec["file"]))
+    assert [i.name for i in graph.graph.input] == expected_inputs == dec["input_names"]
+    assert [o.name for o in graph.graph.output] == expected_outputs == dec["output_names"]
+    assert graph.opset_import[0].version == section["opset"] or any(o.version == section["opset"] for o in graph.opset_import)
+    assert graph.ir_version == section["ir_version"]
+    # Batch, sequence and past length are symbolic (dim_param), not frozen numbers.
+    for value in graph.graph.input[3:]:
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[2].dim_param and dims[1].dim_value == dec["num_key_value_heads"]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[1].dim_param
+    embed = np.load(folder / "embed_tokens.npy", mmap_mode="r")
+    assert embed.shape == (section["embedding"]["vocab_size"], section["embedding"]["hidden_size"])
+    assert section["whole_image_phrases"] == list(vocab.WHOLE_IMAGE_PHRASES)
+    assert section["score_prompt"] == {"question": vocab.SCORE_QUESTION, "answer_prefix": vocab.SCORE_ANSWER_PREFIX}
+    assert section["preprocess"]["backend"] in ("torchvision", "pil")
+    assert section["tokenizer"]["eos_token_ids"]
+
+
+def test_closed_set_ids_are_the_in_context_ids(tiny_lmm_bundle):
+    from tokenizers import Tokenizer
+
+    section, folder = _section(tiny_lmm_bundle("phi3_clip"))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for words in vocab.closed_set_words().values():
+        for word in words:
+            forms = section["closed_set_forms"][word]
+            assert set(forms) == set(vocab.word_forms(word))
+            assert set(section["closed_set"][word]) == {ids[0] for ids in forms.values()}
+            for form, ids in forms.items():
+                if not form.startswith(" "):
+                    continue
+                # Mid-sentence, the word is tokenized exactly as recorded.
+                sentence = tokenizer.encode("The" + form + " region", add_special_tokens=False).ids
+                assert any(sentence[i:i + len(ids)] == ids for i in range(len(sentence))), (form, ids, sentence)
+
+
+def test_prompt_check_rejects_strings_that_tokenize_differently(tiny_llava_dir, tiny_lmm_bundle):
+    from transformers import AutoProcessor
+
+    from octopus_rt.export.lmm import _check_prompt
+
+    section, folder = _section(tiny_lmm_bundle("phi3_clip"))
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir("phi3_clip"))
+    _check_prompt(section["prompt"], folder / "tokenizer.json", processor)
+    broken = dict(section["prompt"], suffix=section["prompt"]["suffix"].replace("\n", " "))
+    with pytest.raises(OctopusError, match="does not tokenize like the processor"):
+        _check_prompt(broken, folder / "tokenizer.json", processor)
+
+
+@pytest.mark.slow
+def test_qwen2_siglip_fp32_export(tiny_llava_dir, tiny_lmm_bundle):
+    from octopus_rt.export.lmm_reference import synthetic_images
+
+    questions, images = ["Is it sharp?", "Describe the quality of the image."], synthetic_images(2, seed=3)
+    _, tokens_rt, logits_rt = _runtime_style_generate(tiny_lmm_bundle("qwen2_siglip"), questions, images, STEPS)
+    _, tokens_ref, logits_ref = _transformers_generate(tiny_llava_dir("qwen2_siglip"), questions, images, STEPS)
+    np.testing.assert_array_equal(tokens_rt, tokens_ref)
+    assert np.abs(logits_rt - logits_ref).max() <= 1e-4
+
+
+def _export_precision(tiny_llava_dir, tmp_path, precision):
+    out = tmp_path / f"bundle_{precision}"
+    assert main(["export", "lmm", str(tiny_llava_dir("phi3_clip")), "--out", str(out), "--precision", precision]) == 0
+    return out
+
+
+def test_fp16_export_verifies(tiny_llava_dir, tmp_path):
+    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "fp16"))
+    assert section["precision"] == "fp16"
+    assert np.load(folder / "embed_tokens.npy", mmap_mode="r").dtype == np.float16
+    assert section["embedding"]["dtype"] == "float16"
+    assert section["verification"]["generation_min_cosine"] >= 0.999
+    assert section["verification"]["top1_agreement"] >= 0.99
+
+
+def test_int8_export_verifies(tiny_llava_dir, tmp_path):
+    import onnx
+
+    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "int8"))
+    ops = {node.op_type for node in onnx.load(str(folder / "decoder.onnx")).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    assert section["verification"]["generation_min_cosine"] >= 0.99
+    assert section["verification"]["top1_agreement"] >= 0.99
+
+
+@pytest.mark.slow
+def test_int4_export_uses_matmulnbits(tiny_llava_dir, tmp_path):
+    import onnx
+
+    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "int4"))
+    ops = [node.op_type for node in onnx.load(str(folder / "decoder.onnx")).graph.node]
+    assert "MatMulNBits" in ops
+    assert section["verification"]["top1_agreement"] >= 0.99
+
+
+def test_failed_verification_leaves_no_bundle_and_keeps_an_existing_one(tiny_llava_dir, tiny_lmm_bundle, tmp_path, monkeypatch):
+    from octopus_rt.export import lmm_verify
+    from octopus_rt.export.lmm import export_lmm
+
+    impossible = lmm_verify.Thresholds(max_abs_diff=1e-4, min_cosine=1.5, min_top1=1.0, identical_tokens=True)
+    monkeypatch.setitem(lmm_verify.THRESHOLDS, "fp32", impossible)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OctopusError, match="failed verification"):
+        export_lmm(tiny_llava_dir("phi3_clip"), fresh)
+    assert not fresh.exists()
+
+    existing = tmp_path / "existing"
+    shutil.copytree(tiny_lmm_bundle("phi3_clip"), existing)
+    before = (existing / "manifest.json").read_text()
+    with pytest.raises(OctopusError, match="failed verification"):
+        export_lmm(tiny_llava_dir("phi3_clip"), existing)
+    assert (existing / "manifest.json").read_text() == before
+    manifest = json.loads(before)
+    assert bundle_mod.check_files(existing, manifest, hashes=True) == []
+    assert not [p for p in existing.iterdir() if p.name.startswith(".staging")]
+
+
+# --- bad input through the CLI: one line on stderr, non-zero exit, nothing that looks like a bundle ---
+
+
+def _run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    code, line = _run_cli(["export", "lmm", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], capsys)
+    assert code != 0 and line.startswith("error:") and "not found" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_non_model_dir(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("hello")
+    code, line = _run_cli(["export", "lmm", str(tmp_path / "m"), "--out", str(tmp_path / "b")], capsys)
+    assert code != 0 and "no config.json" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    code, line = _run_cli(["export", "lmm", str(tmp_path / "llama"), "--out", str(tmp_path / "b")], capsys)
+    assert code != 0 and "unsupported architecture LlamaForCausalLM" in line
+    assert "LlavaForConditionalGeneration" in line and "phi3" in line and "siglip" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_truncated_weights(tiny_llava_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llava_dir("phi3_clip"), model_dir)
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    code, line = _run_cli(["export", "lmm", str(model_dir), "--out", str(tmp_path / "b")], capsys)
+    assert code != 0 and line.startswith("error:") and "cannot load model weights" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_unwritable_output(tiny_llava_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, line = _run_cli(["export", "lmm", str(tiny_llava_dir("phi3_clip")), "--out", str(blocker / "bundle")], capsys)
+    assert code != 0 and line.startswith("error:") and "cannot write" in line
+    assert blocker.read_text() == "not a folder"
+
+
+def test_unknown_precision(tiny_llava_dir, tmp_path, capsys):
+    code, line = _run_cli(["export", "lmm", str(tiny_llava_dir("phi3_clip")), "--out", str(tmp_path / "b"),
+                           "--precision", "int3"], capsys)
+    assert code != 0 and "unknown precision" in line

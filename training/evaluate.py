@@ -285,9 +285,19 @@ def _grounding(h: _Harness, options: EvalOptions, records: list[dict], tau: floa
     return _rows("grounding", values, options.seed)
 
 
+SYSTEM_ORDER = (PIPELINE, "majority class", "blank image", "SAM @ centre", "SAM @ random point",
+                "SAM @ oracle point (ceiling)")
+
+
+def _row_order(sub: str, metric: str, system: str) -> tuple:
+    """Table order: sub-task "all" first, then by name; metric; the model before its baselines."""
+    rank = SYSTEM_ORDER.index(system) if system in SYSTEM_ORDER else len(SYSTEM_ORDER)
+    return (sub not in ("all", "short (all)"), sub, metric, rank, system)
+
+
 def _rows(task: str, values: dict[tuple[str, str, str], list[float]], seed: int) -> list[Row]:
     rows = []
-    for (sub, metric, system), vals in sorted(values.items(), key=lambda kv: (kv[0][0] != "all",) + kv[0]):
+    for (sub, metric, system), vals in sorted(values.items(), key=lambda kv: _row_order(*kv[0])):
         # mIoU is a mean of per-record IoUs (bootstrap); the other grounding figures are proportions.
         estimate = m.bootstrap_mean(vals, seed=seed) if metric == "mIoU" else m.proportion(v == 1.0 for v in vals)
         rows.append(Row(task, sub, metric, system, estimate))
@@ -328,7 +338,7 @@ def _text_tasks(h: _Harness, options: EvalOptions, records: list[dict], tau: flo
             table[(sub, "short answer: names exact", "majority class")].append(hit)
             table[("short (all)", "short answer: names exact", "majority class")].append(hit)
     for task, table in by_task.items():
-        for (sub, metric, system), vals in sorted(table.items()):
+        for (sub, metric, system), vals in sorted(table.items(), key=lambda kv: _row_order(*kv[0])):
             estimate = (m.proportion(v == 1.0 for v in vals) if metric.startswith("short")
                         else m.bootstrap_mean(vals, seed=options.seed))
             out.append(Row(task, sub, metric, system, estimate))

@@ -265,6 +265,14 @@ def train_segmenter(options: SegmenterOptions) -> SegmenterResult:
     """Train the small SAM and save `options.out` (state_dict) + its config JSON next to it."""
     import torch
 
+    # Grad mode on explicitly: an export earlier in the same process may have switched it off globally.
+    with torch.enable_grad():
+        return _train_segmenter(options)
+
+
+def _train_segmenter(options: SegmenterOptions) -> SegmenterResult:
+    import torch
+
     from octopus_rt.errors import InputError
     from octopus_rt.export.sam_models import SamConfig, build_sam, save_custom_checkpoint
 

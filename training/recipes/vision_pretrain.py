@@ -169,8 +169,20 @@ def _quadrant_of(mass: np.ndarray) -> int:
     return int(np.argmax(sums))
 
 
-def pretrain_vision(options: VisionPretrainOptions) -> VisionPretrainResult:
-    """Train the vision tower + projector of options.model_dir with a linear probe; save in place."""
+def pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = None) -> VisionPretrainResult:
+    """Train the vision tower + projector with a linear probe (see `_pretrain_vision`)."""
+    import torch
+
+    with torch.enable_grad():  # an export earlier in the process may have switched grad mode off
+        return _pretrain_vision(options, probe_out)
+
+
+def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = None) -> VisionPretrainResult:
+    """Train the vision tower + projector of options.model_dir with a linear probe; save in place.
+
+    probe_out: where to save the trained probe (a torch.nn.Linear, torch.save of the module), for the
+    auxiliary loss during instruction tuning.
+    """
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -260,6 +272,8 @@ def pretrain_vision(options: VisionPretrainOptions) -> VisionPretrainResult:
     for param in model.parameters():
         param.requires_grad_(True)
     model.save_pretrained(options.model_dir)
+    if probe_out is not None:
+        torch.save(probe, probe_out)
     seconds = time.monotonic() - start
     result = VisionPretrainResult(step + 1, seconds, len(train_images), len(val_images), patch_acc, quad_acc, log)
     print(f"[vision] done: {result.steps} steps in {seconds:.0f}s; val patch accuracy {patch_acc}, "

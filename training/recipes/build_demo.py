@@ -1,0 +1,290 @@
+"""Rebuild the demo bundle from scratch, seeded: photos -> data -> vision pretraining -> LLaVA training
+-> export lmm -> segmenter -> export sam -> eval --sweep -> octopus_rt/demo/bundle + examples/.
+
+    .venv/bin/python -m octopus_rt.training.recipes.build_demo --work /tmp/demo_build
+    .venv/bin/python -m octopus_rt.training.recipes.build_demo --quick --work /tmp/demo_quick --no-install
+
+Every stage is seeded (numpy / torch seeds from --seed); the data engine's output is byte-identical
+for one seed. Stage budgets (steps) are fixed numbers, so two runs do the same work; the time limits
+only guard the 2-hour budget on a busy 2-core CPU and are reported when they cut a stage short.
+Stages write into WORK/ and are skipped when their output exists (delete a folder to redo a stage).
+See docs/demo.md for the measured figures and what each stage does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["DemoRecipe", "QUICK", "FULL", "DEMO_LLAVA", "build_demo", "main"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Sizes and budgets of one build. Times in seconds (guards; the step counts are the recipe)."""
+
+    num_seen: int  # distorted images from the training photos (split train / val by photo group)
+    num_heldout: int  # distorted images from the held-out photos (the test split)
+    size: int  # longest side of the synthesised images
+    vision_steps: int
+    vision_time: float
+    lmm_steps: int
+    lmm_batch: int
+    lmm_lr: float
+    description_share: float  # fraction of description records kept for LLaVA training (long answers)
+    sam_steps: int
+    sam_time: float
+    eval_val_records: int  # val records for the tau sweep (grounding ones are used)
+    eval_test_records: int | None  # test records measured (None = all)
+    examples: int
+
+
+FULL = DemoRecipe(num_seen=1200, num_heldout=160, size=256, vision_steps=2500, vision_time=15 * 60,
+                  lmm_steps=2600, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=900,
+                  sam_time=12 * 60, eval_val_records=400, eval_test_records=None, examples=4)
+QUICK = DemoRecipe(num_seen=60, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
+                   lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
+                   eval_val_records=20, eval_test_records=30, examples=2)
+
+# The demo LLaVA: SigLIP-style vision tower (square resize, no crop, no CLS: patches map onto the
+# image exactly, so positions are kept) at 128 px with 16 px patches (8 x 8 image tokens), a small
+# Llama language model. About 2.6 M parameters.
+DEMO_LLAVA = dict(text_model="llama", vision_model="siglip", chat_template="llava", image_size=128, patch_size=16,
+                  vision_hidden=128, vision_layers=4, vision_heads=4, text_hidden=192, text_layers=3, text_heads=4,
+                  text_kv_heads=2, text_intermediate=512)
+
+
+def _say(text: str) -> None:
+    print(f"[build_demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
+    """A dataset folder for LLaVA training: all grounding and referring records, a seeded `share` of
+    the (long) description records; val likewise. Images are reached through symlinks to data_dir's
+    sub-folders, so record paths stay valid."""
+    import numpy as np
+
+    from octopus_rt.training.data.records import read_jsonl, write_jsonl
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for sub in ("seen", "heldout"):
+        if (data_dir / sub).exists():
+            os.symlink((data_dir / sub).resolve(), out / sub)
+    rng = np.random.default_rng([seed, 11])
+    for split in ("train", "val"):
+        records = read_jsonl(data_dir / f"{split}.jsonl")
+        keep = [r for r in records if r["task"] in ("grounding", "referring") or rng.random() < share]
+        write_jsonl(keep, out / f"{split}.jsonl")
+    return out
+
+
+def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5):
+    """loss_hook for the trainer: the dense per-patch loss of vision pretraining, through the frozen
+    probe, on the image tokens the LLaVA just computed (keeps the vision features grounded while the
+    language model learns to read them)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from octopus_rt.training.recipes.vision_pretrain import _loss, patch_targets
+
+    probe = torch.load(probe_path, weights_only=False)
+    probe.requires_grad_(False)
+    cache: dict[str, torch.Tensor] = {}
+
+    def targets_of(record) -> torch.Tensor:
+        key = str(record.image)
+        if key not in cache:
+            regions = record.raw["regions"]
+            masks = {r["mask"]: np.asarray(Image.open(data_dir / r["mask"]).convert("L")) >= 128 for r in regions}
+            cache[key] = torch.from_numpy(patch_targets(regions, masks, grid)).reshape(grid * grid, -1)
+        return cache[key]
+
+    def hook(model, batch, outputs, records):
+        features = outputs.image_hidden_states
+        if features is None:
+            return torch.zeros(())
+        features = features.reshape(len(records), grid * grid, -1)
+        target = torch.stack([targets_of(r) for r in records])
+        return weight * _loss(torch, probe(features), target)
+
+    return hook
+
+
+def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool = True, threads: int = 1,
+               workers: int = 1) -> dict:
+    """Run every stage (see module docstring); returns a summary dict (also WORK/summary.json)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    work.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"recipe": asdict(recipe), "seed": seed, "stages": {}}
+    began = time.monotonic()
+
+    def stage(name: str, seconds: float, **facts) -> None:
+        summary["stages"][name] = {"seconds": round(seconds, 1), **facts}
+        (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+        _say(f"stage {name} done in {seconds:.0f}s {facts if facts else ''}")
+
+    # 1. Photos -> data engine.
+    from octopus_rt.training.recipes.demo_data import build_dataset
+
+    data_dir = work / "data"
+    t = time.monotonic()
+    if not (data_dir / "test.jsonl").exists():
+        build_dataset(work, seed=seed, num_seen=recipe.num_seen, num_heldout=recipe.num_heldout, size=recipe.size,
+                      workers=workers, progress=False)
+    stage("data", time.monotonic() - t, splits=json.loads((data_dir / "demo_splits.json").read_text())["records"])
+
+    # 2. Base model + dense vision pretraining.
+    from octopus_rt.training.model_factory import TinyLlavaSpec, build_llava
+    from octopus_rt.training.recipes.vision_pretrain import VisionPretrainOptions, pretrain_vision
+
+    base = work / "base_model"
+    probe_path = work / "vision_probe.pt"
+    t = time.monotonic()
+    if not probe_path.exists():
+        shutil.rmtree(base, ignore_errors=True)
+        build_llava(base, TinyLlavaSpec(**DEMO_LLAVA, seed=seed))
+        result = pretrain_vision(VisionPretrainOptions(base, data_dir, steps=recipe.vision_steps,
+                                                       time_limit_s=recipe.vision_time, seed=seed, threads=threads),
+                                 probe_out=probe_path)
+        stage("vision_pretrain", time.monotonic() - t, steps=result.steps,
+              val_patch_accuracy=result.val_patch_accuracy, val_quadrant_accuracy=result.val_quadrant_accuracy)
+
+    # 3. LLaVA instruction tuning with the trainer (+ the per-patch loss through the frozen probe).
+    from octopus_rt.training.options import TrainOptions
+    from octopus_rt.training.train import train
+
+    model_dir = work / "model"
+    t = time.monotonic()
+    if not (model_dir / "config.json").exists():
+        lmm_data = _lmm_dataset(data_dir, work / "lmm_data", recipe.description_share, seed)
+        shutil.rmtree(work / "model.train", ignore_errors=True)
+        grid = DEMO_LLAVA["image_size"] // DEMO_LLAVA["patch_size"]
+        options = TrainOptions(base_model=base, data=[lmm_data], out=model_dir, work_dir=work / "model.train",
+                               lm_tuning="full", lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,
+                               max_steps=recipe.lmm_steps, warmup_steps=max(1, recipe.lmm_steps // 20),
+                               min_lr_ratio=0.05, max_grad_norm=1.0, eval_max_samples=200, seed=seed,
+                               log_every=20, progress=False, precision="fp32")
+        result = train(options, loss_hook=_patch_hook(lmm_data, probe_path, grid))
+        stage("lmm_train", time.monotonic() - t, steps=len(result.steps), final_loss=result.losses[-1] if result.losses else None)
+
+    # 4. Export the language model into a fresh bundle.
+    from octopus_rt.export.lmm import export_lmm
+
+    bundle = work / "bundle"
+    t = time.monotonic()
+    if not (bundle / "manifest.json").exists():
+        export_lmm(model_dir, bundle, precision="fp32")
+        stage("export_lmm", time.monotonic() - t)
+
+    # 5. The small segmenter, exported into the same bundle.
+    from octopus_rt.export.sam import export_sam
+    from octopus_rt.training.segmenter import SegmenterOptions, train_segmenter
+
+    checkpoint = work / "segmenter" / "sam_demo.pth"
+    t = time.monotonic()
+    if not checkpoint.exists():
+        result = train_segmenter(SegmenterOptions(data_dir, checkpoint, steps=recipe.sam_steps,
+                                                  time_limit_s=recipe.sam_time, seed=seed, threads=threads))
+        stage("segmenter", time.monotonic() - t, steps=result.steps, val_iou=result.val_iou,
+              parameters=result.num_parameters)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if "sam" not in manifest:
+        t = time.monotonic()
+        export_sam(checkpoint, bundle, model_type="custom", precision="fp32")
+        stage("export_sam", time.monotonic() - t)
+
+    # 6. Tau / mapping sweep on val (written into the manifest), then the test-split table.
+    from octopus_rt.training.eval_report import format_table, plot_sweep
+    from octopus_rt.training.evaluate import EvalOptions, evaluate, sweep_defaults
+
+    t = time.monotonic()
+    sweep = sweep_defaults(EvalOptions(bundle, data_dir, max_records=recipe.eval_val_records, progress=False,
+                                       threads=threads))
+    plot_sweep(sweep, work / "sweep_miou_vs_tau.png")
+    report = evaluate(EvalOptions(bundle, data_dir, split="test", max_records=recipe.eval_test_records,
+                                  progress=False, threads=threads, seed=seed))
+    report.sweep = sweep
+    (work / "eval_test.json").write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
+    (work / "eval_test.md").write_text(format_table(report, markdown=True), encoding="utf-8")
+    print(format_table(report), flush=True)
+    stage("eval", time.monotonic() - t, sweep_best=sweep["best"])
+
+    # 7. Install: bundle into the package, examples from held-out photos, sweep plot into docs/.
+    if install:
+        _install(work, bundle, data_dir, recipe.examples, seed)
+        stage("install", 0.0)
+    summary["total_seconds"] = round(time.monotonic() - began, 1)
+    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    _say(f"done in {summary['total_seconds']:.0f}s")
+    return summary
+
+
+def _install(work: Path, bundle: Path, data_dir: Path, count: int, seed: int) -> None:
+    """Copy the bundle to octopus_rt/demo/bundle, `count` test images (held-out photos, local
+    distortions, distinct photos first) to examples/, and the sweep plot and table to docs/."""
+    from octopus_rt.training.data.records import read_jsonl
+
+    target = REPO / "octopus_rt" / "demo" / "bundle"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns(".lock", ".staging-*"))
+    examples = REPO / "examples"
+    examples.mkdir(exist_ok=True)
+    for old in examples.glob("demo_*.png"):
+        old.unlink()
+    chosen, photos = [], set()
+    for record in read_jsonl(data_dir / "test.jsonl"):
+        if record["task"] != "grounding" or record.get("subtask") != "HyD-G-max":
+            continue
+        target_region = record["regions"][record["target_regions"][0]]
+        photo = record["source"].rsplit("_", 1)[0]
+        if target_region.get("whole_image") or photo in photos:
+            continue
+        photos.add(photo)
+        chosen.append((photo, record))
+        if len(chosen) >= count:
+            break
+    lines = []
+    for photo, record in chosen:
+        name = f"demo_{photo}.png"
+        shutil.copyfile(data_dir / record["image"], examples / name)
+        region = record["regions"][record["target_regions"][0]]
+        chain = ", ".join(f"{d['category']}/{d['subtype']} severity {d['severity']}" for d in region["distortions"])
+        lines.append(f"{name}: most degraded region {' '.join(reversed(region['position']))} ({chain})")
+    (examples / "README.txt").write_text(
+        "Images made by the data engine (octopus-rt data synth) from scikit-image sample photos that were\n"
+        "never in the demo model's training data (the held-out photos of docs/demo.md). Ground truth:\n"
+        + "\n".join(lines) + "\n", encoding="utf-8")
+    docs = REPO / "docs"
+    shutil.copyfile(work / "sweep_miou_vs_tau.png", docs / "demo_sweep_miou_vs_tau.png")
+    shutil.copyfile(work / "eval_test.md", docs / "demo_eval_table.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("demo_build"), help="working folder (stages resume)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-install", action="store_true", help="do not copy into octopus_rt/demo and examples/")
+    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads (1 is fastest on a busy 2-core CPU)")
+    parser.add_argument("--workers", type=int, default=1, help="data engine worker processes")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    build_demo(args.work, QUICK if args.quick else FULL, seed=args.seed, install=not args.no_install,
+               threads=args.threads, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

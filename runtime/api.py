@@ -6,8 +6,8 @@
     answer.text, answer.point, answer.probs, answer.mask
 
 Pipeline of `ask` (stage names as in `Answer.timings_ms`):
-decode_image -> preprocess -> vision -> prefill_prefix (prompt prefix + image tokens, cached per
-image) -> prefill (the question's own tokens) -> decode (greedy, KV cache) -> closed-set point ->
+read_image (file bytes + content hash) -> decode_image (skipped on a cache hit) -> preprocess ->
+vision -> prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the question's own tokens) -> decode (greedy, KV cache) -> closed-set point ->
 sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess (mask upscaling).
 A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
 """
@@ -254,7 +254,7 @@ class Octopus:
         timer, cached = _Timer(), []
         start = time.perf_counter()
         load_before = self.backend.load_ms
-        with timer.stage("decode_image"):
+        with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
         ids, split = self._prompt_ids(question)
         logits, state, entry, rgb = self._prefill(pending, ids, split, timer, cached)
@@ -319,7 +319,7 @@ class Octopus:
     def _next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str], tau: float):
         timer, cached = _Timer(), []
         start = time.perf_counter()
-        with timer.stage("decode_image"):
+        with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
         ids, split = self._prompt_ids(question, answer_prefix)
         logits, _, _, _ = self._prefill(pending, ids, split, timer, cached)

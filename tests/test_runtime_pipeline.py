@@ -1,0 +1,234 @@
+"""The runtime against the PyTorch reference pipeline (export/reference.py), and its cache / decode
+loop mechanics. Tiny seeded models: parity is exact in tokens, 1e-4 in closed-set probabilities."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+from octopus_rt.bundle import BundleError  # noqa: E402
+from octopus_rt.errors import InputError  # noqa: E402
+from octopus_rt.runtime import Octopus  # noqa: E402
+from octopus_rt.runtime.backends import Graph  # noqa: E402
+
+QUESTIONS = ("Which region is most degraded?", "Where is the blur?")
+
+
+@pytest.fixture(scope="module")
+def octo(runtime_bundle):
+    return Octopus(runtime_bundle, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(runtime_bundle):
+    from octopus_rt.export.reference import ReferencePipeline
+
+    return ReferencePipeline(runtime_bundle, threads=1)
+
+
+def _iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def _assert_same_answer(ours, ref, image_size):
+    assert ours.token_ids == ref.token_ids
+    assert ours.text == ref.text
+    assert ours.whole_image == ref.whole_image
+    assert (ours.probs is None) == (ref.probs is None)
+    if ours.probs is not None:
+        assert ours.probs.keys() == ref.probs.keys()
+        for word in ours.probs:
+            assert abs(ours.probs[word] - ref.probs[word]) <= 1e-4
+        width, height = image_size
+        assert abs(ours.point[0] - ref.point[0]) <= 1e-4 * width
+        assert abs(ours.point[1] - ref.point[1]) <= 1e-4 * height
+    assert (ours.mask is None) == (ref.mask is None)
+    if ours.mask is not None:
+        assert ours.mask.shape == ref.mask.shape == (image_size[1], image_size[0])
+        assert _iou(ours.mask, ref.mask) >= 0.99
+        assert abs(ours.mask_iou - ref.mask_iou) <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "tau, mapping, multimask", [(1.0, "paper", True), (8.0, "quadrant", True), (20.0, "paper", False)]
+)
+def test_ask_matches_reference(octo, reference, runtime_images, tau, mapping, multimask):
+    grounded = 0
+    for path in runtime_images:
+        for question in QUESTIONS:
+            kwargs = dict(max_new_tokens=16, tau=tau, point_mapping=mapping, multimask=multimask)
+            ours = octo.ask(path, question, **kwargs)
+            ref = reference.ask(path, question, **kwargs)
+            _assert_same_answer(ours, ref, ours.image_size)
+            grounded += ours.mask is not None
+    # The comparison is only meaningful if some answers were grounded and segmented.
+    assert grounded >= 2
+
+
+def test_other_architecture_matches_reference(tiny_lmm_bundle, runtime_images):
+    """Llama (GQA) text model, SigLIP vision, LLaVA-1.5 chat template; no SAM section."""
+    from octopus_rt.export.reference import ReferencePipeline
+
+    bundle = tiny_lmm_bundle("llama_siglip")
+    octo = Octopus(bundle, device="cpu", threads=1)
+    reference = ReferencePipeline(bundle, threads=1)
+    for path in runtime_images[:2]:
+        ours = octo.ask(path, QUESTIONS[0], max_new_tokens=12, tau=4.0)
+        ref = reference.ask(path, QUESTIONS[0], max_new_tokens=12, tau=4.0)
+        _assert_same_answer(ours, ref, ours.image_size)
+        assert ours.mask is None  # no sam section: answer and point only
+
+
+def test_score_and_choose_match_reference(octo, reference, runtime_images):
+    for path in runtime_images:
+        ours, ref = octo.score(path), reference.score(path)
+        assert abs(ours.score - ref.score) <= 1e-4
+        for word, p in ref.probs.items():
+            assert abs(ours.probs[word] - p) <= 1e-4
+        options = ["sharp", "blurry", "noisy"]
+        ours_c, ref_c = octo.choose(path, "What is wrong?", options), reference.choose(path, "What is wrong?", options)
+        assert ours_c.letter == ref_c.letter and ours_c.option == options[ours_c.index]
+        assert set(ours_c.probs) == {"A", "B", "C"}
+        for letter, p in ref_c.probs.items():
+            assert abs(ours_c.probs[letter] - p) <= 1e-4
+
+
+def _spy(monkeypatch, graph: Graph):
+    """Record every call of one graph: {input name: shape} (numpy arrays and OrtValues alike)."""
+    calls: list[dict[str, tuple[int, ...]]] = []
+    original = graph.run
+
+    def run(inputs, outputs=None):
+        calls.append({k: tuple(v.shape) if isinstance(v, np.ndarray) else tuple(v.shape()) for k, v in inputs.items()})
+        return original(inputs, outputs)
+
+    monkeypatch.setattr(graph, "run", run)
+    return calls
+
+
+def test_every_decode_call_is_one_token_with_a_growing_past(runtime_bundle, runtime_images, monkeypatch):
+    octo = Octopus(runtime_bundle, device="cpu", threads=1)
+    calls = _spy(monkeypatch, octo.decoder.graph)
+    answer = octo.ask(runtime_images[0], QUESTIONS[0], max_new_tokens=10, segment=False)
+    ids = octo.tokenizer.encode(
+        octo.prompt["prefix"] + octo.prompt["image_token"] * octo.prompt["num_image_tokens"] + octo.prompt["infix"]
+        + QUESTIONS[0] + octo.prompt["suffix"],
+        add_special_tokens=octo.prompt["add_special_tokens"],
+    ).ids
+    past = "past_key_values.0.key"
+    # Prefill: the shared prefix from an empty cache, then the question's own tokens.
+    prefix_len = calls[0]["inputs_embeds"][1]
+    assert calls[0][past][2] == 0
+    assert calls[1][past][2] == prefix_len and prefix_len + calls[1]["inputs_embeds"][1] == len(ids)
+    decode = calls[2:]
+    assert len(decode) == len(answer.token_ids) - 1 and len(decode) >= 3
+    for step, call in enumerate(decode):
+        assert call["inputs_embeds"][:2] == (1, 1)
+        assert call["position_ids"] == (1, 1)
+        assert call[past][2] == len(ids) + step
+        assert call["attention_mask"] == (1, len(ids) + step + 1)
+        for name in octo.decoder.past_names:
+            assert call[name][2] == len(ids) + step
+
+
+def test_second_question_reuses_the_image_cache(runtime_bundle, runtime_images, monkeypatch):
+    octo = Octopus(runtime_bundle, device="cpu", threads=1)
+    path = runtime_images[1]
+    first = octo.ask(path, QUESTIONS[0], max_new_tokens=16)
+    assert first.mask is not None and first.cached == ()
+    decoder_calls = _spy(monkeypatch, octo.decoder.graph)
+    vision_calls = _spy(monkeypatch, octo.backend.loaded["vision"])
+    encoder_calls = _spy(monkeypatch, octo.backend.loaded["sam_encoder"])
+    second = octo.ask(path, QUESTIONS[1], max_new_tokens=16)
+    third = octo.ask(path, QUESTIONS[0], max_new_tokens=16)
+    assert "prefix" in second.cached and "decode_image" not in second.timings_ms
+    assert not vision_calls and not encoder_calls
+    # The second question's first decoder call starts after the cached prefix: only its own tokens.
+    prefix_len = len(octo.cache.get(next(iter(octo.cache._entries))).prefix_ids)
+    assert decoder_calls[0]["past_key_values.0.key"][2] == prefix_len
+    assert all(call["past_key_values.0.key"][2] >= prefix_len for call in decoder_calls)
+    # Same results as a fresh instance (and as the first time for a repeated question).
+    fresh = Octopus(runtime_bundle, device="cpu", threads=1).ask(path, QUESTIONS[1], max_new_tokens=16)
+    assert second.token_ids == fresh.token_ids and second.text == fresh.text
+    assert (second.probs is None) == (fresh.probs is None)
+    if second.probs is not None:
+        assert second.probs == pytest.approx(fresh.probs, abs=1e-6)
+        np.testing.assert_array_equal(second.mask, fresh.mask)
+    assert third.token_ids == first.token_ids and third.probs == pytest.approx(first.probs, abs=1e-6)
+    np.testing.assert_array_equal(third.mask, first.mask)
+
+
+def test_cache_is_bounded_and_keyed_by_content(runtime_bundle, runtime_images):
+    octo = Octopus(runtime_bundle, device="cpu", threads=1, cache_images=2)
+    for path in runtime_images:
+        octo.ask(path, QUESTIONS[0], max_new_tokens=2, segment=False)
+    assert len(octo.cache) == 2
+    # The same pixels given as bytes hit the entry made from the path (key = file content).
+    again = octo.ask(runtime_images[2].read_bytes(), QUESTIONS[1], max_new_tokens=2, segment=False)
+    assert "prefix" in again.cached
+
+
+def test_whole_image_answer_skips_sam(runtime_bundle, runtime_images, tmp_path):
+    octo = Octopus(runtime_bundle, device="cpu", threads=1)
+    answer = octo.ask(runtime_images[0], QUESTIONS[0], max_new_tokens=8, segment=False)
+    words = answer.text.split()
+    assert words, "the tiny model gave an empty answer"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(runtime_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    # Declare a phrase of this very answer a whole-image phrase (a trained model says "the whole image").
+    manifest["lmm"]["whole_image_phrases"] = [words[0].upper()]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    whole = Octopus(bundle, device="cpu", threads=1).ask(runtime_images[0], QUESTIONS[0], max_new_tokens=8)
+    assert whole.whole_image and whole.text == answer.text
+    assert whole.mask.dtype == bool and whole.mask.all() and whole.mask.shape == (72, 96)
+    assert whole.mask_iou == 1.0
+    assert "sam_encoder" not in whole.timings_ms and "sam_decoder" not in whole.timings_ms
+
+
+def test_bundle_without_sam_answers_without_mask(tiny_lmm_bundle, runtime_images):
+    octo = Octopus(tiny_lmm_bundle("phi3_clip"), device="cpu", threads=1)
+    assert not octo.has_sam
+    answer = octo.ask(runtime_images[0], QUESTIONS[0], max_new_tokens=8)
+    assert answer.mask is None
+    with pytest.raises(BundleError, match="no sam section"):
+        octo.sam  # noqa: B018
+
+
+def test_bad_questions_and_options(octo, runtime_images):
+    with pytest.raises(InputError, match="question is empty"):
+        octo.ask(runtime_images[0], "   ")
+    with pytest.raises(InputError, match="question too long"):
+        octo.ask(runtime_images[0], "blur " * (octo.context + 10))
+    with pytest.raises(InputError, match="tau"):
+        octo.ask(runtime_images[0], "Where?", tau=0)
+    with pytest.raises(InputError, match="point mapping"):
+        octo.ask(runtime_images[0], "Where?", point_mapping="corner")
+    with pytest.raises(InputError, match="1 to 4 options"):
+        octo.choose(runtime_images[0], "Which?", ["a"] * 5)
+
+
+def test_load_time_checks(runtime_bundle, tmp_path):
+    with pytest.raises(BundleError, match="bundle not found"):
+        Octopus(tmp_path / "nope")
+    bundle = tmp_path / "b"
+    shutil.copytree(runtime_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(BundleError, match="format version 99"):
+        Octopus(bundle)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    decoder = bundle / manifest["lmm"]["dir"] / "decoder.onnx"
+    decoder.write_bytes(decoder.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="decoder.onnx has .* bytes, manifest says"):
+        Octopus(bundle)
+    decoder.unlink()
+    with pytest.raises(BundleError, match="file missing"):
+        Octopus(bundle)

@@ -164,3 +164,13 @@ def test_bad_input(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     assert main(["data", "import", "kadid", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "missing column" in capsys.readouterr().err
+
+
+def test_show_imported_record(tmp_path):
+    _image(tmp_path / "imgs" / "a.png")
+    (tmp_path / "q.json").write_text(json.dumps([{"img_path": "a.png", "question": "Is it sharp?",
+                                                  "candidates": ["Yes", "No"], "correct_ans": "Yes"}]))
+    assert main(["data", "import", "q-bench", str(tmp_path / "q.json"), "--out", str(tmp_path / "o"),
+                 "--image-root", str(tmp_path / "imgs"), "--split", "test"]) == 0
+    assert main(["data", "show", str(tmp_path / "o"), "qbench-0", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -7,6 +7,7 @@ overlays (to judge the distortion itself). Below: the conversation, wrapped, plu
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -22,8 +23,6 @@ _COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 
 def find_record(data_dir: Path, record_id: str) -> dict:
     """The record with this id from any split file of `data_dir` (or an imported records.jsonl)."""
-    import json
-
     data_dir = Path(data_dir)
     files = sorted(data_dir.glob("*.jsonl"))
     if not files:
@@ -54,6 +53,9 @@ def render_record(data_dir: str | Path, record: dict, out_path: str | Path, *, m
 
     data_dir = Path(data_dir)
     image_path = data_dir / record["image"]
+    meta = data_dir / "dataset.json"
+    if meta.is_file():  # imported data: images are relative to the recorded image root
+        image_path = Path(json.loads(meta.read_text(encoding="utf-8"))["image_root"]) / record["image"]
     try:
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))

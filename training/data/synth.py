@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.errors import InputError
 
 __all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "list_sources", "dhash", "group_sources"]
 
@@ -171,7 +171,8 @@ def _sample_chain(rng: np.random.Generator, pair: bool, category: str | None = N
 
     if pair:
         cats = ORDERED_PAIRS[int(rng.integers(len(ORDERED_PAIRS)))]
-        severities = [int(rng.integers(1, 4)) for _ in cats]
+        # 1-3 each (DQ-495K); the faint categories from 2, so their label stays perceivable
+        severities = [int(rng.integers(2 if c in _FAINT_AT_ONE else 1, 4)) for c in cats]
     else:
         cat = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         cats = (cat,)
@@ -335,6 +336,8 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
 
     src, out = Path(src_dir), Path(out_dir)
     sources = list_sources(src)
+    if options.num is not None and options.num < 1:
+        raise InputError("--num must be >= 1")
     if options.size < MIN_SIDE:
         raise InputError(f"--size must be >= {MIN_SIDE}")
     if options.sam:
@@ -387,6 +390,4 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
         "groups": len(set(groups)), "skipped": [{"file": f, "reason": r} for f, r in report.skipped],
     }, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out / ".work")
-    if not num:
-        raise OctopusError("--num 0: nothing generated")
     return report

@@ -23,7 +23,8 @@ def data(tmp_path):
     records = [{"conversations": conv("Which region is most degraded?", f"The {w} region.")}
                for w in ("top left", "top right", "bottom left", "bottom right")]
     path = write_records(tmp_path / "data", records)
-    write_records(path, records[:2], split="val", seed=1)
+    referring = {"task": "referring", "conversations": conv("What distortions does the top left region have?", "Noise.")}
+    write_records(path, records[:1] + [referring], split="val", seed=1)
     return path
 
 
@@ -46,7 +47,9 @@ def test_cli_trains_merges_and_logs(base_dir, data, tmp_path, capsys):
     assert "merged model written to" in text and (out / "model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "merged.train" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if e["type"] == "train"] == [1, 2]
-    assert [e["step"] for e in log if e["type"] == "eval"] == [1, 2]
+    evals = [e for e in log if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [1, 2]
+    assert evals[-1]["pos_n"] == 1 and evals[-1]["referring_n"] == 1  # a greedy answer was generated
     options = json.loads((tmp_path / "merged.train" / "options.json").read_text())
     assert options["data"] == [{"path": str(data), "weight": 1.5}] and options["lm_tuning"] == "lora"
     # The output exists now: a second run refuses and leaves it as it is.

@@ -13,7 +13,7 @@ def _train_command(
     data: list[str] = typer.Option(..., "--data", help="Dataset folder with train.jsonl (+ val.jsonl), optionally "
                                    "PATH:WEIGHT to mix several; repeat for more."),
     out: Path = typer.Option(..., "--out", help="Directory to create for the merged model (must not exist)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints and logs [default: OUT.train]."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Checkpoints and logs (default: OUT.train next to OUT)."),
     epochs: float = typer.Option(1.0, "--epochs", help="Passes over the (weighted) training data."),
     batch_size: int = typer.Option(2, "--batch-size", help="Samples per process per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches accumulated per optimizer step."),

@@ -285,9 +285,16 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
     from octopus_rt.training.merge import merged_model, save_merged
 
     options.validate()
-    _check_paths(options)
     dist = init_distributed()
     try:
+        # Every process checks before any of them creates the work directory (rank 0 does, later).
+        refused = None
+        try:
+            _check_paths(options)
+        except InputError as exc:
+            refused = exc
+        if not dist.all_ok(refused is None):
+            raise refused or InputError("another process refused the output or work directory")
         precision = resolve_precision(options.precision, dist.device)
         say = print if dist.is_main else (lambda _text: None)
         dataset, val_records, skipped = read_datasets(options, say)

@@ -82,8 +82,11 @@ def _load(path: Path, size: int) -> np.ndarray:
     import cv2
     from PIL import Image
 
+    from PIL import ImageOps
+
     with Image.open(path) as im:
-        image = np.asarray(im.convert("RGB"))
+        # phone photos store their rotation in EXIF; apply it so masks match what people see
+        image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     height, width = image.shape[:2]
     if min(height, width) < MIN_SIDE:
         raise ValueError(f"too small ({width}x{height} < {MIN_SIDE}x{MIN_SIDE})")

@@ -145,6 +145,13 @@ class Backend:
     threads: int | None = None
     profile_dir: Path | None = None
     per_graph: dict[str, str] = field(default_factory=dict)
+    # With both set, GPU devices take each graph's file and provider options from
+    # runtime/trt_profiles.plan_graph: the bundle's TensorRT EP-context engines where they match this
+    # machine (vision, SAM), CUDA with tuned options for the decoder loop (docs/deploy.md).
+    bundle_dir: Path | None = None
+    manifest: dict[str, Any] | None = None
+    plans: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _device_info: Any = field(default=None, init=False, repr=False)
     _choice: DeviceChoice | None = field(default=None, init=False, repr=False)
     _graphs: dict[str, Graph] = field(default_factory=dict, init=False, repr=False)
     load_ms: float = field(default=0.0, init=False)
@@ -172,14 +179,36 @@ class Backend:
             Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(self.profile_dir) / name)
+        providers: list[Any] = list(choice.providers)
+        plan = self._plan(name, choice.name)
+        if plan is not None:
+            path, providers = plan.file, plan.providers
+            if plan.disable_graph_optimizations:  # an EP-context model must stay one node
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=list(choice.providers))
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise OctopusError(f"cannot load {name} graph {path}: {str(exc).splitlines()[0]}") from exc
         graph = Graph(name, session, choice.device_type)
         self._graphs[name] = graph
         self.load_ms += (time.perf_counter() - start) * 1000.0
         return graph
+
+    def _plan(self, name: str, device: str) -> Any:
+        """trt_profiles.GraphPlan for graph `name` on a GPU device, or None (CPU, or no manifest)."""
+        from octopus_rt.runtime.trt_profiles import GRAPHS, plan_graph, requested_provider
+
+        if device == "cpu" or self.manifest is None or self.bundle_dir is None or name not in GRAPHS:
+            return None
+        if self._device_info is None:
+            from octopus_rt.runtime.doctor import probe_environment
+
+            self._device_info = probe_environment().device_info()
+        requested = "auto" if self.device == "auto" and name not in self.per_graph else device
+        plan = plan_graph(self.bundle_dir, self.manifest, name, self._device_info,
+                          requested=requested_provider(self.manifest, name, requested))
+        self.plans[name] = plan
+        return plan
 
     @property
     def loaded(self) -> dict[str, Graph]:

@@ -230,17 +230,6 @@ def probe_environment(run: Runner = _run, root: str | os.PathLike[str] = "/", te
     return env
 
 
-def _requested(device: str, graph: str, manifest: dict[str, Any]) -> str:
-    """--device tensorrt means: TensorRT engines where the bundle prefers them (vision, SAM), CUDA
-    for the rest (the decoder loop). cuda/cpu apply to every graph; auto picks per graph."""
-    if device != "tensorrt":
-        return device
-    from octopus_rt.runtime.trt_profiles import DEFAULT_PROVIDERS
-
-    preferred = dict(DEFAULT_PROVIDERS, **manifest.get("defaults", {}).get("providers", {})).get(graph, "cuda")
-    return "tensorrt" if preferred == "tensorrt" else "cuda"
-
-
 def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None, device: str = "auto") -> DoctorReport:
     """Report on `env`, and on `bundle_dir` when given; ok=False with a one-line reason when the
     bundle cannot run here with `device` (auto / tensorrt / cuda / cpu)."""
@@ -285,7 +274,7 @@ def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None,
 
     from octopus_rt.bundle import check_files, read_manifest
     from octopus_rt.memory import estimate_memory, format_report
-    from octopus_rt.runtime.trt_profiles import GRAPHS, find_engine_target, graph_record, plan_graph
+    from octopus_rt.runtime.trt_profiles import GRAPHS, find_engine_target, graph_record, plan_graph, requested_provider
 
     bundle_dir = Path(bundle_dir)
     add(f"bundle       {bundle_dir}")
@@ -303,7 +292,7 @@ def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None,
     add(f"engines      {why}")
     for graph in graphs:
         try:
-            plan = plan_graph(bundle_dir, manifest, graph, info, requested=_requested(device, graph, manifest))
+            plan = plan_graph(bundle_dir, manifest, graph, info, requested=requested_provider(manifest, graph, device))
         except InputError as exc:
             return fail(str(exc))
         report.plans[graph] = plan.provider

@@ -53,6 +53,7 @@ __all__ = [
     "tensorrt_load_options",
     "cuda_options",
     "find_engine_target",
+    "requested_provider",
     "plan_graph",
 ]
 
@@ -451,6 +452,19 @@ def find_engine_target(
     if name not in engines["targets"]:
         return None, None, f"engines built for {built}; this machine needs {name}"
     return name, engines["targets"][name], f"engines {name} match this machine"
+
+
+def requested_provider(manifest: Mapping[str, Any], graph: str, device: str) -> str:
+    """What `plan_graph` is asked for when the user picks `device` for the whole bundle.
+
+    "tensorrt" means TensorRT engines where the bundle prefers them (vision, SAM) and CUDA for the
+    rest (the decoder loop, unless its engine was built with --decoder); auto / cuda / cpu apply
+    to every graph as they are.
+    """
+    if device != "tensorrt":
+        return device
+    preferred = dict(DEFAULT_PROVIDERS, **manifest.get("defaults", {}).get("providers", {})).get(graph, "cuda")
+    return "tensorrt" if preferred == "tensorrt" else "cuda"
 
 
 def _available(device: DeviceInfo, provider: str) -> bool:

@@ -708,3 +708,25 @@ def test_bench_gpu_tiny_cpu_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["backends"]["ort_cpu"]["ms"]) == set(bench.STAGES)
     assert "skipped" in report["backends"]["tensorrt_fp16"]
+
+
+def test_backend_takes_files_and_options_from_the_plan(tiny_sam_bundle, tmp_path):
+    """runtime/backends.Backend asks plan_graph on GPU devices (sessions themselves need a GPU)."""
+    from octopus_rt.bundle import read_manifest
+    from octopus_rt.export.trt import build_engines
+    from octopus_rt.runtime.backends import Backend
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_sam_bundle, bundle)
+    build_engines(bundle, env=_env(), session_factory=FakeTensorRT())
+    manifest = read_manifest(bundle)
+    backend = Backend(device="tensorrt", bundle_dir=bundle, manifest=manifest)
+    backend._device_info = _env().device_info()  # what probe_environment finds on the Orin
+    plan = backend._plan("sam_encoder", "tensorrt")
+    assert plan.provider == "tensorrt" and plan.file.name == "sam_encoder_ctx.onnx" and plan.disable_graph_optimizations
+    assert backend.plans["sam_encoder"] is plan
+    assert backend._plan("sam_encoder", "cpu") is None
+    assert Backend(device="cuda")._plan("sam_encoder", "cuda") is None  # no manifest: providers as before
+    backend._device_info = _env(cc="9.0").device_info()
+    with pytest.raises(OctopusError, match="sm90-trt10.3"):
+        backend._plan("sam_decoder", "tensorrt")

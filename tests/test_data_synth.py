@@ -90,6 +90,7 @@ def test_regions_recomputed_from_masks(dataset):
         image = np.asarray(Image.open(out / record["image"]))
         assert image.shape[:2] == (record["height"], record["width"])
         union = np.zeros(image.shape[:2], dtype=int)
+        assert [r["id"] for r in record["regions"]] == list(range(len(record["regions"])))  # id = list index
         for region in record["regions"]:
             mask = _mask(out, region["mask"])
             union += mask

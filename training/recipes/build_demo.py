@@ -47,9 +47,9 @@ class DemoRecipe:
     examples: int
 
 
-FULL = DemoRecipe(num_seen=1200, num_heldout=160, size=256, vision_steps=2500, vision_time=15 * 60,
-                  lmm_steps=2600, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=900,
-                  sam_time=12 * 60, eval_val_records=400, eval_test_records=None, examples=4)
+FULL = DemoRecipe(num_seen=1200, num_heldout=160, size=256, vision_steps=1500, vision_time=12 * 60,
+                  lmm_steps=1000, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=500,
+                  sam_time=10 * 60, eval_val_records=250, eval_test_records=700, examples=4)
 QUICK = DemoRecipe(num_seen=60, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=20, eval_test_records=30, examples=2)
@@ -112,7 +112,7 @@ def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5
     def hook(model, batch, outputs, records):
         features = outputs.image_hidden_states
         if features is None:
-            return torch.zeros(())
+            raise RuntimeError("the LLaVA returned no image_hidden_states; the per-patch loss needs them")
         features = features.reshape(len(records), grid * grid, -1)
         target = torch.stack([targets_of(r) for r in records])
         return weight * _loss(torch, probe(features), target)

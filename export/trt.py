@@ -166,6 +166,13 @@ class OrtSessionFactory:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
         opts = [p[1] if isinstance(p, tuple) else {} for p in providers]
+        ep_context = opts[0].get("trt_ep_context_file_path") if opts[0].get("trt_dump_ep_context_model") else None
+        if ep_context:
+            # Newer onnxruntime dumps EP-context models from the session (ep.context_*); the TensorRT
+            # provider options map 1:1 onto these and take precedence, so setting both is safe.
+            options.add_session_config_entry("ep.context_enable", "1")
+            options.add_session_config_entry("ep.context_file_path", str(ep_context))
+            options.add_session_config_entry("ep.context_embed_mode", str(opts[0].get("trt_ep_context_embed_mode", 0)))
         try:
             return ort.InferenceSession(str(path), sess_options=options, providers=names, provider_options=opts)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors; one line for the user

@@ -296,17 +296,31 @@ def dynamic_only(
     profile: Mapping[str, ShapeRange],
     graph_shapes: Mapping[str, Sequence[int | str | None]] | None = None,
 ) -> dict[str, ShapeRange]:
-    """The inputs that need a TensorRT profile: those whose range varies, or (when the ONNX
-    graph's declared input shapes are given) that have a symbolic/unknown dimension there.
+    """The inputs that need a TensorRT profile. onnxruntime wants explicit profiles for exactly the
+    inputs with a dynamic dimension in the ONNX graph.
 
-    onnxruntime requires explicit profiles for *all* dynamic inputs and no others.
+    Without `graph_shapes` those are the inputs whose range varies. With the graph's declared input
+    shapes ({name: [1, "batch", ...]}, as onnxruntime's get_inputs() reports them) they are the
+    inputs with a symbolic or unknown dimension, and a dimension the graph fixes is fixed in the
+    profile too (a graph exported with batch 1 gets no batch range).
     """
     result: dict[str, ShapeRange] = {}
     for name, rng in profile.items():
-        declared = None if graph_shapes is None else graph_shapes.get(name)
-        symbolic = declared is not None and any(not isinstance(d, int) or d <= 0 for d in declared)
-        if rng.dynamic or symbolic:
-            result[name] = rng
+        if graph_shapes is None:
+            if rng.dynamic:
+                result[name] = rng
+            continue
+        declared = graph_shapes.get(name)
+        if declared is None or len(declared) != len(rng.min):
+            continue
+        if not any(not isinstance(d, int) or d <= 0 for d in declared):
+            continue
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in declared]
+
+        def pin(shape: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(f if f is not None else d for f, d in zip(fixed, shape))
+
+        result[name] = ShapeRange(pin(rng.min), pin(rng.opt), pin(rng.max))
     return result
 
 

@@ -127,6 +127,14 @@ def test_vision_and_sam_profiles_and_dynamic_filter():
     declared = {"image": ["batch", 3, 1024, 1024]}
     assert list(tp.dynamic_only(encoder, declared)) == ["image"]
     assert tp.dynamic_only(encoder, {"image": [1, 3, 1024, 1024]}) == {}
+    # A batch the graph fixes is fixed in the profile; a graph without the dimension gets none.
+    assert tp.dynamic_only(vision, {"pixel_values": [1, 3, 336, 336]}) == {}
+    pinned = tp.dynamic_only(vision, {"pixel_values": ["batch", 3, 336, 336]})
+    assert pinned["pixel_values"].max == (4, 3, 336, 336)
+    assert tp.dynamic_only(decoder, {"point_coords": [1, "num_points", 2], "point_labels": [1, None]}) == {
+        "point_coords": decoder["point_coords"], "point_labels": decoder["point_labels"]}
+    odd = tp.dynamic_only({"x": tp.ShapeRange((1, 1), (1, 2), (4, 8))}, {"x": [1, "n"]})
+    assert odd["x"] == tp.ShapeRange((1, 1), (1, 2), (1, 8))
 
 
 def test_profile_strings_format():

@@ -92,7 +92,8 @@ class Octopus:
         self.lmm = lmm
         self.defaults = {**self.manifest.get("defaults", {})}
         self.max_pixels = max_pixels
-        self.backend = Backend(device=device, threads=threads, profile_dir=Path(profile_dir) if profile_dir else None)
+        self.backend = Backend(device=device, threads=threads, profile_dir=Path(profile_dir) if profile_dir else None,
+                               bundle_dir=self.bundle_dir, manifest=self.manifest)
         self.cache = ImageCache(cache_images)
         self._tokenizer = None
         self._decoder: Decoder | None = None

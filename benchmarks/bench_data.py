@@ -2,7 +2,10 @@
 
 Sources: scikit-image's sample photos resized so the long side is 512 px. Times the whole
 `synthesize` call (region proposals, distortions, PNG writing, records, splits) with --workers 2
-and --workers 1, after one warm-up run. Usage:
+and --workers 1, after one warm-up run. Besides wall-clock images/s it reports the CPU seconds
+spent per image (this process + its workers), which does not depend on what else shares the
+cores, and the load average during the run, since on a shared machine wall-clock figures are only
+as good as the idle cores. Usage:
 
     .venv/bin/python benchmarks/bench_data.py [--num 40] [--size 512] [--workers 2 1]
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +41,13 @@ def write_sources(folder: Path, size: int) -> None:
         Image.fromarray(image).save(folder / f"{name}.png")
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the pool's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     from octopus_rt.training.data.synth import SynthOptions, synthesize
 
@@ -51,13 +63,17 @@ def main() -> None:
         results = []
         for workers in args.workers:
             out = Path(tmp) / f"out{workers}"
+            cpu0 = _cpu_seconds()
             start = time.perf_counter()
             report = synthesize(src, out, SynthOptions(num=args.num, size=args.size, workers=workers, progress=False))
             seconds = time.perf_counter() - start
+            cpu = _cpu_seconds() - cpu0
             records = sum(report.records.values())
             results.append({"workers": workers, "images": args.num, "size": args.size, "seconds": round(seconds, 2),
                             "images_per_s": round(args.num / seconds, 2), "records": records,
-                            "records_per_s": round(records / seconds, 1)})
+                            "records_per_s": round(records / seconds, 1),
+                            "cpu_s_per_image": round(cpu / args.num, 3),
+                            "load_average_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
             print(json.dumps(results[-1]))
 
 

@@ -112,3 +112,11 @@ def test_resume_finishes_interrupted_run_identically(tmp_path, monkeypatch):
     for split in ("train", "val", "test"):
         assert (partial / f"{split}.jsonl").read_bytes() == (full / f"{split}.jsonl").read_bytes()
     assert not (partial / ".work").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [("--num", "0", "--num"), ("--size", "16", "--size"),
+                                                  ("--uniform", "1.5", "--uniform"), ("--workers", "0", "--workers")])
+def test_bad_numeric_options(tmp_path, capsys, option, value, message):
+    src = _sources(tmp_path / "src", n=1)
+    assert main(["data", "synth", str(src), "--out", str(tmp_path / "o"), option, value, "--quiet"]) == 2
+    assert message in capsys.readouterr().err

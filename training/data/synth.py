@@ -341,6 +341,10 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
     sources = list_sources(src)
     if options.num is not None and options.num < 1:
         raise InputError("--num must be >= 1")
+    if not 0.0 <= options.uniform_prob <= 1.0:
+        raise InputError("--uniform must be between 0 and 1")
+    if options.workers < 1:
+        raise InputError("--workers must be >= 1")
     if options.size < MIN_SIDE:
         raise InputError(f"--size must be >= {MIN_SIDE}")
     if options.sam:

@@ -29,7 +29,7 @@ from octopus_rt.errors import InputError, OctopusError
 
 from .sam_models import MODEL_TYPES, SamConfig, load_sam, load_sam_config
 from .sam_verify import DECODER_INPUTS, verify_sam
-from .sam_wrappers import SamDecoderWrapper, SamEncoderWrapper
+from .sam_wrappers import SamDecoderWrapper, SamEncoderWrapper, layer_norm_scopes
 
 __all__ = ["export_sam", "PRECISIONS", "DEFAULT_OPSET", "OPSET_RANGE"]
 
@@ -55,8 +55,16 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _save(model: torch.nn.Module, args: tuple, path: Path, opset: int, **kwargs: Any) -> None:
-    """Trace `model` to `path`; weights over the protobuf limit go to one `<name>.data` file."""
+def _save(
+    model: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    opset: int,
+    transform: Callable[[Any], Any] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Trace `model` to `path` (then apply `transform` to the ModelProto); weights over the
+    protobuf limit go to one `<name>.data` file."""
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="octopus-sam-export-", dir=path.parent) as tmp:
@@ -68,16 +76,39 @@ def _save(model: torch.nn.Module, args: tuple, path: Path, opset: int, **kwargs:
         graph = onnx.load(str(traced))
         if graph.opset_import[0].version != opset:
             raise OctopusError(f"exporter wrote opset {graph.opset_import[0].version}, not the requested {opset}")
+        if transform is not None:
+            graph = transform(graph)
         large = sum(t.ByteSize() for t in graph.graph.initializer) > _EXTERNAL_DATA_BYTES
         onnx.save_model(graph, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                         location=f"{path.name}.data" if large else None)
 
 
+def _encoder_to_fp16(model: Any, fragments: list[str]) -> Any:
+    """fp32 encoder graph -> fp16 with every LayerNorm (nodes named by `fragments`) kept in fp32.
+
+    Uses onnxruntime's own float16 converter; graph inputs and outputs stay float32. Converting the
+    graph (rather than tracing a half-precision model) also avoids running fp16 matmuls on a CPU.
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    names = [node.name for node in model.graph.node]
+    blocked = [name for name in names if any(fragment in name for fragment in fragments)]
+    lost = [fragment for fragment in fragments if not any(fragment in name for name in blocked)]
+    if lost:
+        raise OctopusError(f"fp16 export cannot locate the LayerNorm nodes of {', '.join(lost)} in the encoder graph")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # notes about constants clamped to the fp16 range
+        return convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,
+                                        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization"])
+
+
 def _export_graphs(sam: Any, config: SamConfig, staging: Path, precision: str, opset: int) -> dict[str, Any]:
     size, grid = config.image_size, config.embedding_size
     image = torch.zeros(1, 3, size, size)
-    encoder = SamEncoderWrapper(sam, precision)
-    _save(encoder, (image,), staging / ENCODER_FILE, opset,
+    encoder = SamEncoderWrapper(sam)
+    fragments = layer_norm_scopes(encoder)
+    to_fp16 = (lambda model: _encoder_to_fp16(model, fragments)) if precision == "fp16" else None
+    _save(encoder, (image,), staging / ENCODER_FILE, opset, transform=to_fp16,
           input_names=["image"], output_names=["image_embeddings"])
     embeddings = torch.randn(1, config.prompt_embed_dim, grid, grid)
     low = 4 * grid

@@ -120,7 +120,7 @@ def _prompts(h: int, w: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return [("point", one, np.array([1])), ("fg+bg", two, np.array([1, 0]))]
 
 
-def _reference_predictions(predictor: Any, image: np.ndarray, prompt: tuple) -> dict[str, np.ndarray]:
+def _reference_predictions(predictor: Any, prompt: tuple) -> dict[str, np.ndarray]:
     """SamPredictor's logits for all 1 + K masks (index 0 single-mask) at the original size."""
     _, points, labels = prompt
     multi, multi_iou, multi_low = predictor.predict(points, labels, multimask_output=True, return_logits=True)
@@ -239,7 +239,7 @@ def verify_sam(
         for h, w in verification_sizes(input_size):
             image = verification_image(h, w)
             predictor.set_image(image)
-            per_prompt = [_reference_predictions(predictor, image, p) for p in _prompts(h, w)]
+            per_prompt = [_reference_predictions(predictor, p) for p in _prompts(h, w)]
             # Iterative refinement: feed the best single-point low-res mask back as mask input.
             point = _prompts(h, w)[0]
             best = int(np.argmax(per_prompt[0]["iou"]))

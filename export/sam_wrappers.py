@@ -1,9 +1,8 @@
 """Export-only wrappers around segment-anything modules (traced by `export/sam.py`, never shipped as code).
 
 - `SamEncoderWrapper`: normalised, zero-padded image 1 x 3 x S x S float32 -> image_embeddings
-  1 x C x h x w float32 (1 x 256 x 64 x 64 for official SAM). With fp16 the encoder computes in
-  half precision except LayerNorm, which overflows in fp16 (ViT activations exceed 65504 in the
-  variance), so every LayerNorm runs in fp32 between casts; the graph's inputs and outputs stay fp32.
+  1 x C x h x w float32 (1 x 256 x 64 x 64 for official SAM). It is traced in fp32; fp16 is made
+  from the graph (export/sam.py), keeping the nodes that `layer_norm_scopes` names in fp32.
 - `SamDecoderWrapper`: the TensorRT-friendly prompt encoder + mask decoder. Unlike segment-anything's
   `SamOnnxModel` it has no `orig_im_size` input (a shape tensor in TensorRT; upscaling happens in
   the runtime, see runtime/sam_postprocess.py) and it replaces `torch.repeat_interleave` in
@@ -13,56 +12,44 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SamEncoderWrapper", "SamDecoderWrapper", "Fp32LayerNorm"]
+__all__ = ["SamEncoderWrapper", "SamDecoderWrapper", "layer_norm_scopes"]
 
 
-class Fp32LayerNorm(nn.Module):
-    """Run a LayerNorm (nn.LayerNorm or SAM's LayerNorm2d) in fp32 and cast back to the input dtype."""
+def layer_norm_scopes(module: nn.Module) -> list[str]:
+    """Name fragments that the TorchScript ONNX exporter gives the nodes of every LayerNorm in `module`.
 
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm.float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.float()).to(x.dtype)
-
-
-def _keep_norms_fp32(module: nn.Module) -> None:
+    The exporter names a node "/<scope>/.../<Op>", one scope per called module: the module's
+    attribute name, or "<list>.<index>" for a child of a ModuleList / Sequential (e.g.
+    "/encoder/blocks.0/norm1/LayerNormalization", "/encoder/neck/neck.1/ReduceMean"). A LayerNorm's
+    nodes are those whose name contains "/<parent scope>/<own scope>/".
+    """
     from segment_anything.modeling.common import LayerNorm2d
 
-    for name, child in list(module.named_children()):
+    def scope(parts: list[str]) -> str:
+        return f"{parts[-2]}.{parts[-1]}" if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+    fragments = []
+    for name, child in module.named_modules():
         if isinstance(child, (nn.LayerNorm, LayerNorm2d)):
-            setattr(module, name, Fp32LayerNorm(child))
-        else:
-            _keep_norms_fp32(child)
+            parts = name.split(".")
+            fragments.append(f"/{scope(parts[:-1])}/{scope(parts)}/" if len(parts) > 1 else f"/{parts[0]}/")
+    return fragments
 
 
 class SamEncoderWrapper(nn.Module):
-    """image (1 x 3 x S x S float32, normalised + padded) -> image_embeddings (1 x C x S/p x S/p float32).
+    """image (1 x 3 x S x S float32, normalised + padded) -> image_embeddings (1 x C x S/p x S/p float32)."""
 
-    precision "fp16" deep-copies the encoder to half precision with LayerNorms kept in fp32.
-    """
-
-    def __init__(self, sam: Any, precision: str = "fp32") -> None:
+    def __init__(self, sam: Any) -> None:
         super().__init__()
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
-        encoder = sam.image_encoder
-        self.dtype = torch.float32
-        if precision == "fp16":
-            encoder = copy.deepcopy(encoder).half()
-            _keep_norms_fp32(encoder)
-            self.dtype = torch.float16
-        self.encoder = encoder.eval()
+        self.encoder = sam.image_encoder
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(image.to(self.dtype)).float()
+        return self.encoder(image)
 
 
 class SamDecoderWrapper(nn.Module):

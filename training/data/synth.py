@@ -216,8 +216,9 @@ def _user_regions(labels_dir: str | None, source_path: str, shape: tuple[int, in
     return [m for m, _ in regions], [names.get(str(v)) for _, v in regions]
 
 
-def _make_sample(task: tuple) -> dict:
-    """Worker body: one distorted image, its masks and records. Returns a JSON-able dict."""
+def _make_sample(task: tuple) -> int:
+    """Worker body: one distorted image, its masks, and its records in ``.work/s<index>.json``
+    (written last, atomically: the marker --resume trusts). Returns the sample index."""
     import cv2
 
     from octopus_rt.training.data.composite import apply_chain
@@ -284,9 +285,9 @@ def _make_sample(task: tuple) -> dict:
     result = {"index": index, "source": source_id, "records": records}
     part = out / ".work" / f"{sample_id}.json"
     tmp = part.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, separators=(",", ":")), encoding="utf-8")
+    tmp.write_text(json.dumps(result, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     tmp.replace(part)  # the part file is the commit marker for --resume
-    return result
+    return index
 
 
 def _probe(task: tuple) -> tuple[str, int | None, str | None]:
@@ -336,8 +337,6 @@ def _prepare_out(out: Path, options: SynthOptions, state: dict) -> None:
 
 def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions = SynthOptions()) -> SynthReport:
     """Build a dataset in `out_dir` from the images in `src_dir` (see the module docstring)."""
-    from octopus_rt.training.data.records import write_jsonl
-
     src, out = Path(src_dir), Path(out_dir)
     sources = list_sources(src)
     if options.num is not None and options.num < 1:
@@ -374,25 +373,27 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
     plain = {"seed": options.seed, "size": options.size, "sam": options.sam,
              "uniform_prob": options.uniform_prob, "pair_prob": options.pair_prob, "feather": options.feather,
              "labels": options.labels}
-    results: dict[int, dict] = {}
     todo = []
     for i in range(num):
-        part = out / ".work" / f"s{i:06d}.json"
-        if options.resume and part.exists():
-            results[i] = json.loads(part.read_text(encoding="utf-8"))
-        else:
+        if not (options.resume and (out / ".work" / f"s{i:06d}.json").exists()):
             path = usable[i % len(usable)][0]
             todo.append((i, str(path), path.name, str(out), plain))
-    for result in _map(_make_sample, todo, options.workers, options.progress, "synth"):
-        results[result["index"]] = result
-    by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for i in range(num):
-        split = split_of_source[results[i]["source"]]
-        by_split[split].extend(results[i]["records"])
-    for split, records in by_split.items():
-        write_jsonl(records, out / f"{split}.jsonl")
+    for _ in _map(_make_sample, todo, options.workers, options.progress, "synth"):
+        pass  # each sample's records are in its part file; gathered below in sample order
+    counts = {split: 0 for split in ("train", "val", "test")}
+    handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") for split in counts}
+    try:
+        for i in range(num):  # streamed, so a large run never holds all records in memory
+            result = json.loads((out / ".work" / f"s{i:06d}.json").read_text(encoding="utf-8"))
+            split = split_of_source[result["source"]]
+            for record in result["records"]:
+                handles[split].write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+            counts[split] += len(result["records"])
+    finally:
+        for handle in handles.values():
+            handle.close()
+    report.records = counts
     report.samples = num
-    report.records = {split: len(records) for split, records in by_split.items()}
     (out / "report.json").write_text(json.dumps({
         "samples": num, "records": report.records, "sources": len(usable),
         "groups": len(set(groups)), "skipped": [{"file": f, "reason": r} for f, r in report.skipped],

@@ -266,3 +266,22 @@ def test_full_training_with_an_auxiliary_loss_hook(base_dir, small_quad, tmp_pat
     initial = load_base_model(base_dir)[0].model.multi_modal_projector.linear_1.bias.detach()
     moved = result.model.model.multi_modal_projector.linear_1.bias.detach() - initial
     np.testing.assert_allclose(moved.numpy(), -1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_processes(base_dir, small_quad, tmp_path):
+    """`accelerate launch --multi_gpu` starts torchrun-style workers; on a CPU they use gloo."""
+    from octopus_rt.cli import main
+
+    args = ["train", str(base_dir), "--data", str(small_quad), "--max-steps", "2", "--lora-dropout", "0",
+            "--lr", "1e-3", "--batch-size", "2", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one"), "--grad-accum", "2"]) == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "octopus_rt.cli", *args, "--out", str(tmp_path / "two"), "--grad-accum", "1"]
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout + done.stderr
+    np.testing.assert_allclose([e["loss"] for e in _log(tmp_path / "two.train")],
+                               [e["loss"] for e in _log(tmp_path / "one.train")], rtol=0, atol=1e-4)

@@ -743,3 +743,40 @@ def test_backend_takes_files_and_options_from_the_plan(tiny_sam_bundle, tmp_path
     backend._device_info = _env(cc="9.0").device_info()
     with pytest.raises(OctopusError, match="sm90-trt10.3"):
         backend._plan("sam_decoder", "tensorrt")
+
+
+def test_deploy_memory_table_is_current():
+    """docs/deploy.md's memory table is what octopus_rt.memory computes for those configurations."""
+    from octopus_rt.memory import check_boards, estimate_memory, format_bytes
+
+    def manifest(decoder_bytes_per_weight, vision_bytes, sam_bytes_per_weight, sam_precision):
+        m = _phi3_manifest()
+        m["defaults"]["max_new_tokens"] = 64
+        decoder_params = 3.821e9 - 32064 * 3072  # everything but the embedding table
+        m["lmm"]["files"] = {
+            "decoder.onnx.data": {"size": int(decoder_params * decoder_bytes_per_weight)},
+            "vision.onnx": {"size": int(316e6 * vision_bytes)},
+            "embed_tokens.npy": {"size": 32064 * 3072 * vision_bytes},
+            "tokenizer.json": {"size": 2_000_000},
+        }
+        if sam_precision is None:
+            del m["sam"]
+        else:
+            m["sam"]["files"] = {"sam.onnx": {"size": int(93.7e6 * sam_bytes_per_weight)}}
+            m["sam"]["precision"] = sam_precision
+        return m
+
+    rows = {
+        "LLaVA-Phi-3-mini fp16 + SAM vit_b fp16": manifest(2, 2, 2, "fp16"),
+        "LLaVA-Phi-3-mini, int4 decoder, fp16 vision + SAM vit_b fp16": manifest(0.5625, 2, 2, "fp16"),
+        "LLaVA-Phi-3-mini int4 decoder, no SAM": manifest(0.5625, 2, 0, None),
+        "LLaVA-Phi-3-mini fp32 + SAM vit_b fp32": manifest(4, 4, 4, "fp32"),
+    }
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text(encoding="utf-8")
+    for name, m in rows.items():
+        est = estimate_memory(m)
+        line = next(ln for ln in doc.splitlines() if ln.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == format_bytes(est.weights_total)
+        assert cells[5] == f"**{format_bytes(est.total)}**"
+        assert cells[6:] == ["yes" if f.fits else "no" for f in check_boards(est)]

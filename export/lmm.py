@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ __all__ = ["SUPPORTED_TEXT_MODELS", "SUPPORTED_VISION_MODELS", "DEFAULT_OPSET", 
 SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2", "mistral")
 SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
 DEFAULT_OPSET = 18
+# torch.onnx's dynamo exporter writes opset 18 natively; lower opsets go through TorchScript.
+_DYNAMO_MIN_OPSET = 18
+_OPSET_RANGE = (14, 23)
 # Tracing shapes; verification uses different ones (lmm_reference.DECODER_SHAPES, VISION_BATCHES).
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 5, 3
 # The chat template is rendered around this text to split it into prefix / infix / suffix strings.
@@ -117,8 +121,63 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _save_program(program, path: Path) -> None:
+    """Write an ONNXProgram; weights go to `<file>.data` when they would pass protobuf's 2 GiB limit."""
+    from octopus_rt.export import quantize
+
+    weights = sum(t.numel() * t.element_size() for t in program.exported_program.state_dict.values())
+    weights += sum(t.numel() * t.element_size() for t in program.exported_program.constants.values() if hasattr(t, "numel"))
+    program.save(str(path), external_data=weights > quantize.EXTERNAL_DATA_THRESHOLD)
+
+
 def _export_graphs(model, staging: Path, opset: int) -> None:
     """torch.onnx.export (dynamo) of the vision and decoder wrappers into staging, in fp32."""
+    with warnings.catch_warnings():
+        # The exporter names dims from dynamic_shapes and warns once per shared Dim; harmless.
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        _export_graphs_inner(model, staging, opset)
+
+
+def _onnx_export(module, args: tuple, path: Path, *, input_names, output_names, dynamic_shapes, dynamic_axes, opset) -> None:
+    """Export `module` to `path` at `opset`: the dynamo exporter from opset 18, TorchScript below.
+
+    The dynamo exporter emits opset 18 and converts lower requests with onnx's version converter,
+    which fails on some of the decoder's nodes and then silently keeps 18 (measured); TorchScript
+    emits older opsets natively (its trace uses past > 0 and seq > 1, so no branch is baked in).
+    Either way the written opset is checked, and verification runs the graph at other shapes.
+    """
+    import tempfile
+
+    import onnx
+    import torch
+
+    from octopus_rt.export.quantize import save_onnx
+
+    with torch.no_grad():
+        if opset >= _DYNAMO_MIN_OPSET:
+            program = torch.onnx.export(
+                module, args, None, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False,
+            )
+            _save_program(program, path)
+        else:
+            # TorchScript writes one external file per large tensor: export aside, then save cleanly.
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                raw = Path(tmp) / path.name
+                torch.onnx.export(
+                    module, args, str(raw), input_names=input_names, output_names=output_names,
+                    dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
+                )
+                save_onnx(onnx.load(str(raw)), path)
+    graph = onnx.load(str(path), load_external_data=False)
+    written = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise OctopusError(f"{path.name} was written with opset {written}, not the requested {opset}")
+    # Fail early on a structurally broken graph (cheaper to read than an onnxruntime load error).
+    onnx.checker.check_model(str(path))
+
+
+def _export_graphs_inner(model, staging: Path, opset: int) -> None:
     import torch
 
     from octopus_rt.export.llava_wrappers import (
@@ -130,27 +189,18 @@ def _export_graphs(model, staging: Path, opset: int) -> None:
         decoder_input_names,
         decoder_output_names,
     )
-    from octopus_rt.export.quantize import save_onnx
-
-    import onnx
 
     vision_cfg = model.config.vision_config
     dims = decoder_dims(model.config.get_text_config())
     batch = torch.export.Dim("batch", min=1, max=1024)
     pixels = torch.zeros(_TRACE_BATCH, 3, vision_cfg.image_size, vision_cfg.image_size)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            VisionWrapper(model).eval(),
-            (pixels,),
-            None,
-            input_names=VISION_INPUT_NAMES,
-            output_names=VISION_OUTPUT_NAMES,
-            dynamic_shapes={"pixel_values": {0: batch}},
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
-    save_onnx(program.model_proto, staging / "vision.onnx")
+    _onnx_export(
+        VisionWrapper(model).eval(), (pixels,), staging / "vision.onnx",
+        input_names=VISION_INPUT_NAMES, output_names=VISION_OUTPUT_NAMES,
+        dynamic_shapes={"pixel_values": {0: batch}},
+        dynamic_axes={"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
+        opset=opset,
+    )
 
     # dynamic_shapes are keyed by argument name (dynamic_axes would be matched by position). Trace
     # with past > 0 and seq > 1 so no size-0/1 specialisation is baked in.
@@ -171,22 +221,19 @@ def _export_graphs(model, staging: Path, opset: int) -> None:
         "position_ids": {0: batch, 1: seq},
         "past": tuple({0: batch, 2: past_len} for _ in range(2 * dims.num_layers)),
     }
-    with torch.no_grad():
-        program = torch.onnx.export(
-            DecoderWrapper(model).eval(),
-            args,
-            None,
-            input_names=decoder_input_names(dims.num_layers),
-            output_names=decoder_output_names(dims.num_layers),
-            dynamic_shapes=dynamic,
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
-    save_onnx(program.model_proto, staging / "decoder.onnx")
-    # Fail early on a structurally broken graph (cheaper to read than an onnxruntime load error).
-    for name in ("vision.onnx", "decoder.onnx"):
-        onnx.checker.check_model(str(staging / name))
+    inputs, outputs = decoder_input_names(dims.num_layers), decoder_output_names(dims.num_layers)
+    axes = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+        **{name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]},
+        **{name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]},
+    }
+    _onnx_export(
+        DecoderWrapper(model).eval(), args, staging / "decoder.onnx",
+        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic, dynamic_axes=axes, opset=opset,
+    )
 
 
 def _preprocess_section(processor, model) -> dict[str, Any]:
@@ -337,8 +384,8 @@ def export_lmm(
     out_dir = Path(out_dir).expanduser()
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if not 7 <= int(opset) <= 23:
-        raise InputError(f"opset {opset} is outside the supported range 7..23")
+    if not _OPSET_RANGE[0] <= int(opset) <= _OPSET_RANGE[1]:
+        raise InputError(f"opset {opset} is outside the supported range {_OPSET_RANGE[0]}..{_OPSET_RANGE[1]}")
     config_json = _check_model_dir(model_dir)
     progress(f"loading {model_dir}")
     # The model travels in a one-element list that _export_into empties, so that the last reference
@@ -414,7 +461,8 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
         # int4 is weight-only quantisation of the decoder's MatMuls; the small vision tower stays fp32.
         vision_convert = quantize.to_int8 if precision == "int8" else (quantize.to_fp16 if precision == "fp16" else None)
         if vision_convert is None:
-            shutil.copy(fp32_dir / "vision.onnx", staging / "vision.onnx")
+            for path in fp32_dir.glob("vision.onnx*"):  # the graph and its external data, if any
+                shutil.copy(path, staging / path.name)
         else:
             vision_convert(fp32_dir / "vision.onnx", staging / "vision.onnx")
         convert(fp32_dir / "decoder.onnx", staging / "decoder.onnx")

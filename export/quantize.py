@@ -23,11 +23,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PRECISIONS", "save_onnx", "to_fp16", "to_int8", "to_int4"]
+__all__ = ["PRECISIONS", "EXTERNAL_DATA_THRESHOLD", "graph_bytes", "save_onnx", "to_fp16", "to_int8", "to_int4"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 @contextlib.contextmanager
@@ -50,7 +50,7 @@ def save_onnx(model, path: str | os.PathLike[str]) -> None:
 
     path = Path(path)
     size = sum(init.ByteSize() for init in model.graph.initializer)
-    if size > _EXTERNAL_DATA_THRESHOLD:
+    if size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
             str(path),
@@ -61,6 +61,13 @@ def save_onnx(model, path: str | os.PathLike[str]) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def graph_bytes(path: str | os.PathLike[str]) -> int:
+    """Size of an ONNX file plus its external data file (`<file>.data`) when there is one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -79,7 +86,6 @@ def to_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Dynamic int8 quantisation of MatMul/Gemm weights (activations quantised at run time)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    size = Path(src).stat().st_size
     with _quiet_quantizers():
         quantize_dynamic(
             str(src),
@@ -87,7 +93,7 @@ def to_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
             op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=True,
             weight_type=QuantType.QInt8,
-            use_external_data_format=size > _EXTERNAL_DATA_THRESHOLD,
+            use_external_data_format=graph_bytes(src) > EXTERNAL_DATA_THRESHOLD,
         )
 
 

@@ -292,3 +292,21 @@ def test_unknown_precision(tiny_llava_dir, tmp_path, capsys):
     code, line = _run_cli(["export", "lmm", str(tiny_llava_dir("phi3_clip")), "--out", str(tmp_path / "b"),
                            "--precision", "int3"], capsys)
     assert code != 0 and "unknown precision" in line
+
+
+def test_opset17_with_external_data(tiny_llava_dir, tmp_path, monkeypatch):
+    """--opset below 18 (TorchScript path) and weights in <graph>.data files (forced by a 0-byte threshold)."""
+    import onnx
+
+    from octopus_rt.export import quantize
+
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "bundle"
+    assert main(["export", "lmm", str(tiny_llava_dir("llama_clip")), "--out", str(out), "--opset", "17"]) == 0
+    section, folder = _section(out)
+    assert {"decoder.onnx.data", "vision.onnx.data"} <= set(section["files"])
+    assert section["opset"] == 17
+    graph = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert section["verification"]["tokens_identical"]
+    assert main(["verify", str(out)]) == 0

@@ -119,7 +119,10 @@ def infer(
     with tempfile.TemporaryDirectory(prefix="octopus-profile-") as tmp:
         model = _load(bundle, device, threads, Path(tmp) if profile else None)
         if mask is not None and not model.has_sam:
-            raise BundleError(f"--mask needs a bundle with a sam section; {model.bundle_dir} has none")
+            raise BundleError(
+                f"--mask needs a bundle with a sam section; {model.bundle_dir} has no sam section "
+                "(run `octopus-rt export sam` into it)"
+            )
         answer = model.ask(
             image,
             question,

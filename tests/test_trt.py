@@ -546,6 +546,11 @@ def test_doctor_cli_on_a_cpu_machine(tiny_sam_bundle, capsys):
     assert main(["doctor", "--bundle", str(tiny_sam_bundle.parent / "missing")]) == 2
     assert "bundle not found" in capsys.readouterr().err
     assert main(["doctor", "--device", "quantum"]) == 2
+    capsys.readouterr()
+    assert main(["doctor", "--bundle", str(tiny_sam_bundle), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["plans"]["sam_decoder"] in ("cpu", "cuda", "tensorrt")
+    assert "CPUExecutionProvider" in report["environment"]["providers"]
 
 
 def test_doctor_with_and_without_engines(tiny_sam_bundle, tmp_path):

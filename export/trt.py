@@ -388,7 +388,15 @@ def _build_graph(
     if missing:
         raise OctopusError(f"{graph}: graph inputs {missing} are not in the bundle contract")
     profile = dynamic_only(full, declared)
-    feeds = parity_inputs(manifest, graph, {n: full[n].opt for n in declared}, types,
+
+    def opt_shape(name: str) -> tuple[int, ...]:
+        # The profile's opt where the graph is dynamic, else the size the graph fixes.
+        if name in profile:
+            return profile[name].opt
+        fixed = declared[name]
+        return tuple(fixed) if all(isinstance(d, int) and d > 0 for d in fixed) else full[name].opt
+
+    feeds = parity_inputs(manifest, graph, {n: opt_shape(n) for n in declared}, types,
                           embeddings=_embeddings(bundle_dir, manifest) if graph == "decoder" else None)
     reference = dict(zip(outputs, cpu.run(None, feeds)))
     del cpu

@@ -34,7 +34,7 @@ from octopus_rt.errors import InputError, OctopusError
 
 __all__ = ["SUPPORTED_TEXT_MODELS", "SUPPORTED_VISION_MODELS", "DEFAULT_OPSET", "export_lmm", "describe_supported"]
 
-SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2", "mistral")
+SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2")
 SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
 DEFAULT_OPSET = 18
 # torch.onnx's dynamo exporter writes opset 18 natively; lower opsets go through TorchScript.

@@ -166,7 +166,6 @@ def test_prompt_check_rejects_strings_that_tokenize_differently(tiny_llava_dir, 
         _check_prompt(broken, folder / "tokenizer.json", processor)
 
 
-@pytest.mark.slow
 def test_qwen2_siglip_fp32_export(tiny_llava_dir, tiny_lmm_bundle):
     from octopus_rt.export.lmm_reference import synthetic_images
 
@@ -202,7 +201,6 @@ def test_int8_export_verifies(tiny_llava_dir, tmp_path):
     assert section["verification"]["top1_agreement"] >= 0.99
 
 
-@pytest.mark.slow
 def test_int4_export_uses_matmulnbits(tiny_llava_dir, tmp_path):
     import onnx
 

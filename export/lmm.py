@@ -146,6 +146,24 @@ def _onnx_export(module, args: tuple, path: Path, *, input_names, output_names, 
     emits older opsets natively (its trace uses past > 0 and seq > 1, so no branch is baked in).
     Either way the written opset is checked, and verification runs the graph at other shapes.
     """
+    import onnx
+
+    try:
+        _run_exporter(module, args, path, input_names, output_names, dynamic_shapes, dynamic_axes, opset)
+    except OctopusError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter failures come in many types; report one line
+        raise OctopusError(f"ONNX export of {path.name} failed: {_one_line(exc)} (run with --debug for details)") from exc
+    graph = onnx.load(str(path), load_external_data=False)
+    written = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise OctopusError(f"{path.name} was written with opset {written}, not the requested {opset}")
+    # Fail early on a structurally broken graph (cheaper to read than an onnxruntime load error).
+    onnx.checker.check_model(str(path))
+
+
+def _run_exporter(module, args, path, input_names, output_names, dynamic_shapes, dynamic_axes, opset) -> None:
+    """The torch.onnx.export call of _onnx_export (dynamo from opset 18, TorchScript below)."""
     import tempfile
 
     import onnx
@@ -169,12 +187,6 @@ def _onnx_export(module, args: tuple, path: Path, *, input_names, output_names, 
                     dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
                 )
                 save_onnx(onnx.load(str(raw)), path)
-    graph = onnx.load(str(path), load_external_data=False)
-    written = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-    if written != opset:
-        raise OctopusError(f"{path.name} was written with opset {written}, not the requested {opset}")
-    # Fail early on a structurally broken graph (cheaper to read than an onnxruntime load error).
-    onnx.checker.check_model(str(path))
 
 
 def _export_graphs_inner(model, staging: Path, opset: int) -> None:
@@ -288,6 +300,8 @@ def _preprocess_section(processor, model) -> dict[str, Any]:
 def _prompt_section(processor, image_token_id: int, num_image_tokens: int) -> dict[str, Any]:
     from octopus_rt.export.lmm_reference import build_messages
 
+    if not getattr(processor, "chat_template", None):
+        raise InputError("the model's processor has no chat template; save one with the processor (chat_template.jinja)")
     rendered = processor.apply_chat_template(build_messages(_SENTINEL), add_generation_prompt=True, tokenize=False)
     image_token = processor.image_token
     if rendered.count(image_token) != 1 or rendered.count(_SENTINEL) != 1:

@@ -32,7 +32,7 @@ from octopus_rt.runtime.cache import ImageCache, ImageEntry
 from octopus_rt.runtime.generate import Decoder, KVState
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
 from octopus_rt.runtime.preprocess import VisionPreprocess
-from octopus_rt.runtime.results import Answer, ChoiceResult, ScoreResult
+from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, ScoreResult
 
 __all__ = ["Octopus"]
 
@@ -234,13 +234,22 @@ class Octopus:
         tau: float | None = None,
         point_mapping: str | None = None,
         multimask: bool | None = None,
-        segment: bool = True,
+        segment: bool | None = None,
+        options: AskOptions | None = None,
     ) -> Answer:
         """Answer `question` about `image`, ground it to a point and (with a SAM section) a mask.
 
-        None options take the manifest's `defaults`. `segment=False` skips SAM even when present.
+        Options may come as keywords or as one `AskOptions`; keywords win. None takes the manifest's
+        `defaults`. `segment=False` skips SAM even when the bundle has it.
         Raises InputError (bad image / question / option) or BundleError (bundle problems).
         """
+        if options is not None:
+            max_new_tokens = options.max_new_tokens if max_new_tokens is None else max_new_tokens
+            tau = options.tau if tau is None else tau
+            point_mapping = options.point_mapping if point_mapping is None else point_mapping
+            multimask = options.multimask if multimask is None else multimask
+            segment = options.segment if segment is None else segment
+        segment = True if segment is None else bool(segment)
         tau = float(self.defaults.get("tau", 1.0) if tau is None else tau)
         if not tau > 0:
             raise InputError(f"tau must be > 0, got {tau}")
@@ -354,6 +363,11 @@ class Octopus:
     def end_profiling(self) -> list[Path]:
         """Stop onnxruntime profiling (profile_dir set) and return the profile files written."""
         return self.backend.end_profiling()
+
+    @property
+    def last_step_ms(self) -> list[float]:
+        """Wall time (ms) of each decode call of the last `ask`, in order (step i emits token i + 1)."""
+        return list(getattr(self, "_last_step_ms", []))
 
     @property
     def last_stage_events(self) -> list[tuple[str, float, float]]:

@@ -139,12 +139,14 @@ class Backend:
     `profile_dir`: when set, every session writes onnxruntime's per-node profile (Chrome trace JSON)
     there; `end_profiling()` stops it and returns the files.
     `per_graph`: optional {graph name: device name} override (e.g. keep SAM's encoder on "cpu").
+    `spin`: let idle onnxruntime worker threads busy-wait (lower latency on an otherwise idle machine).
     """
 
     device: str = "auto"
     threads: int | None = None
     profile_dir: Path | None = None
     per_graph: dict[str, str] = field(default_factory=dict)
+    spin: bool = False
     # With both set, GPU devices take each graph's file and provider options from
     # runtime/trt_profiles.plan_graph: the bundle's TensorRT EP-context engines where they match this
     # machine (vision, SAM), CUDA with tuned options for the decoder loop (docs/deploy.md).
@@ -175,6 +177,12 @@ class Backend:
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
+        if not self.spin:
+            # Idle worker threads otherwise busy-wait after each run; with several sessions (vision,
+            # decoder, SAM) and Python work in between, that steals the cores the next stage needs
+            # (measured on a shared 2-core machine: numpy/Pillow stages ran 5-10x slower).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.profile_dir is not None:
             Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
             options.enable_profiling = True

@@ -82,7 +82,10 @@ def test_loss_falls_and_train_set_positional_accuracy(trained):
 def test_merged_model_passes_export_parity(trained, tmp_path):
     lmm = pytest.importorskip("octopus_rt.export.lmm")
     result, _ = trained
-    section = lmm.export_lmm(result.out, tmp_path / "bundle")  # raises OctopusError when parity fails
+    try:
+        section = lmm.export_lmm(result.out, tmp_path / "bundle")  # raises OctopusError when parity fails
+    finally:
+        torch.set_grad_enabled(True)  # the exporter switches autograd off for the whole process
     assert section and (tmp_path / "bundle").is_dir()
 
 
@@ -259,7 +262,8 @@ def test_full_training_with_an_auxiliary_loss_hook(base_dir, small_quad, tmp_pat
         return 1e3 * bias.sum()  # dominates: Adam's first step moves every element by exactly -lr
 
     common = dict(max_steps=1, batch_size=2, grad_accum=2, lr=1e-3, lm_tuning="full", merge=False)
-    result = train(_options(base_dir, small_quad, tmp_path / "a", **common), loss_hook=hook)
+    with torch.no_grad():  # train() switches autograd on itself (an export in the same process turns it off)
+        result = train(_options(base_dir, small_quad, tmp_path / "a", **common), loss_hook=hook)
     assert seen == [2, 2] and result.trainable_parameters == result.total_parameters
     from octopus_rt.training.train import load_base_model
 

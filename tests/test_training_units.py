@@ -114,20 +114,32 @@ def test_freeze_vision_and_full_tuning(phi3_dir):
 # ---------------------------------------------------------------- merge
 
 
-def test_merge_parity_and_plain_llava_directory(phi3_dir, tmp_path):
+@pytest.fixture(scope="module")
+def default_init_dir(tmp_path_factory):
+    """The model factory's default model (initializer_range 0.02, logits of order 1)."""
+    from octopus_rt.training.model_factory import TinyLlavaSpec, build_llava
+
+    path = tmp_path_factory.mktemp("plain") / "base"
+    build_llava(path, TinyLlavaSpec())
+    return path
+
+
+def test_merge_parity_and_plain_llava_directory(default_init_dir, tmp_path):
     from safetensors import safe_open
     from transformers import LlavaForConditionalGeneration
 
     from octopus_rt.training.lora import apply_tuning
     from octopus_rt.training.merge import save_merged
 
-    model, processor = _load(phi3_dir)
-    peft_model, _ = apply_tuning(model, "lora", rank=4, alpha=8, dropout=0.1)
+    # fp32 round-off grows with the logits' size: with logits of order 6 (initializer_range 0.2) the
+    # merged model differs by ~1e-5 (relative ~2e-6); the factory's default model keeps them of order 1.
+    model, processor = _load(default_init_dir)
     torch.manual_seed(1)
+    peft_model, _ = apply_tuning(model, "lora", rank=4, alpha=8, dropout=0.1)
     with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0.0, 0.05)
+                parameter.normal_(0.0, 0.5)
     peft_model.eval()
     ids = torch.tensor([[1, 6, 9] + [4] * 16 + [9, 254, 279, 382, 8, 9, 7, 9]])
     pixels = torch.randn(1, 3, 64, 64)
@@ -139,7 +151,7 @@ def test_merge_parity_and_plain_llava_directory(phi3_dir, tmp_path):
     with torch.no_grad():
         reloaded = merged(input_ids=ids, pixel_values=pixels).logits
     with torch.no_grad():
-        base = _load(phi3_dir)[0](input_ids=ids, pixel_values=pixels).logits
+        base = _load(default_init_dir)[0](input_ids=ids, pixel_values=pixels).logits
     assert (unmerged - base).abs().max() > 1e-2  # the adapters changed the model
     assert (reloaded - unmerged).abs().max() <= 1e-5
     with safe_open(out / "model.safetensors", "pt") as handle:

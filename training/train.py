@@ -271,6 +271,36 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float):
     return factor
 
 
+def _accumulate(model, collator, micro, global_tokens: float, device, precision: str, scaler, loss_hook,
+                hook_weight: float) -> float:
+    """Forward and backward over one process's micro-batches of a step; returns the summed answer loss.
+
+    micro: list of (records, images, encoded). Each micro-batch's loss is its summed answer-token
+    cross-entropy divided by `global_tokens` (plus hook_weight * the hook's loss), so the gradients
+    accumulated over micro-batches and summed over processes are those of the global batch.
+    Grad mode is switched on here: callers (or a previous export in the same process) may have
+    turned it off globally.
+    """
+    import torch
+
+    loss_sum = 0.0
+    with torch.enable_grad():
+        for records, images, encoded in micro:
+            if not records:
+                continue
+            batch = {k: v.to(device) for k, v in collator.batch(encoded, images).items()}
+            with _autocast(device, precision):
+                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"])
+            summed = _answer_loss_sum(outputs.logits, batch["labels"])
+            loss = summed / global_tokens
+            if loss_hook is not None:
+                loss = loss + hook_weight * loss_hook(model, batch, outputs, records)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += float(summed.detach())
+    return loss_sum
+
+
 def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainResult:
     """Run (or resume) one training run and write the merged model to `options.out`.
 
@@ -379,20 +409,8 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
             global_tokens, global_inputs, global_samples = dist.all_sum([local_tokens, local_inputs, local_samples])
             if global_tokens == 0:
                 raise InputError(f"step {step}: the global batch holds no answer tokens (empty answers?)")
-            loss_sum = 0.0
-            for records, images, encoded in micro:
-                if not records:
-                    continue
-                batch = {k: v.to(dist.device) for k, v in collator.batch(encoded, images).items()}
-                with _autocast(dist.device, precision):
-                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    pixel_values=batch["pixel_values"])
-                summed = _answer_loss_sum(outputs.logits, batch["labels"])
-                loss = summed / global_tokens
-                if loss_hook is not None:
-                    loss = loss + loss_hook(model, batch, outputs, records) / (options.grad_accum * dist.world_size)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += float(summed.detach())
+            loss_sum = _accumulate(model, collator, micro, global_tokens, dist.device, precision, scaler,
+                                   loss_hook, hook_weight=1.0 / (options.grad_accum * dist.world_size))
             dist.sum_gradients(params)
             if scaler is not None:
                 scaler.unscale_(optimizer)

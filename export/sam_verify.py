@@ -5,8 +5,9 @@ Two checks, both in onnxruntime on CPU:
 1. End to end against `segment_anything.SamPredictor`: the runtime's numpy pipeline
    (runtime/sam_postprocess.py + the two graphs) and the predictor segment the same synthetic image
    from the same point, at three aspect ratios (768x1024, 1024x1024, 2250x1500 for input size
-   1024, scaled for smaller inputs), with a two-point prompt and with a mask input on one of them;
-   every one of the 1 + K masks must reach the IoU threshold at the original image size.
+   1024, scaled for smaller inputs), each with a one-point prompt, a foreground + background prompt
+   and the one-point prompt refined with its best low-res mask as mask input; every one of the
+   1 + K masks must reach the IoU threshold at the original image size.
 2. The TensorRT-friendly decoder against segment-anything's own `SamOnnxModel` exported the
    official way (TorchScript exporter, opset as requested). SamOnnxModel crops with
    `int(prepadded_size)`, which freezes the crop to the dummy input's aspect ratio, so the two are
@@ -110,6 +111,7 @@ def make_session(path: str | os.PathLike[str]):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # fp16 graphs log one "cannot constant fold" warning per node on CPU
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -242,6 +242,15 @@ def test_opset_option_is_honoured(tiny_sam_checkpoint, tmp_path):
         assert graph.opset_import[0].version == 14
 
 
+def test_large_weights_go_to_one_external_data_file(tiny_sam_checkpoint, tmp_path, monkeypatch):
+    """The vit_h path (over protobuf's 2 GiB): weights in `<graph>.data`, listed and hashed in the manifest."""
+    monkeypatch.setattr(sam_export, "_EXTERNAL_DATA_BYTES", 0)
+    section = sam_export.export_sam(tiny_sam_checkpoint, tmp_path / "b", model_type="custom")
+    assert set(section["files"]) == {"sam_encoder.onnx", "sam_encoder.onnx.data",
+                                     "sam_decoder.onnx", "sam_decoder.onnx.data"}
+    assert check_files(tmp_path / "b", read_manifest(tmp_path / "b"), hashes=True) == []
+
+
 # ---------------------------------------------------------------- atomicity
 
 

@@ -241,3 +241,20 @@ def test_position_tally_uses_the_closed_set_softmax():
     logits[0, 1, 21] = 50.0
     assert position_tally(logits, labels, horizontal, vertical).both_correct >= 1
     assert mentioned_distortions("Severe Noise, and overly high brightness.") == {"noise", "overly high brightness"}
+
+
+def test_merge_on_a_full_disk_leaves_nothing_behind(default_init_dir, tmp_path, monkeypatch):
+    import errno
+
+    from octopus_rt.errors import OctopusError
+    from octopus_rt.training.merge import save_merged
+
+    model, processor = _load(default_init_dir)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(processor, "save_pretrained", full_disk)  # the model's files are written first
+    with pytest.raises(OctopusError, match="No space left"):
+        save_merged(model, processor, tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []

@@ -316,6 +316,7 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
 
     options.validate()
     dist = init_distributed()
+    logger = None
     try:
         # Every process checks before any of them creates the work directory (rank 0 does, later).
         refused = None
@@ -453,6 +454,7 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
                     scaler.state_dict() if scaler is not None else None, dict(fingerprint, step=step)),
                     rank=dist.rank, world_size=dist.world_size, keep=options.keep_checkpoints, all_ok=dist.all_ok)
         logger.close()
+        logger = None
         out = None
         final_model = model
         if options.merge and dist.is_main:
@@ -470,4 +472,6 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
             (options.work_dir / "result.json").write_text(json.dumps(summary_json, indent=1), encoding="utf-8")
         return result
     finally:
+        if logger is not None:  # an error mid-run: flush the log and release the progress bar
+            logger.close()
         dist.close()

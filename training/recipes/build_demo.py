@@ -48,16 +48,17 @@ class DemoRecipe:
 
 
 FULL = DemoRecipe(num_seen=1200, num_heldout=160, size=256, vision_steps=1500, vision_time=12 * 60,
-                  lmm_steps=1000, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=500,
-                  sam_time=10 * 60, eval_val_records=250, eval_test_records=700, examples=4)
+                  lmm_steps=700, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=500,
+                  sam_time=10 * 60, eval_val_records=200, eval_test_records=500, examples=4)
 QUICK = DemoRecipe(num_seen=60, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=20, eval_test_records=30, examples=2)
 
 # The demo LLaVA: SigLIP-style vision tower (square resize, no crop, no CLS: patches map onto the
-# image exactly, so positions are kept) at 128 px with 16 px patches (8 x 8 image tokens), a small
+# image exactly, so positions are kept) at 256 px with 32 px patches (8 x 8 image tokens: the patch
+# embedding sees full-resolution pixels, which 128 px / 16 px patches blurred away), a small
 # Llama language model. About 2.6 M parameters.
-DEMO_LLAVA = dict(text_model="llama", vision_model="siglip", chat_template="llava", image_size=128, patch_size=16,
+DEMO_LLAVA = dict(text_model="llama", vision_model="siglip", chat_template="llava", image_size=256, patch_size=32,
                   vision_hidden=128, vision_layers=4, vision_heads=4, text_hidden=192, text_layers=3, text_heads=4,
                   text_kv_heads=2, text_intermediate=512)
 

@@ -66,6 +66,8 @@ class VisionPretrainResult:
     val_images: int
     val_patch_accuracy: float | None  # distorted yes/no per patch (fraction >= 0.5), on val
     val_quadrant_accuracy: float | None  # argmax quadrant of predicted vs true distorted mass, on val
+    train_patch_accuracy: float | None  # the same on (up to) 200 training images: fit vs generalisation
+    train_quadrant_accuracy: float | None
     log: list[dict] = field(default_factory=list)
 
 
@@ -169,6 +171,24 @@ def _quadrant_of(mass: np.ndarray) -> int:
     return int(np.argmax(sums))
 
 
+def _probe_accuracy(torch, model, probe, pixels, targets: np.ndarray, grid: int):
+    """(patch accuracy, quadrant accuracy) of the probe's "distorted" output on preprocessed images.
+
+    Patch: distorted yes / no (fraction >= 0.5) per patch. Quadrant: on images with local distortions,
+    the quadrant holding the most predicted distorted mass is the one holding the most true mass.
+    """
+    if pixels is None or len(targets) == 0:
+        return None, None
+    with torch.no_grad():
+        pred = torch.cat([probe(_features(torch, model, pixels[i:i + 64])) for i in range(0, len(targets), 64)])
+    distorted = torch.sigmoid(pred[..., 0]).reshape(-1, grid, grid).numpy()
+    truth = targets[..., 0]
+    patch = float(((distorted >= 0.5) == (truth >= 0.5)).mean())
+    local = [i for i in range(len(truth)) if 0 < truth[i].mean() < 0.999]
+    quadrant = float(np.mean([_quadrant_of(distorted[i]) == _quadrant_of(truth[i]) for i in local])) if local else None
+    return patch, quadrant
+
+
 def pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = None) -> VisionPretrainResult:
     """Train the vision tower + projector with a linear probe (see `_pretrain_vision`)."""
     import torch
@@ -258,24 +278,17 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
             print(f"[vision] time limit reached after {step + 1} steps", flush=True)
             break
     model.eval()
-    patch_acc = quad_acc = None
-    if val_pixels is not None and len(val_images):
-        with torch.no_grad():
-            pred = torch.cat([probe(_features(torch, model, val_pixels[i:i + 64]))
-                              for i in range(0, len(val_images), 64)])
-        distorted = torch.sigmoid(pred[..., 0]).reshape(-1, grid, grid).numpy()
-        truth = val_targets[..., 0]
-        patch_acc = float(((distorted >= 0.5) == (truth >= 0.5)).mean())
-        local = [i for i in range(len(truth)) if 0 < truth[i].mean() < 0.999]
-        if local:
-            quad_acc = float(np.mean([_quadrant_of(distorted[i]) == _quadrant_of(truth[i]) for i in local]))
+    patch_acc, quad_acc = _probe_accuracy(torch, model, probe, val_pixels, val_targets, grid)
+    train_patch_acc, train_quad_acc = _probe_accuracy(torch, model, probe, train_pixels[:200].float(),
+                                                      train_targets[:200], grid)
     for param in model.parameters():
         param.requires_grad_(True)
     model.save_pretrained(options.model_dir)
     if probe_out is not None:
         torch.save(probe, probe_out)
     seconds = time.monotonic() - start
-    result = VisionPretrainResult(step + 1, seconds, len(train_images), len(val_images), patch_acc, quad_acc, log)
-    print(f"[vision] done: {result.steps} steps in {seconds:.0f}s; val patch accuracy {patch_acc}, "
-          f"quadrant accuracy {quad_acc}", flush=True)
+    result = VisionPretrainResult(step + 1, seconds, len(train_images), len(val_images), patch_acc, quad_acc,
+                                  train_patch_acc, train_quad_acc, log)
+    print(f"[vision] done: {result.steps} steps in {seconds:.0f}s; patch / quadrant accuracy: val {patch_acc} / "
+          f"{quad_acc}, train {train_patch_acc} / {train_quad_acc}", flush=True)
     return result

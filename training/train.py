@@ -154,15 +154,20 @@ def _autocast(device, precision: str):
 
 
 def evaluate(model, collator, records, *, dist=None, batch_size: int = 4, precision: str = "fp32",
-             max_samples: int | None = None, referring_max_new_tokens: int = 48):
+             max_samples: int | None = None, referring_max_new_tokens: int = 48, on_error: str = "stop"):
     """Validation loss, positional-word accuracy and referring accuracy (see training/metrics.py) of
-    `model` on `records` (sharded over processes when `dist` is given). Returns an EvalResult."""
+    `model` on `records` (sharded over processes when `dist` is given). Positional accuracy counts
+    records of task "grounding", referring accuracy those of task "referring". Returns an EvalResult."""
     import torch
 
     from octopus_rt import vocab
-    from octopus_rt.training.metrics import EvalResult, PositionTally, closed_set_token_ids, mentioned_distortions
-    from octopus_rt.training.records import load_image
-
+    from octopus_rt.training.metrics import (
+        EvalResult,
+        PositionTally,
+        closed_set_token_ids,
+        mentioned_distortions,
+        position_tally,
+    )
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     device = next(model.parameters()).device
     records = list(records)[: max_samples] if max_samples else list(records)
@@ -170,24 +175,26 @@ def evaluate(model, collator, records, *, dist=None, batch_size: int = 4, precis
     tokenizer = collator.tokenizer
     horizontal = closed_set_token_ids(tokenizer, vocab.HORIZONTAL_WORDS)
     vertical = closed_set_token_ids(tokenizer, vocab.VERTICAL_WORDS)
-    from octopus_rt.training.metrics import position_tally
-
     was_training = model.training
     model.eval()
     loss_sum, tokens, tally = 0.0, 0, PositionTally()
     ref_ok, ref_n = 0, 0
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            chunk = mine[start: start + batch_size]
-            images = [load_image(r) for r in chunk]
+            chunk, images = _load_images(mine[start: start + batch_size], on_error, lambda _text: None)
+            if not chunk:
+                continue
             batch = {k: v.to(device) for k, v in collator.collate_records(chunk, images).items()}
             with _autocast(device, precision):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=batch["pixel_values"]).logits
             loss_sum += float(_answer_loss_sum(logits, batch["labels"]))
             tokens += int((batch["labels"][:, 1:] >= 0).sum())
-            tally.add(position_tally(logits.float().cpu().numpy(), batch["labels"].cpu().numpy(),
-                                     horizontal, vertical))
+            # Positional accuracy is a grounding metric: other tasks may restate a region the question named.
+            rows = [i for i, record in enumerate(chunk) if record.task == "grounding"]
+            if rows:
+                tally.add(position_tally(logits[rows].float().cpu().numpy(), batch["labels"][rows].cpu().numpy(),
+                                         horizontal, vertical))
             for record, image in zip(chunk, images):
                 if record.task != "referring":
                     continue
@@ -441,7 +448,8 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
                                "eta_s": (total_steps - step) * run_time / len(steps)})
             if val_records and ((options.eval_every and step % options.eval_every == 0) or step == total_steps):
                 result = evaluate(model, collator, val_records, dist=dist, batch_size=options.batch_size,
-                                  precision=precision, max_samples=options.eval_max_samples)
+                                  precision=precision, max_samples=options.eval_max_samples,
+                                  on_error=options.on_error)
                 last_eval = {"type": "eval", "step": step, **result.as_dict()}
                 logger.record(last_eval)
                 say("eval step {step}: ".format(step=step) + ", ".join(

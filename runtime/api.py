@@ -7,8 +7,9 @@
 
 Pipeline of `ask` (stage names as in `Answer.timings_ms`):
 read_image (file bytes + content hash) -> decode_image (skipped on a cache hit) -> preprocess ->
-vision -> prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the question's own tokens) -> decode (greedy, KV cache) -> closed-set point ->
-sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess (mask upscaling).
+vision -> prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the
+question's own tokens) -> decode (greedy, KV cache) -> closed-set point -> sam_preprocess +
+sam_encoder (cached per image) -> sam_decoder -> postprocess (mask upscaling).
 A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
 """
 
@@ -172,7 +173,8 @@ class Octopus:
             )
         return ids, positions[-1] + 1
 
-    def _entry(self, pending: PendingImage, timer: _Timer, cached: list[str]) -> tuple[ImageEntry, np.ndarray | None]:
+    def _entry(self, pending: PendingImage, timer: _Timer) -> tuple[ImageEntry, np.ndarray | None]:
+        """The image's cache entry (created, decoding the image, on a miss) and the RGB image if decoded."""
         entry = self.cache.get(pending.key)
         rgb = None
         if entry is None:
@@ -182,6 +184,7 @@ class Octopus:
         return entry, rgb
 
     def _features(self, entry: ImageEntry, pending: PendingImage, rgb, timer: _Timer, cached: list[str]) -> np.ndarray:
+        """Projected image features 1 x N x hidden (cached per image)."""
         if entry.features is not None:
             cached.append("vision")
             return entry.features
@@ -205,7 +208,7 @@ class Octopus:
         """Prefill the prompt: the shared prefix (cached per image) then the rest. Returns the last
         position's logits (V,), the cache after the prompt, the image's cache entry and, when it had
         to be decoded, the RGB image."""
-        entry, rgb = self._entry(pending, timer, cached)
+        entry, rgb = self._entry(pending, timer)
         prefix_ids = tuple(ids[:split])
         decoder = self.decoder
         if entry.prefix is not None and entry.prefix_ids == prefix_ids:

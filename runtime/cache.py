@@ -58,6 +58,10 @@ class ImageCache:
             self._entries.popitem(last=False)
         return entry
 
+    def keys(self) -> list[str]:
+        """Content keys, least recently used first."""
+        return list(self._entries)
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -151,7 +151,7 @@ def test_second_question_reuses_the_image_cache(runtime_bundle, runtime_images, 
     assert "prefix" in second.cached and "decode_image" not in second.timings_ms
     assert not vision_calls and not encoder_calls
     # The second question's first decoder call starts after the cached prefix: only its own tokens.
-    prefix_len = len(octo.cache.get(next(iter(octo.cache._entries))).prefix_ids)
+    prefix_len = len(octo.cache.get(octo.cache.keys()[0]).prefix_ids)
     assert decoder_calls[0]["past_key_values.0.key"][2] == prefix_len
     assert all(call["past_key_values.0.key"][2] >= prefix_len for call in decoder_calls)
     # Same results as a fresh instance (and as the first time for a repeated question).

@@ -424,9 +424,10 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     """Write, convert and verify the section's files in `staging`; returns the section dict.
 
     `holder` is [model, processor]; the model is removed from it (and freed) after the ONNX export.
+    Autograd is switched off only inside torch.no_grad() blocks, never globally: the exporter runs
+    in-process next to training code (`octopus-rt train` exports after merging).
     """
     import onnx
-    import torch
 
     from octopus_rt.export import quantize
     from octopus_rt.export.llava_wrappers import decoder_dims, decoder_input_names, decoder_output_names
@@ -459,7 +460,6 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     np.save(staging / "embed_tokens.npy", embed.astype(embed_dtype))
 
     progress(f"exporting vision.onnx and decoder.onnx (opset {opset}, fp32)")
-    torch.set_grad_enabled(False)
     fp32_dir = staging / ".fp32" if precision != "fp32" else staging
     fp32_dir.mkdir(exist_ok=True)
     _export_graphs(model, fp32_dir, opset)

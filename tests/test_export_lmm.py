@@ -184,6 +184,7 @@ def _export_precision(tiny_llava_dir, tmp_path, precision):
 
 def test_fp16_export_verifies(tiny_llava_dir, tmp_path):
     section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "fp16"))
+    assert torch.is_grad_enabled()  # the export must not switch autograd off for the whole process
     assert section["precision"] == "fp16"
     assert np.load(folder / "embed_tokens.npy", mmap_mode="r").dtype == np.float16
     assert section["embedding"]["dtype"] == "float16"

@@ -360,12 +360,18 @@ def _closed_set(tokenizer_json: Path, progress: Callable[[str], None]) -> tuple[
                 # tokenizers prepend a space marker to the space-less form.
                 ids = ids[len(anchor):] if ids[: len(anchor)] == anchor else tokenizer.encode(form, add_special_tokens=False).ids
                 ids_by_form[form] = ids
-                if len(ids) > 1:
-                    multi.append(f"{form!r}->{ids[0]}")
             forms_out[word] = ids_by_form
-            closed[word] = list(dict.fromkeys(ids[0] for ids in ids_by_form.values() if ids))
+            # A multi-token form's first sub-token ("l" of "left") is shared with unrelated words and
+            # would add their probability mass to this word: use single-token forms, and fall back to
+            # first sub-tokens only for a word that has no single-token form at all (docs/bundle.md).
+            single = [ids[0] for ids in ids_by_form.values() if len(ids) == 1]
+            if single:
+                closed[word] = list(dict.fromkeys(single))
+            else:
+                closed[word] = list(dict.fromkeys(ids[0] for ids in ids_by_form.values() if ids))
+                multi.append(word)
     if multi:
-        progress(f"closed set: {len(multi)} multi-token forms use their first sub-token: {', '.join(multi)}")
+        progress(f"closed set: no single-token form for {', '.join(multi)}; using first sub-tokens")
     return closed, forms_out
 
 

@@ -144,7 +144,10 @@ def test_closed_set_ids_are_the_in_context_ids(tiny_lmm_bundle):
         for word in words:
             forms = section["closed_set_forms"][word]
             assert set(forms) == set(vocab.word_forms(word))
-            assert set(section["closed_set"][word]) == {ids[0] for ids in forms.values()}
+            single = {ids[0] for ids in forms.values() if len(ids) == 1}
+            # Single-token forms only; first sub-tokens only for a word without any single-token form.
+            assert set(section["closed_set"][word]) == (single or {ids[0] for ids in forms.values()})
+            assert single, f"the test tokenizer should know {word!r} as one token"
             for form, ids in forms.items():
                 if not form.startswith(" "):
                     continue

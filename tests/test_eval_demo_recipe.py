@@ -54,3 +54,21 @@ def test_quick_recipe_builds_an_evaluated_bundle(tmp_path):
     image = next((tmp_path / "work" / "data" / "heldout" / "images").iterdir())
     answer = Octopus(bundle, threads=1).ask(image, "Which region is the most degraded?")
     assert answer.image_size[0] > 0
+
+
+def test_patch_targets_follow_the_masks():
+    import numpy as np
+
+    from octopus_rt.training.recipes.vision_pretrain import CATEGORIES, patch_targets
+
+    mask_left = np.zeros((40, 80), bool)
+    mask_left[:, :40] = True
+    regions = [{"mask": "a", "distortions": [{"category": "noise", "subtype": "x", "severity": 3}]},
+               {"mask": "b", "distortions": []}]
+    out = patch_targets(regions, {"a": mask_left, "b": ~mask_left}, grid=4)
+    assert out.shape == (4, 4, 2 + len(CATEGORIES) + 2)
+    assert np.allclose(out[:, :2, 0], 1.0) and np.allclose(out[:, 2:, 0], 0.0)
+    assert np.allclose(out[:, :2, 1], 3 / 6)
+    noise = 2 + CATEGORIES.index("noise")
+    assert np.allclose(out[:, :2, noise], 1.0) and np.allclose(out[..., 2 + CATEGORIES.index("blur")], 0.0)
+    assert np.allclose(out[0, :, -2], [0.125, 0.375, 0.625, 0.875]) and np.allclose(out[:, 0, -1], out[0, :, -2])

@@ -11,8 +11,8 @@ targets read off the data engine's region masks, for every patch p of the g x g 
 - position: p's centre (x, y) in [0, 1] (MSE), so each image token also says where it is: the
   language model can then pool "distorted" tokens by attention and read their position linearly,
   whatever the question's length (RoPE alone only gives positions relative to the question's end).
-The probe is thrown away afterwards; only the vision tower and projector weights change. Horizontal
-flips (targets flipped too) double the variety.
+The probe is thrown away afterwards; only the vision tower and projector weights change. Flips and
+quarter turns (targets moved with the pixels) give 8x the variety.
 
 Frames: the LLaVA's processor must resize the whole image to a square without cropping (SigLIP-style
 processors do; a centre crop would cut off regions), so patch (row i, col j) of the g x g grid covers
@@ -56,6 +56,7 @@ class VisionPretrainOptions:
     seed: int = 0
     log_every: int = 100
     threads: int = 1
+    rotate: bool = True  # quarter-turn augmentation on top of horizontal flips
 
 
 @dataclass
@@ -230,6 +231,7 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
     val_pixels = (torch.cat([pixels(val_images[i:i + 64]) for i in range(0, len(val_images), 64)])
                   if val_images else None)
     targets = torch.from_numpy(train_targets)
+    canonical = targets[0, ..., -2:].clone()  # (g, g, 2) patch centres, the same for every image
     width = model.config.text_config.hidden_size
     probe = torch.nn.Linear(width, N_TARGETS)
     for param in model.parameters():
@@ -255,12 +257,17 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
         idx = torch.from_numpy(rng.integers(0, len(train_images), size=options.batch_size))
         batch = train_pixels[idx].float()
         target = targets[idx].clone()
+        # Dihedral augmentation (flip + quarter turns): pixels and the target grid move together; the
+        # position channels then describe where each patch now is, i.e. the canonical grid again.
         flip = torch.from_numpy(rng.random(options.batch_size) < 0.5)
         if flip.any():
             batch[flip] = batch[flip].flip(-1)
-            flipped = target[flip].flip(2)  # (b, g, g, T): mirror the columns
-            flipped[..., -2] = 1.0 - flipped[..., -2]  # ...but positions are where the patch now is
-            target[flip] = flipped
+            target[flip] = target[flip].flip(2)  # (b, g, g, T): mirror the columns
+        turns = int(rng.integers(0, 4)) if options.rotate else 0
+        if turns:
+            batch = torch.rot90(batch, turns, dims=(-2, -1))
+            target = torch.rot90(target, turns, dims=(1, 2))
+        target[..., -2:] = canonical
         pred = probe(_features(torch, model, batch))
         loss = _loss(torch, pred, target.reshape(len(idx), grid * grid, N_TARGETS))
         optimiser.zero_grad(set_to_none=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, ScoreResult
+from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
 
 if TYPE_CHECKING:
     from octopus_rt.runtime.api import Octopus
 
-__all__ = ["Octopus", "Answer", "AskOptions", "ScoreResult", "ChoiceResult"]
+__all__ = ["Octopus", "Answer", "AskOptions", "ScoreResult", "ChoiceResult", "MaskResult"]
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,7 @@ from octopus_rt.runtime.cache import ImageCache, ImageEntry
 from octopus_rt.runtime.generate import Decoder, KVState
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
 from octopus_rt.runtime.preprocess import VisionPreprocess
-from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, ScoreResult
+from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
 
 __all__ = ["Octopus"]
 
@@ -328,6 +328,23 @@ class Octopus:
             index = sam.select(iou, multimask)
             mask = sam.masks_at(low_res, index, (height, width), entry.sam_resized_hw)
         return mask, float(iou[index])
+
+    def segment(
+        self, image: ImageInput, point: tuple[float, float], *, multimask: bool | None = None
+    ) -> MaskResult:
+        """SAM's mask for a given point (x, y) in original pixels, without asking anything (e.g. an
+        oracle point in evaluation). Shares the per-image cache (SAM embedding) with `ask`."""
+        timer = _Timer()
+        multimask = bool(self.defaults.get("multimask", True) if multimask is None else multimask)
+        with timer.stage("read_image"):
+            pending = open_image(image, max_pixels=self.max_pixels)
+        entry, rgb = self._entry(pending, timer)
+        x, y = float(point[0]), float(point[1])
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise InputError(f"point must be finite, got {point}")
+        cached: list[str] = []
+        mask, iou = self._segment(entry, pending, rgb, (x, y), multimask, timer, cached)
+        return MaskResult(mask=mask, iou=iou, cached="sam_embedding" in cached, timings_ms=dict(timer.ms))
 
     def _next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str], tau: float):
         timer, cached = _Timer(), []

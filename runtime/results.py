@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Answer", "ScoreResult", "ChoiceResult", "AskOptions"]
+__all__ = ["Answer", "ScoreResult", "ChoiceResult", "MaskResult", "AskOptions"]
 
 
 @dataclass(frozen=True)
@@ -98,4 +98,15 @@ class ChoiceResult:
     index: int
     option: str
     probs: dict[str, float]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MaskResult:
+    """SAM's mask for one point: mask H x W bool (original frame), iou its predicted IoU, cached
+    whether the image's SAM embedding came from the per-image cache."""
+
+    mask: np.ndarray
+    iou: float
+    cached: bool
     timings_ms: dict[str, float] = field(default_factory=dict)

@@ -232,3 +232,20 @@ def test_load_time_checks(runtime_bundle, tmp_path):
     decoder.unlink()
     with pytest.raises(BundleError, match="file missing"):
         Octopus(bundle)
+
+
+def test_segment_at_given_points_matches_sam_predictor(octo, reference, runtime_images):
+    """SAM stage alone, at points all over the image (corners included), both multimask settings."""
+    from octopus_rt.runtime.images import load_image
+
+    for path in runtime_images[:2]:
+        rgb = load_image(path).rgb
+        height, width = rgb.shape[:2]
+        for point in [(0.0, 0.0), (width / 2, height / 2), (width * 0.8, height * 0.3), (width - 1.0, height - 1.0)]:
+            for multimask in (True, False):
+                ours = octo.segment(path, point, multimask=multimask)
+                mask, iou = reference.segment(rgb, point, multimask)
+                assert ours.mask.shape == mask.shape == (height, width)
+                assert _iou(ours.mask, mask) >= 0.99
+                assert abs(ours.iou - iou) <= 1e-3
+        assert ours.cached  # the embedding was computed once per image

@@ -47,9 +47,9 @@ class DemoRecipe:
     examples: int
 
 
-FULL = DemoRecipe(num_seen=1200, num_heldout=160, size=256, vision_steps=1500, vision_time=12 * 60,
-                  lmm_steps=700, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=500,
-                  sam_time=10 * 60, eval_val_records=200, eval_test_records=500, examples=4)
+FULL = DemoRecipe(num_seen=1200, num_heldout=160, size=256, vision_steps=4000, vision_time=20 * 60,
+                  lmm_steps=2000, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1500,
+                  sam_time=12 * 60, eval_val_records=200, eval_test_records=500, examples=4)
 QUICK = DemoRecipe(num_seen=60, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=20, eval_test_records=30, examples=2)

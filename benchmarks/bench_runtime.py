@@ -60,9 +60,28 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def prepare(size: str, work: Path) -> Path:
-    """Build (once) the model dir, SAM checkpoint and bundle of a size; returns the bundle path."""
+def prepare(size: str, work: Path, precision: str = "fp32") -> Path:
+    """Build (once) the model dir, SAM checkpoint and bundle of a size; returns the bundle path.
+
+    A precision other than fp32 exports the same model dir (and SAM) into `bundle-<precision>`; the
+    reference still runs the fp32 PyTorch model.
+    """
     bundle = work / size / "bundle"
+    if precision != "fp32":
+        fp32 = prepare(size, work)
+        other = work / size / f"bundle-{precision}"
+        if not ((other / "manifest.json").is_file() and "sam" in json.loads((other / "manifest.json").read_text())):
+            import shutil
+
+            from octopus_rt.export.lmm import export_lmm
+            from octopus_rt.export.sam import export_sam
+
+            shutil.rmtree(other, ignore_errors=True)
+            print(f"[{size}] exporting lmm at {precision}", flush=True)
+            export_lmm(work / size / "model", other, precision=precision)
+            export_sam(work / size / "sam.pth", other, model_type="custom")
+        del fp32
+        return other
     if (bundle / "manifest.json").is_file() and "sam" in json.loads((bundle / "manifest.json").read_text()):
         return bundle
     import shutil
@@ -296,6 +315,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--answer-tokens", type=int, default=24)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                        help="runtime bundle precision (the reference always runs fp32)")
     parser.add_argument("--long-tokens", type=int, default=210)
     parser.add_argument("--work", type=Path, default=Path("/tmp/octopus-bench-runtime"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
@@ -315,10 +336,11 @@ def main() -> None:
         "load_average_start": os.getloadavg(),
         "image": "640x480 PNG",
         "answer_tokens": args.answer_tokens,
+        "runtime_precision": args.precision,
         "sizes": {},
     }
     for size in args.sizes:
-        bundle = prepare(size, args.work)
+        bundle = prepare(size, args.work, args.precision)
         entry = measure(size, bundle, image, args.repeats, args.threads, args.answer_tokens, args.long_tokens)
         entry["peak_rss_mib"] = peak_rss(bundle, image, args.threads, args.answer_tokens)
         entry["cold_start"] = cold_start(bundle, image, args.threads)

@@ -50,7 +50,7 @@ def _load(bundle: Optional[Path], device: str, threads: Optional[int], profile_d
     return Octopus(resolve_bundle(bundle), device=device, threads=threads, profile_dir=profile_dir)
 
 
-def _human(answer, mask_path: Optional[str], overlay_path: Optional[str], device: str) -> str:
+def _human(answer, mask_path: Optional[str], overlay_path: Optional[str], device: str, mask_wanted: bool = False) -> str:
     lines = [f"answer: {answer.text}"]
     if answer.point is None:
         lines.append("point:  none (the answer names no position)")
@@ -63,6 +63,8 @@ def _human(answer, mask_path: Optional[str], overlay_path: Optional[str], device
     if answer.mask is not None:
         where = f" -> {mask_path}" if mask_path else ""
         lines.append(f"mask:   {100.0 * float(answer.mask.mean()):.1f}% of the image, predicted IoU {answer.mask_iou:.3f}{where}")
+    elif mask_wanted:
+        lines.append("mask:   none (no point to segment; no mask file written)")
     if overlay_path:
         lines.append(f"overlay: {overlay_path}")
     total = answer.timings_ms.get("total", 0.0)
@@ -154,7 +156,7 @@ def infer(
             record["profile"] = str(profile)
         typer.echo(json.dumps(record))
     else:
-        typer.echo(_human(answer, mask_path, str(overlay) if overlay else None, model.device))
+        typer.echo(_human(answer, mask_path, str(overlay) if overlay else None, model.device, mask is not None))
 
 
 def _batch_items(source: Path, question: Optional[str]):

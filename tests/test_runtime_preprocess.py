@@ -90,3 +90,19 @@ def test_pil_backend_of_the_processor_too(model_dir, processor):
     section = {**_manifest_section(processor), "backend": "pil"}
     ours = VisionPreprocess.from_manifest(section)(rgb)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_exported_manifest_drives_the_same_preprocessing(tiny_llava_dir, tiny_lmm_bundle):
+    """The contract end to end: the `lmm.preprocess` section the exporter writes reproduces the processor."""
+    import json
+
+    from transformers import AutoProcessor
+
+    manifest = json.loads((tiny_lmm_bundle("phi3_clip") / "manifest.json").read_text())
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir("phi3_clip"))
+    rgb = _smooth_image(np.random.default_rng(11), 77, 131)
+    expected = processor.image_processor(images=rgb, return_tensors="np")["pixel_values"]
+    ours = VisionPreprocess.from_manifest(manifest["lmm"]["preprocess"])(rgb)
+    diff = np.abs(ours - expected)
+    assert diff.max() <= 2.0 / 255.0 / min(processor.image_processor.image_std) + 1e-5
+    assert (diff > 1e-5).mean() < 0.02

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["DemoRecipe", "QUICK", "FULL", "DEMO_LLAVA", "build_demo", "main"]
+__all__ = ["DemoRecipe", "QUICK", "FULL", "DEMO_LLAVA", "build_demo", "headline", "main"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -232,6 +232,44 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     return summary
 
 
+def headline(report: dict) -> str:
+    """Markdown table of the issue's targets vs the measured figures of an eval JSON (test split)."""
+    def find(task, sub, metric, system="model"):
+        for row in report["rows"]:
+            if (row["task"], row["subtask"], row["metric"], row["system"]) == (task, sub, metric, system):
+                return row
+        return None
+
+    def cell(row) -> str:
+        if row is None or row["value"] is None:
+            return "n/a"
+        low, high = row["ci95"]
+        ci = f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None else ""
+        return f"{100 * row['value']:.1f}%{ci} (n={row['n']})"
+
+    both = find("grounding", "all", "position: both")
+    model_iou = find("grounding", "all", "mIoU")
+    centre_iou = find("grounding", "all", "mIoU", "SAM @ centre")
+    ratio = (model_iou["value"] / centre_iou["value"]) if model_iou and centre_iou and centre_iou["value"] else None
+    lines = ["| target | measured on the held-out test split (95% CI, n) | baselines |", "|---|---|---|",
+             f"| positional accuracy, both axes >= 80% | {cell(both)} | majority class "
+             f"{cell(find('grounding', 'all', 'position: both', 'majority class'))}; blank image "
+             f"{cell(find('grounding', 'all', 'position: both', 'blank image'))} |",
+             f"| mIoU >= 2x centre-point baseline | {cell(model_iou)}, "
+             f"{'n/a' if ratio is None else f'{ratio:.2f}x'} the centre point | centre {cell(centre_iou)}; random "
+             f"{cell(find('grounding', 'all', 'mIoU', 'SAM @ random point'))}; oracle point "
+             f"{cell(find('grounding', 'all', 'mIoU', 'SAM @ oracle point (ceiling)'))} |",
+             f"| referring short-answer accuracy >= 60% (single distortion) | "
+             f"{cell(find('referring', 'short-single', 'short answer: names exact'))} | majority class "
+             f"{cell(find('referring', 'short-single', 'short answer: names exact', 'majority class'))}; blank image "
+             f"{cell(find('referring', 'short-single', 'short answer: names exact', 'blank image'))} |",
+             f"| whole-image recall >= 90%, whole class | {cell(find('grounding', 'all', 'whole-image recall (whole)'))} "
+             f"| blank image {cell(find('grounding', 'all', 'whole-image recall (whole)', 'blank image'))} |",
+             f"| whole-image recall >= 90%, local class | {cell(find('grounding', 'all', 'whole-image recall (local)'))} "
+             f"| blank image {cell(find('grounding', 'all', 'whole-image recall (local)', 'blank image'))} |"]
+    return "\n".join(lines) + "\n"
+
+
 def _install(work: Path, bundle: Path, data_dir: Path, count: int, seed: int) -> None:
     """Copy the bundle to octopus_rt/demo/bundle, `count` test images (held-out photos, local
     distortions, distinct photos first) to examples/, and the sweep plot and table to docs/."""
@@ -269,7 +307,12 @@ def _install(work: Path, bundle: Path, data_dir: Path, count: int, seed: int) ->
         + "\n".join(lines) + "\n", encoding="utf-8")
     docs = REPO / "docs"
     shutil.copyfile(work / "sweep_miou_vs_tau.png", docs / "demo_sweep_miou_vs_tau.png")
-    shutil.copyfile(work / "eval_test.md", docs / "demo_eval_table.md")
+    report = json.loads((work / "eval_test.json").read_text(encoding="utf-8"))
+    (docs / "demo_eval_table.md").write_text(
+        "# Demo bundle: evaluation on the held-out test split\n\n"
+        f"`octopus-rt eval` on {report['split']} (tau {report['tau']:g}, point mapping {report['point_mapping']}, "
+        "chosen on val by `--sweep`). Targets of issue 6:\n\n" + headline(report) + "\nFull table:\n\n"
+        + (work / "eval_test.md").read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -411,17 +411,9 @@ def export_lmm(
     # The model travels in a one-element list that _export_into empties, so that the last reference
     # to the PyTorch weights is dropped before onnxruntime loads the graphs.
     holder = list(_load(model_dir))
-    created = not out_dir.exists()
-    staging = bundle.stage_section(out_dir, "lmm")
-    try:
+    with bundle.staged_section(out_dir, "lmm") as staging:
         section = _export_into(holder, model_dir, config_json, staging, precision, int(opset), progress)
         manifest = bundle.commit_section(out_dir, "lmm", staging, section)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            # Nothing of a bundle may remain where none was before.
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     progress(f"committed lmm section {manifest['lmm']['dir']} into {out_dir}")
     return manifest["lmm"]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from octopus_rt.bundle import commit_section, stage_section
+from octopus_rt.bundle import commit_section, staged_section
 from octopus_rt.errors import InputError, OctopusError
 
 from .sam_models import MODEL_TYPES, SamConfig, load_sam, load_sam_config
@@ -182,9 +181,7 @@ def export_sam(
 
     log(f"loading {model_type} checkpoint {checkpoint}")
     sam, config = load_sam(checkpoint, model_type, config)
-    created = not out_dir.exists()
-    staging = stage_section(out_dir, "sam")
-    try:
+    with staged_section(out_dir, "sam") as staging:
         log(f"exporting SAM graphs ({precision}, opset {opset}) to {staging}")
         graphs = _export_graphs(sam, config, staging, precision, opset)
         log("verifying against segment-anything (3 aspect ratios)")
@@ -217,10 +214,5 @@ def export_sam(
             "verification": verification.summary(),
         }
         manifest = commit_section(out_dir, "sam", staging, section)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     log(f"wrote sam section to {out_dir} (min mask IoU {verification.min_iou:.4f})")
     return manifest["sam"]

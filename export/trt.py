@@ -491,8 +491,7 @@ def build_engines(
     name = require_tensorrt(env)
     factory = session_factory or OrtSessionFactory()
 
-    staging = bundle_mod.stage_section(bundle_dir, "engines")
-    try:
+    with bundle_mod.staged_section(bundle_dir, "engines") as staging:
         kept = _carry_over(bundle_dir, manifest, staging, name)
         target_dir = staging / name
         (target_dir / _TIMING_DIR).mkdir(parents=True, exist_ok=True)
@@ -524,9 +523,6 @@ def build_engines(
             "targets": targets,
         }
         new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     providers = dict(DEFAULT_PROVIDERS, **new_manifest.get("defaults", {}).get("providers", {}))
     providers.update({g: "tensorrt" for g in built})
     new_manifest = bundle_mod.update_defaults(bundle_dir, {"providers": providers})

@@ -49,6 +49,7 @@ __all__ = [
     "section_path",
     "check_files",
     "stage_section",
+    "staged_section",
     "commit_section",
     "update_defaults",
 ]
@@ -201,6 +202,26 @@ def stage_section(bundle_dir: str | os.PathLike[str], name: str) -> Path:
     except OSError as exc:
         raise BundleError(f"cannot write to {bundle_dir}: {exc.strerror or exc}") from exc
     return staging
+
+
+@contextlib.contextmanager
+def staged_section(bundle_dir: str | os.PathLike[str], name: str) -> Iterator[Path]:
+    """Stage section `name` for the body of a `with` block (which ends with `commit_section`).
+
+    On any failure (including Ctrl-C) the staging folder is removed, and so is the bundle folder when
+    this step created it: nothing that looks like a bundle may remain where none was before, and an
+    existing bundle keeps its previous manifest and files.
+    """
+    bundle_dir = Path(bundle_dir)
+    created = not bundle_dir.exists()
+    staging = stage_section(bundle_dir, name)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+        raise
 
 
 def commit_section(

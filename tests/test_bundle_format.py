@@ -82,3 +82,22 @@ def test_update_defaults_merges(tmp_path):
     manifest = bundle.update_defaults(out, {"tau": 0.5, "point_mapping": "quadrant"})
     assert manifest["defaults"]["tau"] == 0.5
     assert manifest["defaults"]["max_new_tokens"] == bundle.DEFAULTS["max_new_tokens"]
+
+
+def test_staged_section_cleans_up_on_failure(tmp_path):
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with bundle.staged_section(fresh, "sam") as staging:
+            (staging / "enc.onnx").write_bytes(b"partial")
+            raise RuntimeError("verification failed")
+    assert not fresh.exists(), "a folder this step created must not survive a failure"
+
+    existing = tmp_path / "existing"
+    bundle.commit_section(existing, "lmm", _stage_with(existing, "lmm", {"a.bin": b"keep"}), {})
+    before = (existing / bundle.MANIFEST_NAME).read_text()
+    with pytest.raises(KeyboardInterrupt):
+        with bundle.staged_section(existing, "sam") as staging:
+            raise KeyboardInterrupt
+    assert (existing / bundle.MANIFEST_NAME).read_text() == before
+    assert not list(existing.glob(".staging-*"))
+    assert bundle.check_files(existing, bundle.read_manifest(existing), hashes=True) == []

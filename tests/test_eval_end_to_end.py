@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, stats
 from scipy.special import softmax
 
 from octopus_rt.training import evaluate as ev
@@ -124,3 +124,38 @@ def test_sweep_writes_the_best_defaults_and_plot(full_bundle, quad_data, tmp_pat
     plot = Image.open(tmp_path / "plots" / "sweep_miou_vs_tau.png")
     assert plot.size == (640, 420)
     assert {row["task"] for row in data["rows"]} >= {"grounding"}
+
+
+def test_quality_and_mcq_figures_match_the_runtime(full_bundle, tmp_path):
+    from octopus_rt import vocab
+    from octopus_rt.runtime.api import Octopus
+    from octopus_rt.training.data.records import write_jsonl
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "images").mkdir()
+    records = []
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{k}.png")
+        records.append({"id": f"s{k}", "image": f"images/{k}.png", "task": "score", "subtask": None,
+                        "conversations": [{"from": "human", "value": "<image>\n" + vocab.SCORE_QUESTION},
+                                          {"from": "gpt", "value": "The quality of the image is fair."}],
+                        "mos": float(rng.uniform(1, 5)), "mos_scale": [1.0, 5.0]})
+    options = ["blur", "noise", "none"]
+    for k in range(6):
+        question = "Which distortion is the most visible?"
+        records.append({"id": f"m{k}", "image": f"images/{k}.png", "task": "mcq", "subtask": "local",
+                        "conversations": [{"from": "human", "value": "<image>\n" + vocab.format_mcq_question(question, options)},
+                                          {"from": "gpt", "value": "A. blur"}],
+                        "candidates": options, "answer": options[k % 3]})
+    write_jsonl(records, tmp_path / "test.jsonl")
+    report = ev.evaluate(ev.EvalOptions(full_bundle, tmp_path, progress=False))
+    octopus = Octopus(full_bundle, threads=1)
+    scores = [octopus.score(tmp_path / r["image"]).score for r in records[:8]]
+    mos = [r["mos"] for r in records[:8]]
+    assert report.find("quality", "mos", "SRCC").value == pytest.approx(stats.spearmanr(scores, mos)[0], abs=1e-9)
+    assert report.find("quality", "mos", "PLCC (raw)").value == pytest.approx(stats.pearsonr(scores, mos)[0], abs=1e-9)
+    hits = [octopus.choose(tmp_path / r["image"], "Which distortion is the most visible?", options).option == r["answer"]
+            for r in records[8:]]
+    acc = report.find("mcq", "all", "accuracy")
+    assert acc.n == 6 and acc.value == pytest.approx(np.mean(hits))
+    assert report.find("mcq", "local", "accuracy").n == 6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -177,7 +178,7 @@ def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.n
 
 def fit_logistic4(pred: Sequence[float], target: Sequence[float]) -> np.ndarray | None:
     """Least-squares fit of logistic4 mapping predictions to MOS; None when the fit fails."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     x = np.asarray(pred, dtype=np.float64)
     y = np.asarray(target, dtype=np.float64)
@@ -185,7 +186,10 @@ def fit_logistic4(pred: Sequence[float], target: Sequence[float]) -> np.ndarray 
         return None
     start = [float(y.max()), float(y.min()), float(np.median(x)), float(np.std(x)) or 1.0]
     try:
-        params, _ = curve_fit(logistic4, x, y, p0=start, maxfev=20000)
+        with warnings.catch_warnings():
+            # An unestimable covariance does not matter: only the fitted curve is used.
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(logistic4, x, y, p0=start, maxfev=20000)
     except (RuntimeError, ValueError):
         return None
     return params

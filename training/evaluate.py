@@ -369,9 +369,11 @@ def _quality(h: _Harness, options: EvalOptions, records: list[dict]) -> tuple[li
             want = _mcq_answer_index(record)
             if want is None:
                 continue
-            question = _question(record) if record.get("conversations") else record.get("question", "")
+            # The record's human turn holds the Q-Bench layout already (question + options); `choose`
+            # lays the options out itself, so it gets the bare question.
+            question = record.get("question") or _question(record).split(vocab.MCQ_INSTRUCTION)[0].strip()
             choice = h.octopus.choose(_load_rgb(data_dir / record["image"]), question, list(record["candidates"]))
-            hits.append(choice.index == want)
+            hits.append((str(record.get("subtask") or "all"), choice.index == want))
     rows, notes = [], []
     if preds:
         n = len(preds)
@@ -381,7 +383,9 @@ def _quality(h: _Harness, options: EvalOptions, records: list[dict]) -> tuple[li
         notes.append("quality score: closed-set softmax over level words, score = sum p_i w_i "
                      "(w = 1, .75, .5, .25, 0); PLCC reported raw and after a 4-parameter logistic fit")
     if hits:
-        rows.append(Row("mcq", "all", "accuracy", PIPELINE, m.proportion(hits)))
+        rows.append(Row("mcq", "all", "accuracy", PIPELINE, m.proportion(hit for _, hit in hits)))
+        for sub in sorted({sub for sub, _ in hits} - {"all"}):
+            rows.append(Row("mcq", sub, "accuracy", PIPELINE, m.proportion(hit for s, hit in hits if s == sub)))
     return rows, notes
 
 

@@ -109,18 +109,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("octopus-rt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers"):
-        try:
-            found[name.replace("-", "_")] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
 def _save_program(program, path: Path) -> None:
     """Write an ONNXProgram; weights go to `<file>.data` when they would pass protobuf's 2 GiB limit."""
     from octopus_rt.export import quantize
@@ -494,7 +482,9 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
 
     graph = onnx.load(str(staging / "decoder.onnx"), load_external_data=False)
     return {
-        "versions": _versions(),
+        "versions": bundle.package_versions(
+            "octopus-rt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers"
+        ),
         "opset": opset,
         "ir_version": int(graph.ir_version),
         "precision": precision,

@@ -14,7 +14,6 @@ traces these static-shape graphs in a fraction of a second, and the decoder's on
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import tempfile
 import warnings
@@ -23,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from octopus_rt.bundle import commit_section, staged_section
+from octopus_rt.bundle import commit_section, package_versions, staged_section
 from octopus_rt.errors import InputError, OctopusError
 
 from .sam_models import MODEL_TYPES, SamConfig, load_sam, load_sam_config
@@ -39,19 +38,6 @@ ENCODER_FILE = "sam_encoder.onnx"
 DECODER_FILE = "sam_decoder.onnx"
 # Protobuf cannot hold a graph over 2 GiB (vit_h fp32 is ~2.5 GB): such weights go to one .data file.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-    for dist, key in (("octopus-rt", "octopus_rt"), ("segment-anything", "segment_anything")):
-        try:
-            versions[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[key] = "unknown"
-    return versions
 
 
 def _save(
@@ -198,7 +184,7 @@ def export_sam(
             source["config"] = config.to_dict()
         section = {
             "source": source,
-            "versions": _versions(),
+            "versions": package_versions("octopus-rt", "torch", "onnx", "onnxruntime", "segment-anything"),
             "opset": opset,
             "ir_version": ir_version,
             "precision": precision,

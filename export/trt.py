@@ -302,15 +302,6 @@ def compare_outputs(
     return result
 
 
-def _octopus_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("octopus-rt")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -519,7 +510,7 @@ def build_engines(
         targets[name] = target
         section = {
             "format": ENGINES_FORMAT,
-            "versions": {"octopus_rt": _octopus_version(), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
+            "versions": {**bundle_mod.package_versions("octopus-rt"), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
             "targets": targets,
         }
         new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section)

@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULTS",
     "BundleError",
     "sha256_file",
+    "package_versions",
     "describe_files",
     "read_manifest",
     "section_path",
@@ -75,6 +76,20 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def package_versions(*distributions: str) -> dict[str, str]:
+    """{import name: installed version} of the given distributions, for a section's "versions";
+    "unknown" for one that is not installed (an editable checkout without metadata, say)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for dist in distributions:
+        try:
+            found[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            found[dist.replace("-", "_")] = "unknown"
+    return found
 
 
 def describe_files(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

@@ -101,3 +101,12 @@ def test_staged_section_cleans_up_on_failure(tmp_path):
     assert (existing / bundle.MANIFEST_NAME).read_text() == before
     assert not list(existing.glob(".staging-*"))
     assert bundle.check_files(existing, bundle.read_manifest(existing), hashes=True) == []
+
+
+def test_package_versions_reads_installed_metadata():
+    from importlib.metadata import version
+
+    found = bundle.package_versions("numpy", "octopus-rt", "no-such-distribution-xyz")
+    assert found["numpy"] == version("numpy")
+    assert found["octopus_rt"] == version("octopus-rt")
+    assert found["no_such_distribution_xyz"] == "unknown"

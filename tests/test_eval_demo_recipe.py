@@ -72,3 +72,59 @@ def test_patch_targets_follow_the_masks():
     noise = 2 + CATEGORIES.index("noise")
     assert np.allclose(out[:, :2, noise], 1.0) and np.allclose(out[..., 2 + CATEGORIES.index("blur")], 0.0)
     assert np.allclose(out[0, :, -2], [0.125, 0.375, 0.625, 0.875]) and np.allclose(out[:, 0, -1], out[0, :, -2])
+
+
+def test_wallpaper_photos_join_training_in_their_own_groups(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    photo = tmp_path / "Meadow_by_Someone.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
+    monkeypatch.setattr(demo_data, "WALLPAPERS", {str(photo): "CC0-1.0"})
+    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path / "work", seed=0, crops_per_photo=2,
+                                                              wallpapers=True)
+    lines = dict(line.split(",") for line in groups.read_text().split())
+    wallpaper_files = {f: g for f, g in lines.items() if f.startswith("wp_")}
+    assert len(wallpaper_files) == 3 and set(wallpaper_files.values()) == {"wp_meadow"}
+    assert all((train_src / f).is_file() for f in wallpaper_files)
+    assert not any(p.name.startswith("wp_") for p in heldout_src.iterdir())
+
+
+def test_missing_wallpapers_fail_with_the_install_command(tmp_path, monkeypatch):
+    from octopus_rt.errors import InputError
+
+    monkeypatch.setattr(demo_data, "WALLPAPERS", {str(tmp_path / "absent.jpg"): "CC0-1.0"})
+    with pytest.raises(InputError, match="apt-get install"):
+        demo_data.prepare_photos(tmp_path / "work", seed=0, wallpapers=True)
+
+
+def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from octopus_rt.training.metrics import closed_set_token_ids
+    from octopus_rt.training.recipes.build_demo import _closed_set_hook
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir("llama_siglip"))
+    (left, right), (top, bottom) = (closed_set_token_ids(tokenizer, w) for w in (("left", "right"), ("top", "bottom")))
+    vocab_size = len(tokenizer)
+    labels = torch.full((2, 6), -100)
+    labels[0, 2], labels[0, 4], labels[1, 3] = bottom[0], left[0], top[0]
+    logits = torch.randn(2, 6, vocab_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    loss = _closed_set_hook(tokenizer, 2.0)(None, {"labels": labels}, type("O", (), {"logits": logits}), [])
+
+    def axis_nll(row, col, ids, target):  # logits at t predict the label at t + 1
+        z = logits.detach().numpy()[row, col - 1]
+        words = np.array([np.log(np.exp(z[w]).sum()) for w in ids])
+        return -(words[target] - np.log(np.exp(words).sum()))
+
+    expected = 2.0 * np.mean([axis_nll(0, 2, [top, bottom], 1), axis_nll(0, 4, [left, right], 0),
+                              axis_nll(1, 3, [top, bottom], 0)])
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    # Raising the wrong word's logit where "left" is the answer must raise the loss.
+    assert float(logits.grad[0, 3, right[0]]) > 0 and float(logits.grad[0, 3, left[0]]) < 0
+    empty = _closed_set_hook(tokenizer, 2.0)(None, {"labels": torch.full((1, 4), -100)},
+                                             type("O", (), {"logits": torch.zeros(1, 4, vocab_size)}), [])
+    assert float(empty) == 0.0

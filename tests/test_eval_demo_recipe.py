@@ -128,3 +128,19 @@ def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     empty = _closed_set_hook(tokenizer, 2.0)(None, {"labels": torch.full((1, 4), -100)},
                                              type("O", (), {"logits": torch.zeros(1, 4, vocab_size)}), [])
     assert float(empty) == 0.0
+
+
+def test_feature_probe_finds_the_noisy_quadrant_on_unseen_images(tmp_path):
+    from octopus_rt.training.data.quadrant import make_quadrant_dataset
+    from octopus_rt.training.recipes.feature_probe import patch_statistics, run_probe
+
+    make_quadrant_dataset(tmp_path, 80, size=64, seed=0, severity=4)
+    results = {r.split: r for r in run_probe(tmp_path, steps=300, seed=0)}
+    test = results["test"]
+    # One noisy quadrant on a smooth texture: local statistics must find it far above chance (25 %).
+    assert test.images > 0 and test.quadrant_accuracy >= 0.7
+    assert 0.0 <= test.clean_recall <= 1.0 and 0.0 <= test.distorted_recall <= 1.0
+    from PIL import Image
+
+    flat = patch_statistics(Image.new("RGB", (100, 60), (120, 60, 30)))
+    assert flat.shape == (64, 26) and abs(flat[0, 0] - 120 / 255) < 1e-6 and abs(flat[:, 13:]).max() < 1e-6

@@ -196,6 +196,20 @@ def test_same_seed_byte_identical_with_two_workers(dataset, tmp_path):
         assert (root / "out" / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
+def test_two_workers_from_a_program_on_standard_input_finish(dataset, tmp_path):
+    import subprocess
+    import sys
+
+    root, _, _ = dataset
+    program = (f"from octopus_rt.training.data.synth import SynthOptions, synthesize\n"
+               f"r = synthesize({str(root / 'src')!r}, {str(tmp_path / 'out')!r}, "
+               f"SynthOptions(num=3, seed=0, size={SIZE}, workers=2, progress=False))\nprint(r.samples)\n")
+    # Spawned workers cannot re-run a main program read from stdin; without the fallback this hangs.
+    done = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "3"
+
+
 def test_other_seed_differs(dataset, tmp_path):
     root, _, options = dataset
     other = tmp_path / "other"

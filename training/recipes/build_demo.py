@@ -137,14 +137,15 @@ def _closed_set_hook(tokenizer, weight: float):
     from octopus_rt.training.metrics import closed_set_token_ids
 
     axes = [closed_set_token_ids(tokenizer, words) for words in (vocab.HORIZONTAL_WORDS, vocab.VERTICAL_WORDS)]
+    id_tensors = [[torch.tensor(ids) for ids in word_ids] for word_ids in axes]
 
     def hook(model, batch, outputs, records):
         labels = batch["labels"][:, 1:]
         logits = outputs.logits[:, :-1]
         losses = []
-        for word_ids in axes:
-            for index, ids in enumerate(word_ids):
-                at = torch.isin(labels, torch.tensor(ids, device=labels.device))
+        for word_ids, tensors in zip(axes, id_tensors):
+            for index, ids in enumerate(tensors):
+                at = torch.isin(labels, ids.to(labels.device))
                 if not at.any():
                     continue
                 picked = logits[at]  # (n, V)

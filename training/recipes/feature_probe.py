@@ -67,19 +67,13 @@ def patch_statistics(image) -> np.ndarray:
     return np.concatenate([flat, flat - np.median(flat, axis=0)], axis=-1).astype(np.float32)
 
 
-def _quadrant_of(mass: np.ndarray) -> int:
-    half = mass.shape[0] // 2
-    return int(np.argmax([mass[:half, :half].sum(), mass[:half, half:].sum(), mass[half:, :half].sum(),
-                          mass[half:, half:].sum()]))
-
-
 def _measure(split: str, predicted: np.ndarray, truth: np.ndarray) -> ProbeResult:
     """predicted / truth: (N, GRID, GRID) distorted probability / fraction."""
+    from octopus_rt.training.recipes.vision_pretrain import patch_and_quadrant_accuracy
+
     pred, true = predicted >= 0.5, truth >= 0.5
-    local = [i for i in range(len(truth)) if 0 < truth[i].mean() < 0.999]
-    quadrant = (float(np.mean([_quadrant_of(predicted[i]) == _quadrant_of(truth[i]) for i in local]))
-                if local else None)
-    return ProbeResult(split, len(truth), float((pred == true).mean()), quadrant, float(pred[true].mean()),
+    patch, quadrant = patch_and_quadrant_accuracy(predicted, truth)
+    return ProbeResult(split, len(truth), patch, quadrant, float(pred[true].mean()),
                        float((~pred[~true]).mean()) if (~true).any() else None)
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VisionPretrainOptions", "VisionPretrainResult", "patch_targets", "pretrain_vision"]
+__all__ = ["VisionPretrainOptions", "VisionPretrainResult", "patch_targets", "patch_and_quadrant_accuracy",
+           "pretrain_vision"]
 
 CATEGORIES: tuple[str, ...] = (
     "blur", "noise", "compression", "brighten", "darken", "contrast_strengthen", "contrast_weaken",
@@ -182,11 +183,15 @@ def _probe_accuracy(torch, model, probe, pixels, targets: np.ndarray, grid: int)
         return None, None
     with torch.no_grad():
         pred = torch.cat([probe(_features(torch, model, pixels[i:i + 64])) for i in range(0, len(targets), 64)])
-    distorted = torch.sigmoid(pred[..., 0]).reshape(-1, grid, grid).numpy()
-    truth = targets[..., 0]
-    patch = float(((distorted >= 0.5) == (truth >= 0.5)).mean())
+    return patch_and_quadrant_accuracy(torch.sigmoid(pred[..., 0]).reshape(-1, grid, grid).numpy(), targets[..., 0])
+
+
+def patch_and_quadrant_accuracy(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float | None]:
+    """(patch accuracy, quadrant accuracy) of (N, g, g) predicted distorted probabilities against the
+    (N, g, g) true distorted fractions; see `_probe_accuracy`. Quadrant: None without local images."""
+    patch = float(((predicted >= 0.5) == (truth >= 0.5)).mean())
     local = [i for i in range(len(truth)) if 0 < truth[i].mean() < 0.999]
-    quadrant = float(np.mean([_quadrant_of(distorted[i]) == _quadrant_of(truth[i]) for i in local])) if local else None
+    quadrant = float(np.mean([_quadrant_of(predicted[i]) == _quadrant_of(truth[i]) for i in local])) if local else None
     return patch, quadrant
 
 

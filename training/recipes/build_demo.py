@@ -153,7 +153,7 @@ def _closed_set_hook(tokenizer, weight: float):
                 target = torch.full((len(picked),), index, dtype=torch.long, device=picked.device)
                 losses.append(torch.nn.functional.cross_entropy(word_logits, target, reduction="none"))
         if not losses:
-            return outputs.logits.sum() * 0.0
+            return outputs.logits.new_zeros(())
         return weight * torch.cat(losses).mean()
 
     return hook

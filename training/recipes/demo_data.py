@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PHOTOS", "HELD_OUT", "WALLPAPERS", "WALLPAPER_PACKAGES", "DemoData", "prepare_photos", "build_dataset", "merge_datasets"]
+__all__ = ["PHOTOS", "HELD_OUT", "WALLPAPERS", "WALLPAPER_PACKAGES", "DemoData", "prepare_photos", "build_dataset",
+           "merge_datasets"]
 
 # skimage.data function -> group name. Photos only (no synthetic test patterns, no binary masks, no
 # images smaller than 128 px). stereo_motorcycle returns (left, right, disparity): both views, one group.
@@ -156,6 +157,14 @@ def prepare_photos(work: Path, seed: int = 0, crops_per_photo: int = 3,
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     lines = []
+
+    def add_training_view(view: np.ndarray, prefix: str, group: str) -> None:
+        """The view and its crops as PREFIX_c<i>.png in train_src, each listed under `group`."""
+        for c, piece in enumerate([view] + _crops(view, rng, crops_per_photo)):
+            filename = f"{prefix}_c{c}.png"
+            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
+            lines.append(f"{filename},{group}")
+
     for name, group in PHOTOS.items():
         views = _load_photo(name)
         if name in HELD_OUT:
@@ -163,18 +172,10 @@ def prepare_photos(work: Path, seed: int = 0, crops_per_photo: int = 3,
                 Image.fromarray(view).save(heldout_src / f"{name}_{k}.png")
             continue
         for k, view in enumerate(views):
-            pieces = [view] + _crops(view, rng, crops_per_photo)
-            for c, piece in enumerate(pieces):
-                filename = f"{name}_{k}_c{c}.png"
-                Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
-                lines.append(f"{filename},{group}")
+            add_training_view(view, f"{name}_{k}", group)
     for path in WALLPAPERS if wallpapers else ():
         stem = "wp_" + Path(path).stem.split("_by_")[0].lower().replace("-", "")
-        photo = _load_wallpaper(path)
-        for c, piece in enumerate([photo] + _crops(photo, rng, crops_per_photo)):
-            filename = f"{stem}_0_c{c}.png"
-            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
-            lines.append(f"{filename},{stem}")
+        add_training_view(_load_wallpaper(path), f"{stem}_0", stem)
     groups = work / "groups.csv"
     groups.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return train_src, heldout_src, groups

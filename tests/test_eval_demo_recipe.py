@@ -103,7 +103,7 @@ def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     import torch
     from transformers import AutoTokenizer
 
-    from octopus_rt.training.metrics import closed_set_token_ids
+    from octopus_rt.training.validation_metrics import closed_set_token_ids
     from octopus_rt.training.recipes.build_demo import _closed_set_hook
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir("llama_siglip"))

@@ -60,8 +60,8 @@ def test_loss_falls_and_train_set_positional_accuracy(trained):
     from transformers import AutoProcessor
 
     from octopus_rt.training.collate import Collator
-    from octopus_rt.training.records import read_split
-    from octopus_rt.training.train import evaluate
+    from octopus_rt.training.dataset import read_split
+    from octopus_rt.training.train import run_validation
 
     result, data = trained
     first, last = result.losses[0], float(np.mean(result.losses[-20:]))
@@ -71,7 +71,7 @@ def test_loss_falls_and_train_set_positional_accuracy(trained):
 
     merged = LlavaForConditionalGeneration.from_pretrained(result.out).eval()
     collator = Collator(AutoProcessor.from_pretrained(result.out))
-    scores = evaluate(merged, collator, read_split(data, "train").records).as_dict()
+    scores = run_validation(merged, collator, read_split(data, "train").records).as_dict()
     assert scores["pos_n"] == 32 and scores["pos_acc"] >= 0.9, scores
     evals = _log(result.work_dir, "eval")
     assert [e["step"] for e in evals] == [300, 600] and evals[-1]["pos_n"] == 4  # the val split, never test
@@ -107,7 +107,7 @@ def _reference_run(base_dir, data, steps, lr, global_batch):
     loss (labels=, mean over answer tokens), AdamW and the cosine factor written out."""
     from octopus_rt.training.collate import Collator
     from octopus_rt.training.lora import apply_tuning
-    from octopus_rt.training.records import MixedDataset, load_image, read_split
+    from octopus_rt.training.dataset import MixedDataset, load_image, read_split
     from octopus_rt.training.train import load_base_model
 
     torch.manual_seed(0)

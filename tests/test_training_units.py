@@ -39,11 +39,11 @@ def test_collator_ids_match_processor_and_labels_cover_answers_only(which, reque
     from PIL import Image
 
     from octopus_rt.training.collate import Collator
-    from octopus_rt.training.records import _parse_turns
+    from octopus_rt.training.dataset import parse_turns
 
     _, processor = _load(request.getfixturevalue(which))
     collator = Collator(processor)
-    turns = _parse_turns(conv("Which region is most degraded?", "The top left region.",
+    turns = parse_turns(conv("Which region is most degraded?", "The top left region.",
                               "What distortion is there?", "Noise and blur."))
     encoded = collator.encode(turns)
     # Token ids equal what the model's own processor produces for the rendered conversation.
@@ -166,7 +166,7 @@ def test_merge_parity_and_plain_llava_directory(default_init_dir, tmp_path):
 
 
 def test_read_split_reports_file_and_line(tmp_path):
-    from octopus_rt.training.records import read_split
+    from octopus_rt.training.dataset import read_split
 
     data = write_records(tmp_path / "d", [{"conversations": conv("Q?", "A.")}] * 3)
     lines = (data / "train.jsonl").read_text().splitlines()
@@ -189,7 +189,7 @@ def test_read_split_reports_file_and_line(tmp_path):
     ([{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A <image>"}], "only the first turn"),
 ])
 def test_malformed_conversations(tmp_path, conversations, problem):
-    from octopus_rt.training.records import read_split
+    from octopus_rt.training.dataset import read_split
 
     data = write_records(tmp_path / "d", [{"conversations": conversations}])
     with pytest.raises(InputError, match=problem):
@@ -198,7 +198,7 @@ def test_malformed_conversations(tmp_path, conversations, problem):
 
 def test_data_weights_and_epoch_order():
     from octopus_rt.training.options import DataSource, parse_data_arg
-    from octopus_rt.training.records import MixedDataset
+    from octopus_rt.training.dataset import MixedDataset
 
     assert parse_data_arg("/a/b:2.5") == DataSource(__import__("pathlib").Path("/a/b"), 2.5)
     assert parse_data_arg("/a/b").weight == 1.0
@@ -218,8 +218,10 @@ def test_data_weights_and_epoch_order():
 
 
 def test_position_tally_uses_the_closed_set_softmax():
-    from octopus_rt.runtime.closed_set import closed_set_probs
-    from octopus_rt.training.metrics import mentioned_distortions, position_tally
+    from scipy.special import logsumexp
+
+    from octopus_rt.training.eval_metrics import distortion_keywords
+    from octopus_rt.training.validation_metrics import position_tally
 
     horizontal, vertical = [[10, 11], [12]], [[20], [21, 22]]  # left/right, top/bottom token forms
     rng = np.random.default_rng(0)
@@ -228,11 +230,13 @@ def test_position_tally_uses_the_closed_set_softmax():
     labels[0, 2:4] = [21, 10]  # "bottom left"
     labels[1, 3:5] = [20, 12]  # "top right"
     labels[2, 1:3] = [5, 6]  # no positional word
+
+    def predicted(row, words):  # argmax of the words' logsumexp scores (the softmax keeps the order)
+        return int(np.argmax([logsumexp(row[ids]) for ids in words]))
+
     tally = position_tally(logits, labels, horizontal, vertical)
-    expected_h = [int(np.argmax(closed_set_probs(logits[0, 2], horizontal)) == 0),
-                  int(np.argmax(closed_set_probs(logits[1, 3], horizontal)) == 1)]
-    expected_v = [int(np.argmax(closed_set_probs(logits[0, 1], vertical)) == 1),
-                  int(np.argmax(closed_set_probs(logits[1, 2], vertical)) == 0)]
+    expected_h = [int(predicted(logits[0, 2], horizontal) == 0), int(predicted(logits[1, 3], horizontal) == 1)]
+    expected_v = [int(predicted(logits[0, 1], vertical) == 1), int(predicted(logits[1, 2], vertical) == 0)]
     assert (tally.horizontal_total, tally.vertical_total, tally.both_total) == (2, 2, 2)
     assert tally.horizontal_correct == sum(expected_h) and tally.vertical_correct == sum(expected_v)
     assert tally.both_correct == sum(h and v for h, v in zip(expected_h, expected_v))
@@ -240,7 +244,8 @@ def test_position_tally_uses_the_closed_set_softmax():
     logits[0, 2, 10] = 50.0
     logits[0, 1, 21] = 50.0
     assert position_tally(logits, labels, horizontal, vertical).both_correct >= 1
-    assert mentioned_distortions("Severe Noise, and overly high brightness.") == {"noise", "overly high brightness"}
+    # Referring accuracy matches names the way `octopus-rt eval` does (one definition).
+    assert distortion_keywords("Severe Noise, and overly high brightness.") == {"noise", "overly high brightness"}
 
 
 def test_merge_on_a_full_disk_leaves_nothing_behind(default_init_dir, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from octopus_rt.errors import InputError
-from octopus_rt.training.records import IMAGE_TOKEN, TrainRecord, Turn
+from octopus_rt.training.dataset import IMAGE_TOKEN, TrainRecord, Turn
 
 __all__ = ["EncodedText", "Collator", "IGNORE_INDEX", "messages_from_turns"]
 

@@ -1,7 +1,7 @@
 """Evaluation metrics in numpy / scipy: intervals, masks, correlations and keyword matching.
 
-Used by `octopus-rt eval` (training/evaluate.py). (training/metrics.py holds the trainer's own
-teacher-forced validation metrics.) Everything here is pure and deterministic (bootstrap resampling
+Used by `octopus-rt eval` (training/evaluate.py). (training/validation_metrics.py holds the trainer's
+own teacher-forced validation metrics.) Everything here is pure and deterministic (bootstrap resampling
 takes an explicit seed). Masks are (H, W) bool arrays in the original image's pixel frame; points
 are (x, y) pixels with the origin at the top left corner.
 """

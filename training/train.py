@@ -26,7 +26,7 @@ import numpy as np
 from octopus_rt.errors import InputError
 from octopus_rt.training.options import TrainOptions
 
-__all__ = ["TrainResult", "train", "evaluate", "load_base_model", "read_datasets", "resolve_precision"]
+__all__ = ["TrainResult", "train", "run_validation", "load_base_model", "read_datasets", "resolve_precision"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def load_base_model(base_model: Path):
 
 def read_datasets(options: TrainOptions, log: Callable[[str], None]):
     """(MixedDataset of the train splits, list of val records, skipped-line messages)."""
-    from octopus_rt.training.records import MixedDataset, read_split
+    from octopus_rt.training.dataset import MixedDataset, read_split
 
     train_sets, val_records, skipped = [], [], []
     for source in options.data:
@@ -117,7 +117,7 @@ def _check_paths(options: TrainOptions) -> None:
 
 def _load_images(records, on_error: str, log):
     """(kept records, their PIL images); with on_error="skip" unloadable images are dropped and logged."""
-    from octopus_rt.training.records import load_image
+    from octopus_rt.training.dataset import load_image
 
     kept, images = [], []
     for record in records:
@@ -153,19 +153,21 @@ def _autocast(device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def evaluate(model, collator, records, *, dist=None, batch_size: int = 4, precision: str = "fp32",
-             max_samples: int | None = None, referring_max_new_tokens: int = 48, on_error: str = "stop"):
-    """Validation loss, positional-word accuracy and referring accuracy (see training/metrics.py) of
-    `model` on `records` (sharded over processes when `dist` is given). Positional accuracy counts
-    records of task "grounding", referring accuracy those of task "referring". Returns an EvalResult."""
+def run_validation(model, collator, records, *, dist=None, batch_size: int = 4, precision: str = "fp32",
+                   max_samples: int | None = None, referring_max_new_tokens: int = 48, on_error: str = "stop"):
+    """Validation loss, positional-word accuracy and referring accuracy (see
+    training/validation_metrics.py) of `model` on `records` (sharded over processes when `dist` is
+    given). Positional accuracy counts records of task "grounding", referring accuracy those of task
+    "referring". Returns a ValidationResult. (`octopus-rt eval`, training/evaluate.py, measures an
+    exported bundle instead.)"""
     import torch
 
     from octopus_rt import vocab
-    from octopus_rt.training.metrics import (
-        EvalResult,
+    from octopus_rt.training.eval_metrics import distortion_keywords
+    from octopus_rt.training.validation_metrics import (
         PositionTally,
+        ValidationResult,
         closed_set_token_ids,
-        mentioned_distortions,
         position_tally,
     )
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -205,13 +207,13 @@ def evaluate(model, collator, records, *, dist=None, batch_size: int = 4, precis
                                            do_sample=False)
                 text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
                 ref_n += 1
-                ref_ok += int(mentioned_distortions(text) == mentioned_distortions(record.turns[1].text))
+                ref_ok += int(distortion_keywords(text) == distortion_keywords(record.turns[1].text))
     model.train(was_training)
     sums = np.concatenate([[loss_sum, tokens, ref_ok, ref_n], tally.as_array()]).astype(np.float64)
     if dist is not None:
         sums = dist.all_sum(list(sums))
     loss = float(sums[0] / sums[1]) if sums[1] else None
-    return EvalResult(loss, int(sums[1]), PositionTally.from_array(sums[4:]), int(sums[2]), int(sums[3]))
+    return ValidationResult(loss, int(sums[1]), PositionTally.from_array(sums[4:]), int(sums[2]), int(sums[3]))
 
 
 class _Logger:
@@ -447,9 +449,9 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
                                "tokens_per_s": run_tokens / run_time, "samples_per_s": run_samples / run_time,
                                "eta_s": (total_steps - step) * run_time / len(steps)})
             if val_records and ((options.eval_every and step % options.eval_every == 0) or step == total_steps):
-                result = evaluate(model, collator, val_records, dist=dist, batch_size=options.batch_size,
-                                  precision=precision, max_samples=options.eval_max_samples,
-                                  on_error=options.on_error)
+                result = run_validation(model, collator, val_records, dist=dist, batch_size=options.batch_size,
+                                        precision=precision, max_samples=options.eval_max_samples,
+                                        on_error=options.on_error)
                 last_eval = {"type": "eval", "step": step, **result.as_dict()}
                 logger.record(last_eval)
                 say("eval step {step}: ".format(step=step) + ", ".join(

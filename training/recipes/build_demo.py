@@ -134,7 +134,7 @@ def _closed_set_hook(tokenizer, weight: float):
     import torch
 
     from octopus_rt import vocab
-    from octopus_rt.training.metrics import closed_set_token_ids
+    from octopus_rt.training.validation_metrics import closed_set_token_ids
 
     axes = [closed_set_token_ids(tokenizer, words) for words in (vocab.HORIZONTAL_WORDS, vocab.VERTICAL_WORDS)]
     id_tensors = [[torch.tensor(ids) for ids in word_ids] for word_ids in axes]

@@ -24,6 +24,7 @@ __all__ = [
     "ReadReport",
     "MixedDataset",
     "read_split",
+    "parse_turns",
     "load_image",
     "IMAGE_TOKEN",
 ]
@@ -61,7 +62,8 @@ class ReadReport:
     skipped: list[str]
 
 
-def _parse_turns(conversations: object) -> list[Turn]:
+def parse_turns(conversations: object) -> list[Turn]:
+    """A record's LLaVA `conversations` list -> alternating user / assistant `Turn`s (ValueError if malformed)."""
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("'conversations' must be a non-empty list")
     turns = []
@@ -102,7 +104,7 @@ def _parse_record(line: str, data_dir: Path) -> TrainRecord:
     path = data_dir / image
     if not path.is_file():
         raise ValueError(f"image {image} not found")
-    turns = _parse_turns(raw.get("conversations"))
+    turns = parse_turns(raw.get("conversations"))
     return TrainRecord(
         id=str(raw.get("id", "")),
         image=path,

@@ -1,4 +1,4 @@
-"""Validation metrics of a training run, scored with the runtime's closed-set code.
+"""Validation metrics of a training run (`train.run_validation`, on the val split while training), scored with the runtime's closed-set code.
 
 - Grounding positional-word accuracy (teacher forced): in each answer, at the position of the first
   horizontal word (left/right) and of the first vertical word (top/bottom), the model's next-token
@@ -6,8 +6,8 @@
   (the runtime's own closed-set softmax); the argmax word is compared with the reference word.
   Reported per axis and for both axes of a record at once.
 - Referring accuracy: for records of task "referring", a greedy answer is generated and counts as
-  right when the set of distortion names it mentions (`octopus_rt.vocab.DISTORTION_NAMES`) equals the
-  set the reference answer mentions.
+  right when the set of distortion names it mentions equals the set the reference answer mentions
+  (`eval_metrics.distortion_keywords`, the same matching `octopus-rt eval` uses).
 The torch side only produces logits; every probability is computed by the numpy closed-set module.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from octopus_rt import vocab
 from octopus_rt.runtime.closed_set import closed_set_probs
 
-__all__ = ["closed_set_token_ids", "PositionTally", "position_tally", "mentioned_distortions", "EvalResult"]
+__all__ = ["closed_set_token_ids", "PositionTally", "position_tally", "ValidationResult"]
 
 
 def closed_set_token_ids(tokenizer, words: tuple[str, ...]) -> list[list[int]]:
@@ -106,15 +106,9 @@ def position_tally(logits: np.ndarray, labels: np.ndarray, horizontal_ids, verti
     return tally
 
 
-def mentioned_distortions(text: str) -> frozenset[str]:
-    """The distortion names (`vocab.DISTORTION_NAMES` values) that occur in `text`, case-insensitive."""
-    lowered = text.lower()
-    return frozenset(name for name in vocab.DISTORTION_NAMES.values() if name.lower() in lowered)
-
-
 @dataclass
-class EvalResult:
-    """One evaluation pass: the validation loss, positional tallies and referring counts."""
+class ValidationResult:
+    """One validation pass: the validation loss, positional tallies and referring counts."""
 
     loss: float | None
     answer_tokens: int

@@ -3,7 +3,7 @@
 Two checks, both in onnxruntime on CPU:
 
 1. End to end against `segment_anything.SamPredictor`: the runtime's numpy pipeline
-   (runtime/sam_postprocess.py + the two graphs) and the predictor segment the same synthetic image
+   (runtime/sam_transforms.py + the two graphs) and the predictor segment the same synthetic image
    from the same point, at three aspect ratios (768x1024, 1024x1024, 2250x1500 for input size
    1024, scaled for smaller inputs), each with a one-point prompt, a foreground + background prompt
    and the one-point prompt refined with its best low-res mask as mask input; every one of the
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from octopus_rt.errors import OctopusError
-from octopus_rt.runtime.sam_postprocess import map_points, postprocess_masks, preprocess_image, resize_bilinear
+from octopus_rt.runtime.sam_transforms import postprocess_masks, preprocess_image, prompt_inputs, resize_bilinear
 
 __all__ = [
     "SamVerificationError",
@@ -135,19 +135,10 @@ def _reference_predictions(predictor: Any, prompt: tuple) -> dict[str, np.ndarra
 
 
 def _decoder_feed(embeddings, points, labels, orig_hw, resized_hw, mask_input=None) -> dict[str, np.ndarray]:
-    """The runtime's decoder inputs: points mapped to the resized frame plus the (0, 0) / -1 padding point."""
-    coords = map_points(points, orig_hw, resized_hw)
-    coords = np.concatenate([coords, np.zeros((1, 2), np.float32)])[None].astype(np.float32)
-    point_labels = np.concatenate([labels, [-1]]).astype(np.float32)[None]
+    """The runtime's decoder inputs (sam_transforms.prompt_inputs) keyed by the graph's input names."""
     low = embeddings.shape[-1] * 4
-    has_mask = mask_input is not None
-    return {
-        "image_embeddings": embeddings,
-        "point_coords": coords,
-        "point_labels": point_labels,
-        "mask_input": (mask_input if has_mask else np.zeros((1, 1, low, low))).astype(np.float32),
-        "has_mask_input": np.array([1.0 if has_mask else 0.0], dtype=np.float32),
-    }
+    prompt = prompt_inputs(points, labels, orig_hw, resized_hw, (low, low), mask_input)
+    return dict(zip(DECODER_INPUTS, [embeddings, *prompt]))
 
 
 def _export_sam_onnx_model(sam: Any, path: Path, opset: int, embedding_shape: tuple[int, ...]) -> None:

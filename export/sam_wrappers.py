@@ -5,7 +5,7 @@
   from the graph (export/sam.py), keeping the nodes that `layer_norm_scopes` names in fp32.
 - `SamDecoderWrapper`: the TensorRT-friendly prompt encoder + mask decoder. Unlike segment-anything's
   `SamOnnxModel` it has no `orig_im_size` input (a shape tensor in TensorRT; upscaling happens in
-  the runtime, see runtime/sam_postprocess.py) and it replaces `torch.repeat_interleave` in
+  the runtime, see runtime/sam_transforms.py) and it replaces `torch.repeat_interleave` in
   `MaskDecoder.predict_masks` (exported as OneHot nodes, which TensorRT refuses in shape
   computations) with broadcasting/`expand`. It returns the low-res logits of all 1 + K masks.
 """

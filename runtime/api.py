@@ -8,8 +8,8 @@
 Pipeline of `ask` (stage names as in `Answer.timings_ms`):
 read_image (file bytes + content hash) -> decode_image (skipped on a cache hit) -> preprocess ->
 vision -> prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the
-question's own tokens) -> decode (greedy, KV cache) -> closed-set point -> sam_preprocess +
-sam_encoder (cached per image) -> sam_decoder -> postprocess (mask upscaling).
+question's own tokens) -> decode (greedy, KV cache) -> closed-set point -> the SAM stage
+(runtime/sam_stage.py): sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess.
 A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
 """
 
@@ -147,7 +147,7 @@ class Octopus:
                     f"bundle {self.bundle_dir} has no sam section, so it cannot segment; "
                     "run `octopus-rt export sam` into it, or do not ask for a mask"
                 )
-            from octopus_rt.runtime.segment import SamStage
+            from octopus_rt.runtime.sam_stage import SamStage
 
             self._sam = SamStage(self.backend, self.bundle_dir, self.manifest["sam"])
         return self._sam
@@ -283,7 +283,8 @@ class Octopus:
         if whole:
             mask, mask_iou = np.ones((height, width), dtype=bool), 1.0
         elif segment and point is not None and self.has_sam:
-            mask, mask_iou = self._segment(entry, pending, rgb, point, multimask, timer, cached)
+            segmented = self._segment(entry, pending, rgb, point, multimask, timer, cached)
+            mask, mask_iou = segmented.mask, segmented.iou
         timings = dict(timer.ms)
         if self.backend.load_ms > load_before:
             # Lazy session creation happened inside this call (first use of a graph); it is part of
@@ -307,27 +308,18 @@ class Octopus:
             cached=tuple(cached),
         )
 
-    def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> tuple[np.ndarray, float]:
+    def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> MaskResult:
+        """SAM's mask for `point` on the entry's image, its embedding computed once per image."""
         sam = self.sam
-        sam.load()
-        width, height = entry.size
-        if entry.sam_embedding is None:
+        sam.load()  # session creation stays outside the stage timers (it is reported as load_sessions)
+        if entry.sam_image is None:
             if rgb is None:
                 with timer.stage("decode_image"):
                     rgb = pending.decode()
-            with timer.stage("sam_preprocess"):
-                image, resized = sam.preprocess(rgb)
-            with timer.stage("sam_encoder"):
-                entry.sam_embedding = sam.encode(image)
-            entry.sam_resized_hw = resized
+            entry.sam_image = sam.set_image(rgb, timer=timer.stage)
         else:
             cached.append("sam_embedding")
-        with timer.stage("sam_decoder"):
-            low_res, iou = sam.decode(entry.sam_embedding, point, (height, width), entry.sam_resized_hw)
-        with timer.stage("postprocess"):
-            index = sam.select(iou, multimask)
-            mask = sam.masks_at(low_res, index, (height, width), entry.sam_resized_hw)
-        return mask, float(iou[index])
+        return sam.predict(point, multimask=multimask, image=entry.sam_image, timer=timer.stage)
 
     def segment(
         self, image: ImageInput, point: tuple[float, float], *, multimask: bool | None = None
@@ -343,8 +335,9 @@ class Octopus:
         if not (np.isfinite(x) and np.isfinite(y)):
             raise InputError(f"point must be finite, got {point}")
         cached: list[str] = []
-        mask, iou = self._segment(entry, pending, rgb, (x, y), multimask, timer, cached)
-        return MaskResult(mask=mask, iou=iou, cached="sam_embedding" in cached, timings_ms=dict(timer.ms))
+        result = self._segment(entry, pending, rgb, (x, y), multimask, timer, cached)
+        return MaskResult(mask=result.mask, iou=result.iou, cached="sam_embedding" in cached,
+                          timings_ms=dict(timer.ms))
 
     def _next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str], tau: float):
         timer, cached = _Timer(), []

@@ -7,7 +7,7 @@ arrays and PIL images), bounded LRU over images. One entry holds
 - `prefix`: the decoder's KV cache after the prompt's shared prefix up to and including the image
   tokens, with the token ids it was computed for (a bundle whose prompt prefix changed would not
   match), so a further question prefills only its own tokens;
-- `sam`: the SAM image embedding and the resized (nh, nw) size it was computed at.
+- `sam_image`: the SAM stage's `SamImage` (image embedding and the sizes it was computed at).
 Every cached value is immutable once stored (decoding makes new cache tensors), so sharing is safe.
 """
 
@@ -30,8 +30,7 @@ class ImageEntry:
     features: np.ndarray | None = None
     prefix_ids: tuple[int, ...] | None = None
     prefix: KVState | None = None
-    sam_embedding: Any = None
-    sam_resized_hw: tuple[int, int] | None = None
+    sam_image: Any = None  # runtime.sam_stage.SamImage
 
 
 class ImageCache:

@@ -104,9 +104,9 @@ class ChoiceResult:
 @dataclass
 class MaskResult:
     """SAM's mask for one point: mask H x W bool (original frame), iou its predicted IoU, cached
-    whether the image's SAM embedding came from the per-image cache."""
+    whether the image's SAM embedding came from the per-image cache (`Octopus.segment`)."""
 
     mask: np.ndarray
     iou: float
-    cached: bool
+    cached: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)

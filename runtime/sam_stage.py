@@ -1,38 +1,58 @@
-"""The SAM stage: image embedding once per image, then one decoder call per point.
+"""The SAM stage: one owner of the image embedding, like segment-anything's `SamPredictor`.
 
-Uses runtime/sam_postprocess.py (the one numpy implementation of SAM's resize, point mapping and
-mask upscaling). Frames: the point comes in original pixels (x, y); it is mapped into the encoder's
-resized frame (longest side = `input_size`), the padding point (0, 0) with label -1 is appended (as
-SAM's prompt encoder does without a box), and the kept low-res mask is upscaled, cropped to the
-valid area and resized to the original H x W, then thresholded at the manifest's mask_threshold.
+    stage = SamStage(backend, bundle_dir, manifest["sam"])
+    stage.set_image(rgb)                       # preprocess + image encoder, once per image
+    result = stage.predict((x, y))             # prompt encoder + mask decoder + upscaling, per point
+    result.mask, result.iou
+
+`set_image` returns the `SamImage` it holds, so a caller that keeps several images (the runtime's
+per-image cache) can pass one back to `predict(point, image=...)` without re-encoding.
+
+Frames (runtime/sam_transforms.py, the one numpy implementation of SAM's transforms): the point comes
+in original pixels (x, y); it is mapped into the encoder's resized frame (longest side =
+`input_size`), the padding point (0, 0) with label -1 is appended (as SAM's prompt encoder does
+without a box), and the kept low-res mask is upscaled, cropped to the valid area and resized to the
+original H x W, then thresholded at the manifest's mask_threshold.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 
-from octopus_rt.runtime import sam_postprocess
+from octopus_rt.errors import InputError
+from octopus_rt.runtime import sam_transforms
 from octopus_rt.runtime.backends import Backend
+from octopus_rt.runtime.results import MaskResult
 
-__all__ = ["SamResult", "SamStage"]
+__all__ = ["SamImage", "SamStage"]
+
+# A timer hook: stage name -> context manager that times the block (Octopus passes its per-call timer).
+StageTimer = Callable[[str], ContextManager[Any]]
 
 
-@dataclass
-class SamResult:
-    """mask: H x W bool; iou: SAM's predicted IoU of that mask; index: which decoder output was kept
-    (0 = single-mask output, 1.. = multimask outputs)."""
+def _untimed(_name: str) -> ContextManager[Any]:
+    return contextlib.nullcontext()
 
-    mask: np.ndarray
-    iou: float
-    index: int
+
+@dataclass(frozen=True)
+class SamImage:
+    """One image's SAM embedding. embedding: the encoder output 1 x C x h x w (an OrtValue on the
+    backend's device); original_hw: (H, W) of the image; resized_hw: (nh, nw) after the longest-side
+    resize (before padding)."""
+
+    embedding: Any
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
 
 
 class SamStage:
-    """Encoder + decoder graphs of the manifest's `sam` section, created lazily on the backend."""
+    """Encoder + decoder graphs of the manifest's `sam` section, sessions created lazily on the backend."""
 
     def __init__(self, backend: Backend, bundle_dir: Path, section: dict[str, Any]) -> None:
         self.backend = backend
@@ -48,66 +68,64 @@ class SamStage:
         # derived from the embedding shape, which every SAM section records unambiguously.
         grid_h, grid_w = (int(v) for v in self.encoder_spec.get("embedding_shape", [1, 256, 64, 64])[-2:])
         self.mask_input_hw = (4 * grid_h, 4 * grid_w)
+        self.image: SamImage | None = None
 
     def load(self) -> None:
         """Create both sessions now (otherwise they are created on first use)."""
-        self.backend.graph("sam_encoder", self.folder / self.encoder_spec["file"])
-        self.backend.graph("sam_decoder", self.folder / self.decoder_spec["file"])
+        self._encoder()
+        self._decoder()
 
-    def preprocess(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """H x W x 3 uint8 -> (1 x 3 x S x S float32 normalised + padded, resized (nh, nw))."""
-        return sam_postprocess.preprocess_image(rgb, self.input_size, self.pixel_mean, self.pixel_std)
+    def _encoder(self):
+        return self.backend.graph("sam_encoder", self.folder / self.encoder_spec["file"])
 
-    def encode(self, image: np.ndarray) -> Any:
-        """Encoder: preprocessed image -> image embedding (OrtValue on the backend's device)."""
-        graph = self.backend.graph("sam_encoder", self.folder / self.encoder_spec["file"])
+    def _decoder(self):
+        return self.backend.graph("sam_decoder", self.folder / self.decoder_spec["file"])
+
+    def set_image(self, rgb: np.ndarray, *, timer: StageTimer = _untimed) -> SamImage:
+        """Embed an H x W x 3 uint8 RGB image (stages "sam_preprocess", "sam_encoder"); the stage
+        holds the result for `predict` and returns it."""
+        with timer("sam_preprocess"):
+            pixels, resized = sam_transforms.preprocess_image(rgb, self.input_size, self.pixel_mean, self.pixel_std)
         input_name = self.encoder_spec.get("input_names", ["image"])[0]
         output_name = self.encoder_spec.get("output_names", ["image_embeddings"])[0]
-        return graph.run({input_name: image}, [output_name])[0]
+        encoder = self._encoder()
+        with timer("sam_encoder"):
+            embedding = encoder.run({input_name: pixels}, [output_name])[0]
+        self.image = SamImage(embedding, (int(rgb.shape[0]), int(rgb.shape[1])), resized)
+        return self.image
 
-    def decode(
+    def predict(
         self,
-        embedding: Any,
         point_xy: tuple[float, float],
-        orig_hw: tuple[int, int],
-        resized_hw: tuple[int, int],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Decoder for one positive point (original pixels). Returns (low_res_masks 1 x M x h x w,
-        iou_predictions (M,)) as numpy."""
-        graph = self.backend.graph("sam_decoder", self.folder / self.decoder_spec["file"])
-        point = sam_postprocess.map_points(np.asarray([point_xy], dtype=np.float64), orig_hw, resized_hw)
-        coords = np.concatenate([point, np.zeros((1, 2), dtype=np.float32)])[None].astype(np.float32)
-        labels = np.asarray([[1.0, -1.0]], dtype=np.float32)
-        mask_h, mask_w = self.mask_input_hw
+        *,
+        multimask: bool = True,
+        image: SamImage | None = None,
+        timer: StageTimer = _untimed,
+    ) -> MaskResult:
+        """The mask for one positive point (x, y) in original pixels on `image` (default: the image
+        of the last `set_image`). Stages "sam_decoder" and "postprocess".
+
+        multimask: keep the best predicted IoU among the multimask outputs (1..M-1, as SamPredictor
+        with multimask_output=True), else the single-mask output 0. Returns mask H x W bool and
+        SAM's predicted IoU of it (`cached` is left False: caching is the caller's business).
+        """
+        image = image if image is not None else self.image
+        if image is None:
+            raise InputError("no image is set: call set_image(rgb) before predict(point)")
         names = self.decoder_spec.get(
             "input_names", ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"]
         )
-        feeds = dict(
-            zip(
-                names,
-                [
-                    embedding,
-                    coords,
-                    labels,
-                    np.zeros((1, 1, mask_h, mask_w), dtype=np.float32),
-                    np.zeros((1,), dtype=np.float32),
-                ],
-            )
+        prompt = sam_transforms.prompt_inputs(
+            np.asarray([point_xy], dtype=np.float64), np.ones(1), image.original_hw, image.resized_hw, self.mask_input_hw
         )
         out_names = self.decoder_spec.get("output_names", ["low_res_masks", "iou_predictions"])
-        low_res, iou = graph.run_numpy(feeds, out_names)
-        return low_res, np.asarray(iou).reshape(-1)
-
-    def select(self, iou: np.ndarray, multimask: bool = True) -> int:
-        """Index of the kept mask: best predicted IoU among the multimask outputs (1..M-1, as
-        SamPredictor with multimask_output=True), or the single-mask output 0."""
-        if multimask and iou.shape[0] > 1:
-            return 1 + int(np.argmax(iou[1:]))
-        return 0
-
-    def masks_at(
-        self, low_res: np.ndarray, index: int, orig_hw: tuple[int, int], resized_hw: tuple[int, int]
-    ) -> np.ndarray:
-        """The kept low-res mask -> H x W bool at the original size."""
-        logits = sam_postprocess.postprocess_masks(low_res[:, index : index + 1], self.input_size, resized_hw, orig_hw)
-        return logits[0] > self.mask_threshold
+        decoder = self._decoder()
+        with timer("sam_decoder"):
+            low_res, iou = decoder.run_numpy(dict(zip(names, [image.embedding, *prompt])), out_names)
+        with timer("postprocess"):
+            iou = np.asarray(iou).reshape(-1)
+            index = 1 + int(np.argmax(iou[1:])) if multimask and iou.shape[0] > 1 else 0
+            logits = sam_transforms.postprocess_masks(
+                low_res[:, index : index + 1], self.input_size, image.resized_hw, image.original_hw
+            )
+        return MaskResult(mask=logits[0] > self.mask_threshold, iou=float(iou[index]))

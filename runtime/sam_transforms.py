@@ -1,7 +1,9 @@
-"""Segment Anything pre- and post-processing in numpy + Pillow (torch-free).
+"""Segment Anything transforms in numpy + Pillow (torch-free): image resize and normalisation, prompt
+mapping into the decoder's inputs, mask upscaling (segment-anything keeps the same steps in
+`utils/transforms.py` and `Sam.preprocess` / `Sam.postprocess_masks`).
 
-This is the one implementation of SAM's image resize, prompt mapping and mask upscaling outside
-PyTorch: the runtime calls it, and `octopus-rt export sam` verifies it against
+This is the one implementation of these transforms outside PyTorch: the runtime's SAM stage
+(runtime/sam_stage.py) calls it, and `octopus-rt export sam` verifies it against
 `segment_anything.SamPredictor` at three aspect ratios before writing a bundle.
 
 Coordinate frames
@@ -34,6 +36,7 @@ __all__ = [
     "resize_longest_side",
     "preprocess_image",
     "map_points",
+    "prompt_inputs",
     "postprocess_masks",
     "resize_bilinear",
 ]
@@ -83,6 +86,30 @@ def map_points(xy: np.ndarray, orig_hw: tuple[int, int], resized_hw: tuple[int, 
     scaled[..., 0] *= nw / w
     scaled[..., 1] *= nh / h
     return scaled.astype(np.float32)
+
+
+def prompt_inputs(
+    points_xy: np.ndarray,
+    labels: np.ndarray,
+    orig_hw: tuple[int, int],
+    resized_hw: tuple[int, int],
+    mask_input_hw: tuple[int, int],
+    mask_input: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The decoder graph's prompt inputs for N points in the original frame.
+
+    points_xy: N x 2 (x, y) original pixels; labels: N (1 foreground, 0 background). The points are
+    mapped into the resized frame and the padding point (0, 0) with label -1 is appended, as SAM's
+    prompt encoder does when no box is given. mask_input: 1 x 1 x h x w low-res logits or None (then
+    zeros of `mask_input_hw` and has_mask_input 0). Returns float32 (point_coords 1 x (N+1) x 2,
+    point_labels 1 x (N+1), mask_input 1 x 1 x h x w, has_mask_input (1,)).
+    """
+    coords = map_points(np.asarray(points_xy, dtype=np.float64).reshape(-1, 2), orig_hw, resized_hw)
+    coords = np.concatenate([coords, np.zeros((1, 2), np.float32)])[None].astype(np.float32)
+    point_labels = np.concatenate([np.asarray(labels, dtype=np.float32).reshape(-1), [-1.0]]).astype(np.float32)[None]
+    has_mask = mask_input is not None
+    mask = np.asarray(mask_input, dtype=np.float32) if has_mask else np.zeros((1, 1, *mask_input_hw), np.float32)
+    return coords, point_labels, mask, np.array([1.0 if has_mask else 0.0], dtype=np.float32)
 
 
 def _linear_weights(in_size: int, out_size: int, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from octopus_rt.export.sam_verify import (
     verification_sizes,
 )
 from octopus_rt.export.sam_wrappers import SamDecoderWrapper
-from octopus_rt.runtime.sam_postprocess import (
+from octopus_rt.runtime.sam_transforms import (
     map_points,
     postprocess_masks,
     preprocess_image,

@@ -249,3 +249,26 @@ def test_segment_at_given_points_matches_sam_predictor(octo, reference, runtime_
                 assert _iou(ours.mask, mask) >= 0.99
                 assert abs(ours.iou - iou) <= 1e-3
         assert ours.cached  # the embedding was computed once per image
+
+
+def test_sam_stage_holds_the_image_embedding_like_sam_predictor(octo, reference, runtime_images):
+    """`set_image` then `predict(point)` (segment-anything's SamPredictor contract); an embedding
+    returned by `set_image` can be passed back after another image was set."""
+    from octopus_rt.runtime.backends import Backend
+    from octopus_rt.runtime.images import load_image
+    from octopus_rt.runtime.sam_stage import SamStage
+
+    stage = SamStage(Backend(device="cpu", threads=1), octo.bundle_dir, octo.manifest["sam"])
+    with pytest.raises(InputError, match="set_image"):
+        stage.predict((1.0, 1.0))
+    first, second = (load_image(path).rgb for path in runtime_images[:2])
+    held = stage.set_image(first)
+    assert held.original_hw == first.shape[:2]
+    stage.set_image(second)
+    for rgb, image in ((second, None), (first, held)):
+        height, width = rgb.shape[:2]
+        point = (width * 0.3, height * 0.6)
+        ours = stage.predict(point, image=image)
+        mask, iou = reference.segment(rgb, point, True)
+        assert ours.mask.shape == (height, width)
+        assert _iou(ours.mask, mask) >= 0.99 and abs(ours.iou - iou) <= 1e-3

@@ -136,38 +136,21 @@ def retemper(p_first: float, tau: float) -> float:
     return float(closed_set_probs(np.log([p, 1.0 - p]), [[0], [1]], tau)[0])
 
 
-class _Harness:
-    """The runtime API plus a separately cached SAM stage for point-prompted baselines and sweeps."""
+def _open_bundle(bundle: Path, threads: int):
+    """The runtime API over the bundle: `ask` for the model, `segment` (the SAM stage, embedding
+    cached per image with the rest of the image's state) for the point-prompted baselines."""
+    from octopus_rt.runtime.api import Octopus
 
-    def __init__(self, bundle: Path, threads: int) -> None:
-        from octopus_rt.bundle import read_manifest
-        from octopus_rt.runtime.api import Octopus
+    return Octopus(Path(bundle), threads=threads)
 
-        self.bundle = Path(bundle)
-        self.octopus = Octopus(self.bundle, threads=threads)
-        self.defaults = read_manifest(self.bundle).get("defaults", {})
-        # The runtime's own SAM stage (same sessions); embeddings are cached here per image key
-        # so the baselines' extra prompts cost one decoder call each.
-        self.sam = self.octopus.sam if self.octopus.has_sam else None
-        self._embeddings: dict[str, tuple[Any, tuple[int, int]]] = {}
 
-    def ask(self, image: Any, question: str, tau: float, mapping: str, segment: bool = True):
-        return self.octopus.ask(image, question, tau=tau, point_mapping=mapping, segment=segment)
+def _ask(octopus, image: Any, question: str, tau: float, mapping: str, segment: bool = True):
+    return octopus.ask(image, question, tau=tau, point_mapping=mapping, segment=segment)
 
-    def segment_at(self, key: str, rgb: np.ndarray, point: tuple[float, float]) -> np.ndarray | None:
-        """Mask (H x W bool) for one positive point on an image, the encoder run once per `key`."""
-        if self.sam is None:
-            return None
-        if key not in self._embeddings:
-            if len(self._embeddings) > 4:  # records of one image are consecutive; keep memory flat
-                self._embeddings.clear()
-            image, resized = self.sam.preprocess(rgb)
-            self._embeddings[key] = (self.sam.encode(image), resized)
-        embedding, resized = self._embeddings[key]
-        orig = rgb.shape[:2]
-        low_res, iou = self.sam.decode(embedding, point, orig, resized)
-        index = self.sam.select(iou, bool(self.defaults.get("multimask", True)))
-        return self.sam.masks_at(low_res, index, orig, resized)
+
+def _segment_at(octopus, rgb: np.ndarray, point: tuple[float, float]) -> np.ndarray | None:
+    """Mask (H x W bool) for one positive point, or None without a SAM section."""
+    return octopus.segment(rgb, point).mask if octopus.has_sam else None
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -224,7 +207,7 @@ def _majority(train: list[dict]) -> dict[str, Any]:
             "names": set(names.most_common(1)[0][0]) if names else set()}
 
 
-def _grounding(h: _Harness, options: EvalOptions, records: list[dict], tau: float, mapping: str,
+def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, mapping: str,
                majority: dict) -> list[Row]:
     """Rows of the grounding task (overall and per sub-task) for the model and the baselines."""
     data_dir = Path(options.data_dir)
@@ -246,10 +229,9 @@ def _grounding(h: _Harness, options: EvalOptions, records: list[dict], tau: floa
         height, width = gt.shape
         is_whole = bool(target.get("whole_image"))
         question = _question(record)
-        key = record["image"]
-        systems: dict[str, Any] = {PIPELINE: h.ask(rgb, question, tau, mapping)}
+        systems: dict[str, Any] = {PIPELINE: _ask(octopus, rgb, question, tau, mapping)}
         if options.baselines:
-            systems["blank image"] = h.ask(np.full_like(rgb, 128), question, tau, mapping, segment=False)
+            systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), question, tau, mapping, segment=False)
         for system, answer in systems.items():
             put(sub, "whole-image recall (whole)" if is_whole else "whole-image recall (local)", system,
                 float(bool(answer.whole_image) == is_whole))
@@ -258,7 +240,7 @@ def _grounding(h: _Harness, options: EvalOptions, records: list[dict], tau: floa
             elif answer.whole_image:
                 pred = np.ones(gt.shape, dtype=bool)
             else:  # the blank image's point, prompted on the real image
-                pred = None if answer.point is None else h.segment_at(key, rgb, answer.point)
+                pred = None if answer.point is None else _segment_at(octopus, rgb, answer.point)
             put(sub, "mIoU", system, m.mask_iou(pred, gt))
             if not is_whole and target.get("position"):
                 want_h, want_v = target["position"]
@@ -276,12 +258,12 @@ def _grounding(h: _Harness, options: EvalOptions, records: list[dict], tau: floa
                 put(sub, "position: both", "majority class", float((maj_h, maj_v) == (want_h, want_v)))
             put(sub, "whole-image recall (whole)" if is_whole else "whole-image recall (local)", "majority class",
                 float(majority["whole"] == is_whole))
-            if h.sam is not None:
+            if octopus.has_sam:
                 prompts = {"SAM @ centre": (width / 2.0, height / 2.0),
                            "SAM @ random point": (float(rng.uniform(0, width)), float(rng.uniform(0, height))),
                            "SAM @ oracle point (ceiling)": m.oracle_point(gt)}
                 for system, point in prompts.items():
-                    put(sub, "mIoU", system, m.mask_iou(h.segment_at(key, rgb, point), gt))
+                    put(sub, "mIoU", system, m.mask_iou(_segment_at(octopus, rgb, point), gt))
     return _rows("grounding", values, options.seed)
 
 
@@ -304,7 +286,7 @@ def _rows(task: str, values: dict[tuple[str, str, str], list[float]], seed: int)
     return rows
 
 
-def _text_tasks(h: _Harness, options: EvalOptions, records: list[dict], tau: float, mapping: str,
+def _text_tasks(octopus, options: EvalOptions, records: list[dict], tau: float, mapping: str,
                 majority: dict) -> list[Row]:
     """Referring (short: exact name-set accuracy; long: keyword P/R) and descriptions (keyword P/R)."""
     data_dir = Path(options.data_dir)
@@ -317,9 +299,9 @@ def _text_tasks(h: _Harness, options: EvalOptions, records: list[dict], tau: flo
         sub = str(record.get("subtask") or "all")
         reference = m.distortion_keywords(_reference(record))
         rgb = _load_rgb(data_dir / record["image"])
-        systems = {PIPELINE: h.ask(rgb, _question(record), tau, mapping, segment=False).text}
+        systems = {PIPELINE: _ask(octopus, rgb, _question(record), tau, mapping, segment=False).text}
         if options.baselines:
-            systems["blank image"] = h.ask(np.full_like(rgb, 128), _question(record), tau, mapping,
+            systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), _question(record), tau, mapping,
                                            segment=False).text
         table = by_task[task]
         for system, text in systems.items():
@@ -357,13 +339,13 @@ def _mcq_answer_index(record: dict) -> int | None:
     return None
 
 
-def _quality(h: _Harness, options: EvalOptions, records: list[dict]) -> tuple[list[Row], list[str]]:
+def _quality(octopus, options: EvalOptions, records: list[dict]) -> tuple[list[Row], list[str]]:
     """SRCC / PLCC of the closed-set level score against `mos`; MCQ accuracy on `candidates`."""
     data_dir = Path(options.data_dir)
     preds, mos, hits = [], [], []
     for record in _progress(records, options.progress, "quality"):
         if record.get("mos") is not None:
-            preds.append(h.octopus.score(_load_rgb(data_dir / record["image"])).score)
+            preds.append(octopus.score(_load_rgb(data_dir / record["image"])).score)
             mos.append(float(record["mos"]))
         if record.get("candidates") and record.get("answer") is not None:
             want = _mcq_answer_index(record)
@@ -372,7 +354,7 @@ def _quality(h: _Harness, options: EvalOptions, records: list[dict]) -> tuple[li
             # The record's human turn holds the Q-Bench layout already (question + options); `choose`
             # lays the options out itself, so it gets the bare question.
             question = record.get("question") or _question(record).split(vocab.MCQ_INSTRUCTION)[0].strip()
-            choice = h.octopus.choose(_load_rgb(data_dir / record["image"]), question, list(record["candidates"]))
+            choice = octopus.choose(_load_rgb(data_dir / record["image"]), question, list(record["candidates"]))
             hits.append((str(record.get("subtask") or "all"), choice.index == want))
     rows, notes = [], []
     if preds:
@@ -396,17 +378,17 @@ def evaluate(options: EvalOptions) -> EvalReport:
     records = load_split(options.data_dir, options.split, options.max_records)
     if not records:
         raise InputError(f"the {options.split} split of {options.data_dir} is empty")
-    h = _Harness(options.bundle, options.threads)
-    tau = float(options.tau if options.tau is not None else h.defaults.get("tau", 1.0))
-    mapping = str(options.point_mapping or h.defaults.get("point_mapping", "paper"))
+    octopus = _open_bundle(options.bundle, options.threads)
+    tau = float(options.tau if options.tau is not None else octopus.defaults.get("tau", 1.0))
+    mapping = str(options.point_mapping or octopus.defaults.get("point_mapping", "paper"))
     train_path = Path(options.data_dir) / "train.jsonl"
     majority = _majority(load_split(options.data_dir, "train")) if train_path.is_file() else \
         {"sides": None, "whole": False, "names": set()}
     report = EvalReport(str(options.bundle), str(options.data_dir), options.split, tau, mapping)
-    report.rows += _grounding(h, options, [r for r in records if r.get("task") == "grounding"], tau, mapping,
+    report.rows += _grounding(octopus, options, [r for r in records if r.get("task") == "grounding"], tau, mapping,
                               majority)
-    report.rows += _text_tasks(h, options, records, tau, mapping, majority)
-    quality_rows, notes = _quality(h, options, records)
+    report.rows += _text_tasks(octopus, options, records, tau, mapping, majority)
+    quality_rows, notes = _quality(octopus, options, records)
     report.rows += quality_rows
     report.notes += notes
     report.notes.append(f"tau {tau:g}, point mapping {mapping}; majority class from the train split; "
@@ -430,8 +412,8 @@ def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS,
     records = [r for r in records if _target_region(r) is not None and r.get("answer_mask")]
     if not records:
         raise InputError(f"the val split of {options.data_dir} has no grounding records to sweep tau on")
-    h = _Harness(options.bundle, options.threads)
-    if h.sam is None:
+    octopus = _open_bundle(options.bundle, options.threads)
+    if not octopus.has_sam:
         raise InputError(f"{options.bundle} has no sam section: the sweep measures mIoU and needs a segmenter")
     data_dir = Path(options.data_dir)
     ious = {mapping: [[] for _ in taus] for mapping in POINT_MAPPINGS}
@@ -439,7 +421,7 @@ def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS,
         rgb = _load_rgb(data_dir / record["image"])
         gt = _load_mask(data_dir / record["answer_mask"])
         height, width = gt.shape
-        answer = h.ask(rgb, _question(record), 1.0, "paper", segment=False)
+        answer = _ask(octopus, rgb, _question(record), 1.0, "paper", segment=False)
         for mapping in POINT_MAPPINGS:
             for i, tau in enumerate(taus):
                 if answer.whole_image:
@@ -450,7 +432,7 @@ def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS,
                     p_right = None if "left" not in answer.probs else 1.0 - retemper(answer.probs["left"], tau)
                     p_bottom = None if "top" not in answer.probs else 1.0 - retemper(answer.probs["top"], tau)
                     point = point_from_probs(p_right, p_bottom, width, height, mapping)
-                    pred = h.segment_at(record["image"], rgb, point)
+                    pred = _segment_at(octopus, rgb, point)
                 ious[mapping][i].append(m.mask_iou(pred, gt))
     curves = {mapping: [float(np.mean(v)) for v in per_tau] for mapping, per_tau in ious.items()}
     candidates = [(curves[mp][i], -abs(np.log(t)), mp == "paper", t, mp)

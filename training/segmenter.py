@@ -6,7 +6,7 @@ TwoWayTransformer) built by `export/sam_models.build_sam` from a small `SamConfi
 the data engine's region masks. Real deployments export an official checkpoint (vit_b/l/h) instead.
 
 Training sample: one image of the dataset (resized and padded with the runtime's own numpy
-preprocessing, `runtime/sam_postprocess.preprocess_image`), one of its region masks, and one positive
+preprocessing, `runtime/sam_transforms.preprocess_image`), one of its region masks, and one positive
 point drawn inside that mask (biased to the interior: pixels are drawn with probability proportional
 to their distance from the mask border, so prompts look like the oracle / text-to-point prompts the
 runtime sends). Loss (SAM paper, section 3 / appendix A): 20:1 focal + dice on the low-resolution
@@ -14,7 +14,7 @@ logits against the mask resized to the low-res grid, taking the best of the mult
 the single-mask output, and an MSE loss of the IoU head against the true IoU.
 
 Frames: images H x W x 3 uint8 RGB; masks H x W bool; points (x, y) in original pixels, mapped into
-the encoder's resized frame (longest side = image_size) with `sam_postprocess.map_points`. Low-res
+the encoder's resized frame (longest side = image_size) with `sam_transforms.map_points`. Low-res
 targets cover the padded square (4 * image_size / patch_size pixels a side), like SAM's outputs.
 """
 
@@ -135,7 +135,7 @@ def load_region_samples(
     from PIL import Image
     from scipy.ndimage import distance_transform_edt
 
-    from octopus_rt.runtime.sam_postprocess import preprocess_image
+    from octopus_rt.runtime.sam_transforms import preprocess_image
 
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.exists():

@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,13 @@ import numpy as np
 
 from octopus_rt import bundle, vocab
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.export.onnx_export import check_opset_range, export_onnx, one_line
 
 __all__ = ["SUPPORTED_TEXT_MODELS", "SUPPORTED_VISION_MODELS", "DEFAULT_OPSET", "export_lmm", "describe_supported"]
 
 SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2")
 SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
 DEFAULT_OPSET = 18
-# torch.onnx's dynamo exporter writes opset 18 natively; lower opsets go through TorchScript.
-_DYNAMO_MIN_OPSET = 18
 _OPSET_RANGE = (14, 23)
 # Tracing shapes; verification uses different ones (lmm_reference.DECODER_SHAPES, VISION_BATCHES).
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 5, 3
@@ -96,88 +94,16 @@ def _load(model_dir: Path):
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input directory
-        raise InputError(f"cannot load the processor/tokenizer from {model_dir}: {_one_line(exc)}") from exc
+        raise InputError(f"cannot load the processor/tokenizer from {model_dir}: {one_line(exc)}") from exc
     try:
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt weights surface as many exception types
-        raise InputError(f"cannot load model weights from {model_dir}: {_one_line(exc)}") from exc
+        raise InputError(f"cannot load model weights from {model_dir}: {one_line(exc)}") from exc
     return model.eval(), processor
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _save_program(program, path: Path) -> None:
-    """Write an ONNXProgram; weights go to `<file>.data` when they would pass protobuf's 2 GiB limit."""
-    from octopus_rt.export import quantize
-
-    weights = sum(t.numel() * t.element_size() for t in program.exported_program.state_dict.values())
-    weights += sum(t.numel() * t.element_size() for t in program.exported_program.constants.values() if hasattr(t, "numel"))
-    program.save(str(path), external_data=weights > quantize.EXTERNAL_DATA_THRESHOLD)
-
-
-def _export_graphs(model, staging: Path, opset: int) -> None:
-    """torch.onnx.export (dynamo) of the vision and decoder wrappers into staging, in fp32."""
-    with warnings.catch_warnings():
-        # The exporter names dims from dynamic_shapes and warns once per shared Dim; harmless.
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-        _export_graphs_inner(model, staging, opset)
-
-
-def _onnx_export(module, args: tuple, path: Path, *, input_names, output_names, dynamic_shapes, dynamic_axes, opset) -> None:
-    """Export `module` to `path` at `opset`: the dynamo exporter from opset 18, TorchScript below.
-
-    The dynamo exporter emits opset 18 and converts lower requests with onnx's version converter,
-    which fails on some of the decoder's nodes and then silently keeps 18 (measured); TorchScript
-    emits older opsets natively (its trace uses past > 0 and seq > 1, so no branch is baked in).
-    Either way the written opset is checked, and verification runs the graph at other shapes.
-    """
-    import onnx
-
-    try:
-        _run_exporter(module, args, path, input_names, output_names, dynamic_shapes, dynamic_axes, opset)
-    except OctopusError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - exporter failures come in many types; report one line
-        raise OctopusError(f"ONNX export of {path.name} failed: {_one_line(exc)} (run with --debug for details)") from exc
-    graph = onnx.load(str(path), load_external_data=False)
-    written = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-    if written != opset:
-        raise OctopusError(f"{path.name} was written with opset {written}, not the requested {opset}")
-    # Fail early on a structurally broken graph (cheaper to read than an onnxruntime load error).
-    onnx.checker.check_model(str(path))
-
-
-def _run_exporter(module, args, path, input_names, output_names, dynamic_shapes, dynamic_axes, opset) -> None:
-    """The torch.onnx.export call of _onnx_export (dynamo from opset 18, TorchScript below)."""
-    import tempfile
-
-    import onnx
-    import torch
-
-    from octopus_rt.export.quantize import save_onnx
-
-    with torch.no_grad():
-        if opset >= _DYNAMO_MIN_OPSET:
-            program = torch.onnx.export(
-                module, args, None, input_names=input_names, output_names=output_names,
-                dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False,
-            )
-            _save_program(program, path)
-        else:
-            # TorchScript writes one external file per large tensor: export aside, then save cleanly.
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                raw = Path(tmp) / path.name
-                torch.onnx.export(
-                    module, args, str(raw), input_names=input_names, output_names=output_names,
-                    dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
-                )
-                save_onnx(onnx.load(str(raw)), path)
-
-
-def _export_graphs_inner(model, staging: Path, opset: int) -> None:
+def export_llava_graphs(model, staging: Path, opset: int) -> None:
+    """vision.onnx and decoder.onnx of a LlavaForConditionalGeneration into `staging`, in fp32."""
     import torch
 
     from octopus_rt.export.llava_wrappers import (
@@ -194,7 +120,7 @@ def _export_graphs_inner(model, staging: Path, opset: int) -> None:
     dims = decoder_dims(model.config.get_text_config())
     batch = torch.export.Dim("batch", min=1, max=1024)
     pixels = torch.zeros(_TRACE_BATCH, 3, vision_cfg.image_size, vision_cfg.image_size)
-    _onnx_export(
+    export_onnx(
         VisionWrapper(model).eval(), (pixels,), staging / "vision.onnx",
         input_names=VISION_INPUT_NAMES, output_names=VISION_OUTPUT_NAMES,
         dynamic_shapes={"pixel_values": {0: batch}},
@@ -230,7 +156,7 @@ def _export_graphs_inner(model, staging: Path, opset: int) -> None:
         **{name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]},
         **{name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]},
     }
-    _onnx_export(
+    export_onnx(
         DecoderWrapper(model).eval(), args, staging / "decoder.onnx",
         input_names=inputs, output_names=outputs, dynamic_shapes=dynamic, dynamic_axes=axes, opset=opset,
     )
@@ -392,8 +318,7 @@ def export_lmm(
     out_dir = Path(out_dir).expanduser()
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if not _OPSET_RANGE[0] <= int(opset) <= _OPSET_RANGE[1]:
-        raise InputError(f"opset {opset} is outside the supported range {_OPSET_RANGE[0]}..{_OPSET_RANGE[1]}")
+    check_opset_range(opset, _OPSET_RANGE, "export lmm")
     config_json = _check_model_dir(model_dir)
     progress(f"loading {model_dir}")
     # The model travels in a one-element list that _export_into empties, so that the last reference
@@ -448,7 +373,7 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     progress(f"exporting vision.onnx and decoder.onnx (opset {opset}, fp32)")
     fp32_dir = staging / ".fp32" if precision != "fp32" else staging
     fp32_dir.mkdir(exist_ok=True)
-    _export_graphs(model, fp32_dir, opset)
+    export_llava_graphs(model, fp32_dir, opset)
     # The reference and the exported graphs are all we need from PyTorch: free the model before
     # any onnxruntime session (or quantizer) allocates its own copy of the weights.
     model_cfg_vision = model.config.vision_config.model_type

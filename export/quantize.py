@@ -12,7 +12,7 @@ precision the same way:
   bytes read per token, which this cuts by ~8x against fp32.
 
 Graphs larger than protobuf's 2 GiB limit are written with one external data file
-`<name>.data` next to the graph.
+`<name>.data` next to the graph (export/onnx_export.save_onnx).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
-__all__ = ["PRECISIONS", "EXTERNAL_DATA_THRESHOLD", "graph_bytes", "save_onnx", "to_fp16", "to_int8", "to_int4"]
+from octopus_rt.export import onnx_export
+from octopus_rt.export.onnx_export import graph_bytes, save_onnx
+
+__all__ = ["PRECISIONS", "to_fp16", "to_int8", "to_int4"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-# Protobuf cannot serialise a single message over 2 GiB; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 @contextlib.contextmanager
@@ -42,32 +42,6 @@ def _quiet_quantizers() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def save_onnx(model, path: str | os.PathLike[str]) -> None:
-    """Save an onnx.ModelProto, with weights in `<file>.data` when the model is too big for one file."""
-    import onnx
-
-    path = Path(path)
-    size = sum(init.ByteSize() for init in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(path))
-
-
-def graph_bytes(path: str | os.PathLike[str]) -> int:
-    """Size of an ONNX file plus its external data file (`<file>.data`) when there is one."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -93,7 +67,7 @@ def to_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
             op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=True,
             weight_type=QuantType.QInt8,
-            use_external_data_format=graph_bytes(src) > EXTERNAL_DATA_THRESHOLD,
+            use_external_data_format=graph_bytes(src) > onnx_export.EXTERNAL_DATA_THRESHOLD,
         )
 
 

@@ -15,7 +15,6 @@ traces these static-shape graphs in a fraction of a second, and the decoder's on
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -24,48 +23,19 @@ import torch
 
 from octopus_rt.bundle import commit_section, package_versions, staged_section
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.export.onnx_export import check_opset_range, export_onnx
 
 from .sam_models import MODEL_TYPES, SamConfig, load_sam, load_sam_config
 from .sam_verify import DECODER_INPUTS, verify_sam
 from .sam_wrappers import SamDecoderWrapper, SamEncoderWrapper, layer_norm_scopes
 
-__all__ = ["export_sam", "PRECISIONS", "DEFAULT_OPSET", "OPSET_RANGE"]
+__all__ = ["export_sam", "export_sam_graphs", "PRECISIONS", "DEFAULT_OPSET", "OPSET_RANGE"]
 
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; TensorRT 8.6 (JetPack 5/6) parses it
 OPSET_RANGE = (14, 20)
 ENCODER_FILE = "sam_encoder.onnx"
 DECODER_FILE = "sam_decoder.onnx"
-# Protobuf cannot hold a graph over 2 GiB (vit_h fp32 is ~2.5 GB): such weights go to one .data file.
-_EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-def _save(
-    model: torch.nn.Module,
-    args: tuple,
-    path: Path,
-    opset: int,
-    transform: Callable[[Any], Any] | None = None,
-    **kwargs: Any,
-) -> None:
-    """Trace `model` to `path` (then apply `transform` to the ModelProto); weights over the
-    protobuf limit go to one `<name>.data` file."""
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="octopus-sam-export-", dir=path.parent) as tmp:
-        traced = Path(tmp) / path.name
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TracerWarnings about constant shapes are expected here
-            torch.onnx.export(model, args, str(traced), opset_version=opset, do_constant_folding=True,
-                              dynamo=False, **kwargs)
-        graph = onnx.load(str(traced))
-        if graph.opset_import[0].version != opset:
-            raise OctopusError(f"exporter wrote opset {graph.opset_import[0].version}, not the requested {opset}")
-        if transform is not None:
-            graph = transform(graph)
-        large = sum(t.ByteSize() for t in graph.graph.initializer) > _EXTERNAL_DATA_BYTES
-        onnx.save_model(graph, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data" if large else None)
 
 
 def _encoder_to_fp16(model: Any, fragments: list[str]) -> Any:
@@ -87,22 +57,24 @@ def _encoder_to_fp16(model: Any, fragments: list[str]) -> Any:
                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization"])
 
 
-def _export_graphs(sam: Any, config: SamConfig, staging: Path, precision: str, opset: int) -> dict[str, Any]:
+def export_sam_graphs(sam: Any, config: SamConfig, staging: Path, precision: str, opset: int) -> dict[str, Any]:
+    """sam_encoder.onnx and sam_decoder.onnx of a segment-anything `Sam` into `staging`; returns the
+    section's `encoder` and `decoder` entries. Not verified here (`export_sam` verifies)."""
     size, grid = config.image_size, config.embedding_size
     image = torch.zeros(1, 3, size, size)
     encoder = SamEncoderWrapper(sam)
     fragments = layer_norm_scopes(encoder)
     to_fp16 = (lambda model: _encoder_to_fp16(model, fragments)) if precision == "fp16" else None
-    _save(encoder, (image,), staging / ENCODER_FILE, opset, transform=to_fp16,
-          input_names=["image"], output_names=["image_embeddings"])
+    export_onnx(encoder, (image,), staging / ENCODER_FILE, opset=opset, exporter="torchscript", transform=to_fp16,
+                input_names=["image"], output_names=["image_embeddings"])
     embeddings = torch.randn(1, config.prompt_embed_dim, grid, grid)
     low = 4 * grid
     # Trace with 3 points (not 2, the runtime's usual count) so no count is baked in as a constant.
     dummy = (embeddings, torch.rand(1, 3, 2) * size, torch.tensor([[1.0, 0.0, -1.0]]),
              torch.zeros(1, 1, low, low), torch.zeros(1))
-    _save(SamDecoderWrapper(sam).eval(), dummy, staging / DECODER_FILE, opset,
-          input_names=list(DECODER_INPUTS), output_names=["low_res_masks", "iou_predictions"],
-          dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
+    export_onnx(SamDecoderWrapper(sam).eval(), dummy, staging / DECODER_FILE, opset=opset, exporter="torchscript",
+                input_names=list(DECODER_INPUTS), output_names=["low_res_masks", "iou_predictions"],
+                dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
     return {
         "encoder": {
             "file": ENCODER_FILE,
@@ -131,8 +103,7 @@ def _check_args(model_type: str, precision: str, opset: int) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"SAM export supports --precision {' or '.join(PRECISIONS)}, not {precision!r} "
                          "(int8/int4 apply to the LMM decoder only)")
-    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
-        raise InputError(f"--opset must lie in {OPSET_RANGE[0]}..{OPSET_RANGE[1]} for SAM, got {opset}")
+    check_opset_range(opset, OPSET_RANGE, "SAM")
 
 
 def export_sam(
@@ -169,7 +140,7 @@ def export_sam(
     sam, config = load_sam(checkpoint, model_type, config)
     with staged_section(out_dir, "sam") as staging:
         log(f"exporting SAM graphs ({precision}, opset {opset}) to {staging}")
-        graphs = _export_graphs(sam, config, staging, precision, opset)
+        graphs = export_sam_graphs(sam, config, staging, precision, opset)
         log("verifying against segment-anything (3 aspect ratios)")
         verification = verify_sam(
             sam, staging / ENCODER_FILE, staging / DECODER_FILE, input_size=config.image_size,

@@ -300,9 +300,9 @@ def test_opset17_with_external_data(tiny_llava_dir, tmp_path, monkeypatch):
     """--opset below 18 (TorchScript path) and weights in <graph>.data files (forced by a 0-byte threshold)."""
     import onnx
 
-    from octopus_rt.export import quantize
+    from octopus_rt.export import onnx_export
 
-    monkeypatch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "bundle"
     assert main(["export", "lmm", str(tiny_llava_dir("llama_clip")), "--out", str(out), "--opset", "17"]) == 0
     section, folder = _section(out)

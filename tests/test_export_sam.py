@@ -244,7 +244,9 @@ def test_opset_option_is_honoured(tiny_sam_checkpoint, tmp_path):
 
 def test_large_weights_go_to_one_external_data_file(tiny_sam_checkpoint, tmp_path, monkeypatch):
     """The vit_h path (over protobuf's 2 GiB): weights in `<graph>.data`, listed and hashed in the manifest."""
-    monkeypatch.setattr(sam_export, "_EXTERNAL_DATA_BYTES", 0)
+    from octopus_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     section = sam_export.export_sam(tiny_sam_checkpoint, tmp_path / "b", model_type="custom")
     assert set(section["files"]) == {"sam_encoder.onnx", "sam_encoder.onnx.data",
                                      "sam_decoder.onnx", "sam_decoder.onnx.data"}
@@ -302,7 +304,7 @@ def test_trt_friendly_comparison_catches_a_wrong_decoder(tiny_sam, tmp_path, mon
     original = SamDecoderWrapper._embed_points
     monkeypatch.setattr(SamDecoderWrapper, "_embed_points",
                         lambda self, coords, labels: original(self, coords.flip(-1), labels))
-    sam_export._export_graphs(sam, config, tmp_path, "fp32", 17)
+    sam_export.export_sam_graphs(sam, config, tmp_path, "fp32", 17)
     grid, low = config.embedding_size, 4 * config.embedding_size
     rng = np.random.default_rng(0)
     feeds = [{

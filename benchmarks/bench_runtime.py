@@ -230,8 +230,8 @@ def measure(size: str, bundle: Path, image: Path, repeats: int, threads: int, an
             "second_cached": cached,
         }
     result["model"] = {
-        "lmm_parameters": octo.lmm["source"]["num_parameters"],
-        "num_image_tokens": octo.prompt["num_image_tokens"],
+        "lmm_parameters": octo.lmm.source.num_parameters,
+        "num_image_tokens": octo.prompt.num_image_tokens,
         "sam_config": SIZES[size]["sam"],
         "llava_spec": SIZES[size]["llava"],
     }

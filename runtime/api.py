@@ -26,6 +26,7 @@ import numpy as np
 from octopus_rt import vocab
 from octopus_rt.bundle import BundleError, check_files, read_manifest, section_path
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.manifest import parse_manifest
 from octopus_rt.runtime import closed_set
 from octopus_rt.runtime.backends import Backend
 from octopus_rt.runtime.cache import ImageCache, ImageEntry
@@ -80,8 +81,9 @@ class Octopus:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = read_manifest(self.bundle_dir)
-        lmm = self.manifest.get("lmm")
-        if not isinstance(lmm, dict) or "files" not in lmm:
+        self.spec = parse_manifest(self.manifest)  # typed and validated (octopus_rt/manifest.py)
+        lmm = self.spec.lmm
+        if lmm is None or lmm.files is None:
             raise BundleError(f"bundle {self.bundle_dir} has no lmm section; run `octopus-rt export lmm` first")
         problems = check_files(self.bundle_dir, self.manifest, sections=("lmm", "sam"))
         if problems:
@@ -90,7 +92,7 @@ class Octopus:
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         self.lmm = lmm
-        self.defaults = {**self.manifest.get("defaults", {})}
+        self.defaults = self.spec.defaults
         self.max_pixels = max_pixels
         self.backend = Backend(device=device, threads=threads, profile_dir=Path(profile_dir) if profile_dir else None,
                                bundle_dir=self.bundle_dir, manifest=self.manifest)
@@ -98,16 +100,15 @@ class Octopus:
         self._tokenizer = None
         self._decoder: Decoder | None = None
         self._sam = None
-        self.preprocess = VisionPreprocess.from_manifest(lmm["preprocess"])
-        self.prompt = lmm["prompt"]
-        self.closed_set: dict[str, list[int]] = {w: [int(i) for i in ids] for w, ids in lmm["closed_set"].items()}
+        self.preprocess = VisionPreprocess.from_manifest(lmm.preprocess)
+        self.prompt = lmm.prompt
+        self.closed_set: dict[str, list[int]] = {w: list(ids) for w, ids in lmm.closed_set.items()}
         self.axis_ids = closed_set.axis_token_ids(self.closed_set)
-        self.eos_ids = [int(e) for e in lmm["tokenizer"].get("eos_token_ids", [])]
-        self.context = int(lmm["decoder"]["max_position_embeddings"])
-        self.whole_image_phrases = tuple(lmm.get("whole_image_phrases") or vocab.WHOLE_IMAGE_PHRASES)
-        score_prompt = lmm.get("score_prompt") or {}
-        self.score_question = score_prompt.get("question", vocab.SCORE_QUESTION)
-        self.score_answer_prefix = score_prompt.get("answer_prefix", vocab.SCORE_ANSWER_PREFIX)
+        self.eos_ids = list(lmm.tokenizer.eos_token_ids)
+        self.context = lmm.decoder.max_position_embeddings
+        self.whole_image_phrases = tuple(lmm.whole_image_phrases or vocab.WHOLE_IMAGE_PHRASES)
+        self.score_question = lmm.score_prompt.question
+        self.score_answer_prefix = lmm.score_prompt.answer_prefix
 
     # ----------------------------------------------------------------------------------- parts
     @property
@@ -117,25 +118,25 @@ class Octopus:
 
     @property
     def has_sam(self) -> bool:
-        return isinstance(self.manifest.get("sam"), dict) and "files" in self.manifest["sam"]
+        return self.spec.sam is not None and self.spec.sam.files is not None
 
     def _file(self, name: str) -> Path:
-        return section_path(self.bundle_dir, self.lmm, name)
+        return section_path(self.bundle_dir, self.manifest["lmm"], name)
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(self._file(self.lmm["tokenizer"].get("file", "tokenizer.json"))))
+            self._tokenizer = Tokenizer.from_file(str(self._file(self.lmm.tokenizer.file)))
         return self._tokenizer
 
     @property
     def decoder(self) -> Decoder:
         if self._decoder is None:
-            table = np.load(self._file(self.lmm["embedding"]["file"]), mmap_mode="r")
-            graph = self.backend.graph("decoder", self._file(self.lmm["decoder"]["file"]))
-            self._decoder = Decoder(graph, table, self.lmm["decoder"])
+            table = np.load(self._file(self.lmm.embedding.file), mmap_mode="r")
+            graph = self.backend.graph("decoder", self._file(self.lmm.decoder.file))
+            self._decoder = Decoder(graph, table, self.lmm.decoder)
         return self._decoder
 
     @property
@@ -148,7 +149,7 @@ class Octopus:
                 )
             from octopus_rt.runtime.sam_stage import SamStage
 
-            self._sam = SamStage(self.backend, self.bundle_dir, self.manifest["sam"])
+            self._sam = SamStage(self.backend, self.bundle_dir, self.spec.sam)
         return self._sam
 
     # ------------------------------------------------------------------------------ shared steps
@@ -157,13 +158,11 @@ class Octopus:
         if not isinstance(question, str) or not question.strip():
             raise InputError("question is empty")
         p = self.prompt
-        text = p["prefix"] + p["image_token"] * int(p["num_image_tokens"]) + p["infix"] + question + p["suffix"]
-        ids = self.tokenizer.encode(text + answer_prefix, add_special_tokens=bool(p.get("add_special_tokens", False))).ids
-        image_id = int(p["image_token_id"])
-        positions = [i for i, t in enumerate(ids) if t == image_id]
-        if len(positions) != int(p["num_image_tokens"]):
+        ids = self.tokenizer.encode(p.render(question) + answer_prefix, add_special_tokens=p.add_special_tokens).ids
+        positions = [i for i, t in enumerate(ids) if t == p.image_token_id]
+        if len(positions) != p.num_image_tokens:
             raise OctopusError(
-                f"prompt has {len(positions)} image tokens, the bundle expects {p['num_image_tokens']} "
+                f"prompt has {len(positions)} image tokens, the bundle expects {p.num_image_tokens} "
                 "(does the question contain the image token text?)"
             )
         if len(ids) >= self.context:
@@ -192,12 +191,10 @@ class Octopus:
                 rgb = pending.decode()
         with timer.stage("preprocess"):
             pixels = self.preprocess(rgb)
-        vision = self.lmm["vision"]
-        graph = self.backend.graph("vision", self._file(vision["file"]))
+        vision = self.lmm.vision
+        graph = self.backend.graph("vision", self._file(vision.file))
         with timer.stage("vision"):
-            features = graph.run_numpy(
-                {vision.get("input_names", ["pixel_values"])[0]: pixels}, vision.get("output_names", ["image_features"])[:1]
-            )[0]
+            features = graph.run_numpy({vision.input_names[0]: pixels}, vision.output_names[:1])[0]
         entry.features = features
         return features
 
@@ -217,8 +214,7 @@ class Octopus:
             features = self._features(entry, pending, rgb, timer, cached)
             with timer.stage("prefill_prefix"):
                 embeds = decoder.embed(prefix_ids)
-                image_id = int(self.prompt["image_token_id"])
-                where = np.flatnonzero(np.asarray(prefix_ids) == image_id)
+                where = np.flatnonzero(np.asarray(prefix_ids) == self.prompt.image_token_id)
                 embeds[0, where] = features[0].astype(embeds.dtype)
                 _, state = decoder.forward(embeds, decoder.empty_state())
             entry.prefix_ids, entry.prefix = prefix_ids, state
@@ -252,16 +248,16 @@ class Octopus:
             multimask = options.multimask if multimask is None else multimask
             segment = options.segment if segment is None else segment
         segment = True if segment is None else bool(segment)
-        tau = float(self.defaults.get("tau", 1.0) if tau is None else tau)
+        tau = float(self.defaults.tau if tau is None else tau)
         if not tau > 0:
             raise InputError(f"tau must be > 0, got {tau}")
-        mapping = point_mapping or self.defaults.get("point_mapping", "paper")
+        mapping = point_mapping or self.defaults.point_mapping
         if mapping not in closed_set.POINT_MAPPINGS:
             raise InputError(f"unknown point mapping {mapping!r}; choose one of {', '.join(closed_set.POINT_MAPPINGS)}")
-        limit = int(self.defaults.get("max_new_tokens", 64) if max_new_tokens is None else max_new_tokens)
+        limit = int(self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens)
         if limit < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {limit}")
-        multimask = bool(self.defaults.get("multimask", True) if multimask is None else multimask)
+        multimask = bool(self.defaults.multimask if multimask is None else multimask)
 
         timer, cached = _Timer(), []
         start = time.perf_counter()
@@ -326,7 +322,7 @@ class Octopus:
         """SAM's mask for a given point (x, y) in original pixels, without asking anything (e.g. an
         oracle point in evaluation). Shares the per-image cache (SAM embedding) with `ask`."""
         timer = _Timer()
-        multimask = bool(self.defaults.get("multimask", True) if multimask is None else multimask)
+        multimask = bool(self.defaults.multimask if multimask is None else multimask)
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
         entry, rgb = self._entry(pending, timer)

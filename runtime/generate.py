@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from octopus_rt.manifest import DecoderGraph
 from octopus_rt.runtime.backends import Graph
 
 __all__ = ["KVState", "DecodeResult", "Decoder"]
@@ -53,13 +54,13 @@ class Decoder:
     `lmm.decoder` section (num_layers, num_key_value_heads, head_dim, hidden_size).
     """
 
-    def __init__(self, graph: Graph, embed_table: np.ndarray, spec: dict[str, Any]) -> None:
+    def __init__(self, graph: Graph, embed_table: np.ndarray, spec: DecoderGraph) -> None:
         self.graph = graph
         self.embed_table = embed_table
-        self.num_layers = int(spec["num_layers"])
-        self.kv_heads = int(spec["num_key_value_heads"])
-        self.head_dim = int(spec["head_dim"])
-        self.hidden_size = int(spec["hidden_size"])
+        self.num_layers = spec.num_layers
+        self.kv_heads = spec.num_key_value_heads
+        self.head_dim = spec.head_dim
+        self.hidden_size = spec.hidden_size
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.embeds_dtype = graph.input_types.get("inputs_embeds", np.float32)

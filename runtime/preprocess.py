@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from octopus_rt.errors import OctopusError
+from octopus_rt.manifest import VisionPreprocessSpec
 
 __all__ = ["VisionPreprocess"]
 
@@ -64,33 +65,31 @@ class VisionPreprocess:
     backend: str = "torchvision"
 
     @classmethod
-    def from_manifest(cls, section: Mapping[str, Any]) -> VisionPreprocess:
-        """Build from the manifest's `lmm.preprocess` dict; OctopusError on an unsupported recipe."""
-        try:
-            resample_key = str(section.get("resample", "bicubic")).lower()
-            if resample_key not in _RESAMPLE:
-                raise OctopusError(f"bundle asks for unsupported resample filter {resample_key!r}")
-            return cls(
-                do_resize=bool(section.get("do_resize", True)),
-                size={k: int(v) for k, v in dict(section["size"]).items() if v is not None},
-                resample=_RESAMPLE[resample_key],
-                do_center_crop=bool(section.get("do_center_crop", False)),
-                crop_size=(
-                    {k: int(v) for k, v in dict(section["crop_size"]).items()}
-                    if section.get("crop_size")
-                    else None
-                ),
-                do_rescale=bool(section.get("do_rescale", True)),
-                rescale_factor=float(section.get("rescale_factor", 1.0 / 255.0)),
-                do_normalize=bool(section.get("do_normalize", True)),
-                image_mean=tuple(float(v) for v in section["image_mean"]),
-                image_std=tuple(float(v) for v in section["image_std"]),
-                input_height=int(section["input_height"]),
-                input_width=int(section["input_width"]),
-                backend=str(section.get("backend") or "torchvision"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise OctopusError(f"bundle manifest has an unusable lmm.preprocess section ({exc!r})") from exc
+    def from_manifest(cls, section: VisionPreprocessSpec | Mapping[str, Any]) -> VisionPreprocess:
+        """Build from the manifest's `lmm.preprocess` (typed, or its dict); OctopusError on an
+        unsupported recipe, BundleError on a missing or mistyped field."""
+        spec = section if isinstance(section, VisionPreprocessSpec) else VisionPreprocessSpec.from_dict(
+            dict(section), "lmm.preprocess")
+        resample_key = str(spec.resample if spec.resample is not None else "bicubic").lower()
+        if resample_key not in _RESAMPLE:
+            raise OctopusError(f"bundle asks for unsupported resample filter {resample_key!r}")
+        if spec.size is None:
+            raise OctopusError("bundle manifest has an unusable lmm.preprocess section (no size)")
+        return cls(
+            do_resize=spec.do_resize,
+            size=dict(spec.size),
+            resample=_RESAMPLE[resample_key],
+            do_center_crop=spec.do_center_crop,
+            crop_size=dict(spec.crop_size) if spec.crop_size else None,
+            do_rescale=spec.do_rescale,
+            rescale_factor=float(spec.rescale_factor),
+            do_normalize=spec.do_normalize,
+            image_mean=tuple(float(v) for v in spec.image_mean),
+            image_std=tuple(float(v) for v in spec.image_std),
+            input_height=spec.input_height,
+            input_width=spec.input_width,
+            backend=spec.backend or "torchvision",
+        )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after the resize step for an input of height x width."""

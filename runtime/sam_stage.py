@@ -1,6 +1,6 @@
 """The SAM stage: one owner of the image embedding, like segment-anything's `SamPredictor`.
 
-    stage = SamStage(backend, bundle_dir, manifest["sam"])
+    stage = SamStage(backend, bundle_dir, parse_manifest(manifest).sam)
     stage.set_image(rgb)                       # preprocess + image encoder, once per image
     result = stage.predict((x, y))             # prompt encoder + mask decoder + upscaling, per point
     result.mask, result.iou
@@ -26,6 +26,7 @@ from typing import Any, ContextManager
 import numpy as np
 
 from octopus_rt.errors import InputError
+from octopus_rt.manifest import SamSection
 from octopus_rt.runtime import sam_transforms
 from octopus_rt.runtime.backends import Backend
 from octopus_rt.runtime.results import MaskResult
@@ -54,19 +55,18 @@ class SamImage:
 class SamStage:
     """Encoder + decoder graphs of the manifest's `sam` section, sessions created lazily on the backend."""
 
-    def __init__(self, backend: Backend, bundle_dir: Path, section: dict[str, Any]) -> None:
+    def __init__(self, backend: Backend, bundle_dir: Path, section: SamSection) -> None:
         self.backend = backend
-        self.folder = Path(bundle_dir) / section["dir"]
-        self.encoder_spec = section["encoder"]
-        self.decoder_spec = section["decoder"]
-        pre = section.get("preprocess", {})
-        self.input_size = int(pre.get("input_size", self.encoder_spec.get("input_size", 1024)))
-        self.pixel_mean = tuple(float(v) for v in pre.get("pixel_mean", (123.675, 116.28, 103.53)))
-        self.pixel_std = tuple(float(v) for v in pre.get("pixel_std", (58.395, 57.12, 57.375)))
-        self.mask_threshold = float(section.get("mask_threshold", 0.0))
+        self.folder = Path(bundle_dir) / str(section.dir)
+        self.encoder_spec = section.encoder
+        self.decoder_spec = section.decoder
+        self.input_size = section.input_size
+        self.pixel_mean = tuple(section.preprocess.pixel_mean)
+        self.pixel_std = tuple(section.preprocess.pixel_std)
+        self.mask_threshold = section.mask_threshold
         # mask_input is 1 x 1 x 4h x 4w for an h x w embedding grid (256 x 256 for official SAM);
         # derived from the embedding shape, which every SAM section records unambiguously.
-        grid_h, grid_w = (int(v) for v in self.encoder_spec.get("embedding_shape", [1, 256, 64, 64])[-2:])
+        grid_h, grid_w = section.encoder.embedding_shape[-2:]
         self.mask_input_hw = (4 * grid_h, 4 * grid_w)
         self.image: SamImage | None = None
 
@@ -76,18 +76,17 @@ class SamStage:
         self._decoder()
 
     def _encoder(self):
-        return self.backend.graph("sam_encoder", self.folder / self.encoder_spec["file"])
+        return self.backend.graph("sam_encoder", self.folder / self.encoder_spec.file)
 
     def _decoder(self):
-        return self.backend.graph("sam_decoder", self.folder / self.decoder_spec["file"])
+        return self.backend.graph("sam_decoder", self.folder / self.decoder_spec.file)
 
     def set_image(self, rgb: np.ndarray, *, timer: StageTimer = _untimed) -> SamImage:
         """Embed an H x W x 3 uint8 RGB image (stages "sam_preprocess", "sam_encoder"); the stage
         holds the result for `predict` and returns it."""
         with timer("sam_preprocess"):
             pixels, resized = sam_transforms.preprocess_image(rgb, self.input_size, self.pixel_mean, self.pixel_std)
-        input_name = self.encoder_spec.get("input_names", ["image"])[0]
-        output_name = self.encoder_spec.get("output_names", ["image_embeddings"])[0]
+        input_name, output_name = self.encoder_spec.input_names[0], self.encoder_spec.output_names[0]
         encoder = self._encoder()
         with timer("sam_encoder"):
             embedding = encoder.run({input_name: pixels}, [output_name])[0]
@@ -112,13 +111,11 @@ class SamStage:
         image = image if image is not None else self.image
         if image is None:
             raise InputError("no image is set: call set_image(rgb) before predict(point)")
-        names = self.decoder_spec.get(
-            "input_names", ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"]
-        )
+        names = self.decoder_spec.input_names
         prompt = sam_transforms.prompt_inputs(
             np.asarray([point_xy], dtype=np.float64), np.ones(1), image.original_hw, image.resized_hw, self.mask_input_hw
         )
-        out_names = self.decoder_spec.get("output_names", ["low_res_masks", "iou_predictions"])
+        out_names = self.decoder_spec.output_names
         decoder = self._decoder()
         with timer("sam_decoder"):
             low_res, iou = decoder.run_numpy(dict(zip(names, [image.embedding, *prompt])), out_names)

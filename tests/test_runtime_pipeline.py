@@ -117,10 +117,11 @@ def test_every_decode_call_is_one_token_with_a_growing_past(runtime_bundle, runt
     octo = Octopus(runtime_bundle, device="cpu", threads=1)
     calls = _spy(monkeypatch, octo.decoder.graph)
     answer = octo.ask(runtime_images[0], QUESTIONS[0], max_new_tokens=10, segment=False)
+    prompt = octo.manifest["lmm"]["prompt"]  # the raw manifest strings (docs/bundle.md, `prompt`)
     ids = octo.tokenizer.encode(
-        octo.prompt["prefix"] + octo.prompt["image_token"] * octo.prompt["num_image_tokens"] + octo.prompt["infix"]
-        + QUESTIONS[0] + octo.prompt["suffix"],
-        add_special_tokens=octo.prompt["add_special_tokens"],
+        prompt["prefix"] + prompt["image_token"] * prompt["num_image_tokens"] + prompt["infix"]
+        + QUESTIONS[0] + prompt["suffix"],
+        add_special_tokens=prompt["add_special_tokens"],
     ).ids
     past = "past_key_values.0.key"
     # Prefill: the shared prefix from an empty cache, then the question's own tokens.
@@ -258,7 +259,7 @@ def test_sam_stage_holds_the_image_embedding_like_sam_predictor(octo, reference,
     from octopus_rt.runtime.images import load_image
     from octopus_rt.runtime.sam_stage import SamStage
 
-    stage = SamStage(Backend(device="cpu", threads=1), octo.bundle_dir, octo.manifest["sam"])
+    stage = SamStage(Backend(device="cpu", threads=1), octo.bundle_dir, octo.spec.sam)
     with pytest.raises(InputError, match="set_image"):
         stage.predict((1.0, 1.0))
     first, second = (load_image(path).rgb for path in runtime_images[:2])

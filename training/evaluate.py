@@ -379,8 +379,8 @@ def evaluate(options: EvalOptions) -> EvalReport:
     if not records:
         raise InputError(f"the {options.split} split of {options.data_dir} is empty")
     octopus = _open_bundle(options.bundle, options.threads)
-    tau = float(options.tau if options.tau is not None else octopus.defaults.get("tau", 1.0))
-    mapping = str(options.point_mapping or octopus.defaults.get("point_mapping", "paper"))
+    tau = float(options.tau if options.tau is not None else octopus.defaults.tau)
+    mapping = str(options.point_mapping or octopus.defaults.point_mapping)
     train_path = Path(options.data_dir) / "train.jsonl"
     majority = _majority(load_split(options.data_dir, "train")) if train_path.is_file() else \
         {"sides": None, "whole": False, "names": set()}

@@ -1,0 +1,113 @@
+"""octopus_rt/manifest.py: one definition of every manifest field, read by the runtime, written by the exporters."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from octopus_rt import bundle, vocab
+from octopus_rt.bundle import BundleError
+from octopus_rt.manifest import Defaults, LmmSection, Manifest, SamSection, parse_manifest
+
+DEMO = Path(__file__).resolve().parents[1] / "octopus_rt" / "demo" / "bundle"
+
+
+def _demo_manifest() -> dict:
+    return json.loads((DEMO / bundle.MANIFEST_NAME).read_text(encoding="utf-8"))
+
+
+def test_the_shipped_manifest_is_exactly_what_the_schema_declares():
+    """Every key the exporters wrote into the demo bundle is a declared field (nothing is dropped on a
+    round trip), and nothing is invented."""
+    raw = _demo_manifest()
+    assert parse_manifest(raw).to_dict() == raw
+
+
+def test_a_fresh_export_round_trips(runtime_bundle):
+    raw = json.loads((runtime_bundle / bundle.MANIFEST_NAME).read_text(encoding="utf-8"))
+    parsed = parse_manifest(raw)
+    assert parsed.to_dict() == raw
+    assert isinstance(parsed.lmm, LmmSection) and isinstance(parsed.sam, SamSection)
+    # Key order of the lmm section is the documented one (dir, files, written first).
+    assert list(parsed.to_dict()["lmm"])[:3] == ["dir", "files", "written"]
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("lmm", "decoder", "num_layers"), None, r"lmm\.decoder\.num_layers is missing"),
+        (("lmm", "decoder", "num_layers"), "32", r"lmm\.decoder\.num_layers must be an integer, got str"),
+        (("lmm", "prompt", "add_special_tokens"), 1, r"lmm\.prompt\.add_special_tokens must be true or false"),
+        (("lmm", "closed_set", "left"), [1, "x"], r"lmm\.closed_set\.left\[1\] must be an integer"),
+        (("sam", "encoder", "embedding_shape"), "1x256", r"sam\.encoder\.embedding_shape must be a list"),
+        (("lmm", "files", "decoder.onnx", "size"), 1.5, r"lmm\.files\.decoder\.onnx\.size must be an integer"),
+        (("defaults", "tau"), "hot", r"defaults\.tau must be a number"),
+        (("format_version",), "1", r"format_version must be an integer"),
+    ],
+)
+def test_a_missing_or_mistyped_field_is_named(path, value, message):
+    raw = _demo_manifest()
+    target = raw
+    for key in path[:-1]:
+        target = target[key]
+    if value is None:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    with pytest.raises(BundleError, match=message):
+        parse_manifest(raw)
+
+
+def test_absent_optional_fields_take_the_documented_defaults():
+    raw = _demo_manifest()
+    for key in ("whole_image_phrases", "score_prompt", "closed_set_forms", "verification", "source"):
+        del raw["lmm"][key]
+    del raw["lmm"]["tokenizer"]["file"]
+    del raw["sam"]["preprocess"]
+    raw["defaults"] = {}
+    parsed = parse_manifest(raw)
+    assert parsed.lmm.whole_image_phrases == list(vocab.WHOLE_IMAGE_PHRASES)
+    assert (parsed.lmm.score_prompt.question, parsed.lmm.score_prompt.answer_prefix) == (
+        vocab.SCORE_QUESTION, vocab.SCORE_ANSWER_PREFIX)
+    assert parsed.lmm.tokenizer.file == "tokenizer.json"
+    # SAM's official normalisation (segment_anything.modeling.Sam.pixel_mean / pixel_std).
+    assert parsed.sam.preprocess.pixel_mean == [123.675, 116.28, 103.53]
+    assert parsed.sam.preprocess.pixel_std == [58.395, 57.12, 57.375]
+    assert parsed.sam.input_size == raw["sam"]["encoder"]["input_size"]
+    assert parsed.defaults.to_dict() == bundle.DEFAULTS == Defaults().to_dict()
+
+
+def test_unknown_keys_are_ignored_when_reading():
+    raw = _demo_manifest()
+    raw["lmm"]["decoder"]["graph_form"] = "a later exporter's field"
+    raw["future_section"] = {"x": 1}
+    assert parse_manifest(raw).lmm.decoder.num_layers == raw["lmm"]["decoder"]["num_layers"]
+
+
+def test_header_checks():
+    raw = _demo_manifest()
+    with pytest.raises(BundleError, match="format version 2 is not supported"):
+        parse_manifest({**raw, "format_version": 2})
+    with pytest.raises(BundleError, match="format is 'other'"):
+        parse_manifest({**raw, "format": "other"})
+    no_dir = copy.deepcopy(raw)
+    del no_dir["sam"]["dir"]
+    with pytest.raises(BundleError, match=r"sam\.dir is missing"):
+        parse_manifest(no_dir)
+    assert isinstance(parse_manifest({"format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION}), Manifest)
+
+
+def test_the_runtime_refuses_a_bad_manifest_with_one_line(tmp_path):
+    from octopus_rt.runtime import Octopus
+
+    copy_dir = tmp_path / "bundle"
+    (copy_dir).mkdir()
+    raw = _demo_manifest()
+    del raw["lmm"]["prompt"]["image_token_id"]
+    (copy_dir / bundle.MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"lmm\.prompt\.image_token_id is missing") as error:
+        Octopus(copy_dir, device="cpu")
+    assert "\n" not in str(error.value)

@@ -24,6 +24,7 @@ import torch
 from octopus_rt.bundle import commit_section, package_versions, staged_section
 from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.export.onnx_export import check_opset_range, export_onnx
+from octopus_rt.manifest import SamDecoderGraph, SamEncoderGraph, SamPreprocessSpec, SamSection, SamSource
 
 from .sam_models import MODEL_TYPES, SamConfig, load_sam, load_sam_config
 from .sam_verify import DECODER_INPUTS, verify_sam
@@ -57,7 +58,8 @@ def _encoder_to_fp16(model: Any, fragments: list[str]) -> Any:
                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + ["LayerNormalization"])
 
 
-def export_sam_graphs(sam: Any, config: SamConfig, staging: Path, precision: str, opset: int) -> dict[str, Any]:
+def export_sam_graphs(sam: Any, config: SamConfig, staging: Path, precision: str,
+                      opset: int) -> tuple[SamEncoderGraph, SamDecoderGraph]:
     """sam_encoder.onnx and sam_decoder.onnx of a segment-anything `Sam` into `staging`; returns the
     section's `encoder` and `decoder` entries. Not verified here (`export_sam` verifies)."""
     size, grid = config.image_size, config.embedding_size
@@ -75,26 +77,17 @@ def export_sam_graphs(sam: Any, config: SamConfig, staging: Path, precision: str
     export_onnx(SamDecoderWrapper(sam).eval(), dummy, staging / DECODER_FILE, opset=opset, exporter="torchscript",
                 input_names=list(DECODER_INPUTS), output_names=["low_res_masks", "iou_predictions"],
                 dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
-    return {
-        "encoder": {
-            "file": ENCODER_FILE,
-            "input_names": ["image"],
-            "output_names": ["image_embeddings"],
-            "input_size": size,
-            "embedding_shape": [1, config.prompt_embed_dim, grid, grid],
-            "dtype": "float16 (LayerNorm float32)" if precision == "fp16" else "float32",
-            "io_dtype": "float32",
-        },
-        "decoder": {
-            "file": DECODER_FILE,
-            "input_names": list(DECODER_INPUTS),
-            "output_names": ["low_res_masks", "iou_predictions"],
-            "mask_input_size": [low, low],
-            "num_multimask_outputs": config.num_multimask_outputs,
-            "dtype": "float32",
-            "tensorrt_friendly": True,
-        },
-    }
+    encoder_entry = SamEncoderGraph(
+        file=ENCODER_FILE, input_names=["image"], output_names=["image_embeddings"], input_size=size,
+        embedding_shape=[1, config.prompt_embed_dim, grid, grid],
+        dtype="float16 (LayerNorm float32)" if precision == "fp16" else "float32", io_dtype="float32",
+    )
+    decoder_entry = SamDecoderGraph(
+        file=DECODER_FILE, input_names=list(DECODER_INPUTS), output_names=["low_res_masks", "iou_predictions"],
+        mask_input_size=[low, low], num_multimask_outputs=config.num_multimask_outputs, dtype="float32",
+        tensorrt_friendly=True,
+    )
+    return encoder_entry, decoder_entry
 
 
 def _check_args(model_type: str, precision: str, opset: int) -> None:
@@ -140,7 +133,7 @@ def export_sam(
     sam, config = load_sam(checkpoint, model_type, config)
     with staged_section(out_dir, "sam") as staging:
         log(f"exporting SAM graphs ({precision}, opset {opset}) to {staging}")
-        graphs = export_sam_graphs(sam, config, staging, precision, opset)
+        encoder_entry, decoder_entry = export_sam_graphs(sam, config, staging, precision, opset)
         log("verifying against segment-anything (3 aspect ratios)")
         verification = verify_sam(
             sam, staging / ENCODER_FILE, staging / DECODER_FILE, input_size=config.image_size,
@@ -149,27 +142,20 @@ def export_sam(
         )
         import onnx
 
-        ir_version = onnx.load(str(staging / DECODER_FILE), load_external_data=False).ir_version
-        source: dict[str, Any] = {"checkpoint": str(checkpoint), "model_type": model_type}
-        if model_type == "custom":
-            source["config"] = config.to_dict()
-        section = {
-            "source": source,
-            "versions": package_versions("octopus-rt", "torch", "onnx", "onnxruntime", "segment-anything"),
-            "opset": opset,
-            "ir_version": ir_version,
-            "precision": precision,
-            **graphs,
-            "preprocess": {
-                "input_size": config.image_size,
-                "pixel_mean": list(config.pixel_mean),
-                "pixel_std": list(config.pixel_std),
-                "resize": "longest_side",
-                "resample": "bilinear",
-            },
-            "mask_threshold": 0.0,
-            "verification": verification.summary(),
-        }
+        section = SamSection(
+            source=SamSource(checkpoint=str(checkpoint), model_type=model_type,
+                             config=config.to_dict() if model_type == "custom" else None),
+            versions=package_versions("octopus-rt", "torch", "onnx", "onnxruntime", "segment-anything"),
+            opset=opset,
+            ir_version=onnx.load(str(staging / DECODER_FILE), load_external_data=False).ir_version,
+            precision=precision,
+            encoder=encoder_entry,
+            decoder=decoder_entry,
+            preprocess=SamPreprocessSpec(input_size=config.image_size, pixel_mean=list(config.pixel_mean),
+                                         pixel_std=list(config.pixel_std), resize="longest_side", resample="bilinear"),
+            mask_threshold=0.0,
+            verification=verification.summary(),
+        ).to_dict()
         manifest = commit_section(out_dir, "sam", staging, section)
     log(f"wrote sam section to {out_dir} (min mask IoU {verification.min_iou:.4f})")
     return manifest["sam"]

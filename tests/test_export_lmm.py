@@ -159,14 +159,18 @@ def test_closed_set_ids_are_the_in_context_ids(tiny_lmm_bundle):
 def test_prompt_check_rejects_strings_that_tokenize_differently(tiny_llava_dir, tiny_lmm_bundle):
     from transformers import AutoProcessor
 
-    from octopus_rt.export.lmm import _check_prompt
+    import dataclasses
+
+    from octopus_rt.export.lmm_manifest import check_prompt
+    from octopus_rt.manifest import PromptSpec
 
     section, folder = _section(tiny_lmm_bundle("phi3_clip"))
     processor = AutoProcessor.from_pretrained(tiny_llava_dir("phi3_clip"))
-    _check_prompt(section["prompt"], folder / "tokenizer.json", processor)
-    broken = dict(section["prompt"], suffix=section["prompt"]["suffix"].replace("\n", " "))
+    prompt = PromptSpec.from_dict(section["prompt"])
+    check_prompt(prompt, folder / "tokenizer.json", processor)
+    broken = dataclasses.replace(prompt, suffix=prompt.suffix.replace("\n", " "))
     with pytest.raises(OctopusError, match="does not tokenize like the processor"):
-        _check_prompt(broken, folder / "tokenizer.json", processor)
+        check_prompt(broken, folder / "tokenizer.json", processor)
 
 
 def test_qwen2_siglip_fp32_export(tiny_llava_dir, tiny_lmm_bundle):

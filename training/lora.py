@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from octopus_rt.errors import InputError
+from octopus_rt.export.llava_graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_MODELS  # what export lmm takes
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
@@ -21,10 +22,6 @@ __all__ = [
     "language_model_linear_names",
     "apply_tuning",
 ]
-
-SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2")
-SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
-
 
 @dataclass
 class TuningSummary:

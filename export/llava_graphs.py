@@ -1,0 +1,173 @@
+"""The LLaVA architecture in `export lmm`: which checkpoints are supported, how they load, and their
+graphs (vision.onnx, decoder.onnx, traced from the wrappers of export/llava_wrappers.py).
+
+A second architecture (Phi-3.5-Vision) gets a module of its own with the same four pieces:
+`check_model_dir` (config.json only, no weights), `load_model`, `export_*_graphs(model, out_dir,
+opset)` and `graph_specs(...)` (the manifest's typed `vision` / `decoder` entries); export/lmm.py
+runs whichever the model directory calls for, and export/lmm_manifest.py builds the section from the
+typed pieces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from octopus_rt.errors import InputError
+from octopus_rt.export.onnx_export import export_onnx, one_line
+from octopus_rt.manifest import DecoderGraph, VisionGraph
+
+__all__ = [
+    "SUPPORTED_TEXT_MODELS",
+    "SUPPORTED_VISION_MODELS",
+    "VISION_FILE",
+    "DECODER_FILE",
+    "describe_supported",
+    "check_model_dir",
+    "load_model",
+    "export_llava_graphs",
+    "graph_specs",
+]
+
+SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2")
+SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
+VISION_FILE = "vision.onnx"
+DECODER_FILE = "decoder.onnx"
+# Tracing shapes; verification uses different ones (lmm_reference.DECODER_SHAPES, VISION_BATCHES).
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 5, 3
+
+
+def describe_supported() -> str:
+    return (
+        "LlavaForConditionalGeneration with a text model of type "
+        + "/".join(SUPPORTED_TEXT_MODELS)
+        + " and a vision tower of type "
+        + "/".join(SUPPORTED_VISION_MODELS)
+    )
+
+
+def check_model_dir(model_dir: Path) -> dict[str, Any]:
+    """Validate MODEL_DIR without loading weights; returns config.json's content."""
+    if not model_dir.exists():
+        raise InputError(f"model directory not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise InputError(f"model path is not a directory: {model_dir}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"not a transformers model directory (no config.json): {model_dir}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"unreadable config.json in {model_dir}: {exc}") from exc
+    architectures = config.get("architectures") or []
+    text_type = (config.get("text_config") or {}).get("model_type")
+    vision_type = (config.get("vision_config") or {}).get("model_type")
+    if config.get("model_type") != "llava" or "LlavaForConditionalGeneration" not in architectures:
+        shown = ", ".join(architectures) or config.get("model_type") or "unknown"
+        raise InputError(f"unsupported architecture {shown} in {model_dir}; supported: {describe_supported()}")
+    if text_type not in SUPPORTED_TEXT_MODELS or vision_type not in SUPPORTED_VISION_MODELS:
+        raise InputError(
+            f"unsupported LLaVA parts (text {text_type}, vision {vision_type}) in {model_dir}; "
+            f"supported: {describe_supported()}"
+        )
+    return config
+
+
+def load_model(model_dir: Path):
+    """(LlavaForConditionalGeneration in fp32 eval mode, its processor); InputError on a bad directory."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input directory
+        raise InputError(f"cannot load the processor/tokenizer from {model_dir}: {one_line(exc)}") from exc
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt weights surface as many exception types
+        raise InputError(f"cannot load model weights from {model_dir}: {one_line(exc)}") from exc
+    return model.eval(), processor
+
+
+def export_llava_graphs(model, out_dir: Path, opset: int) -> None:
+    """vision.onnx and decoder.onnx of a LlavaForConditionalGeneration into `out_dir`, in fp32
+    (docs/bundle.md, "Decoder graph I/O"; batch, sequence and past length dynamic)."""
+    import torch
+
+    from octopus_rt.export.llava_wrappers import (
+        VISION_INPUT_NAMES,
+        VISION_OUTPUT_NAMES,
+        DecoderWrapper,
+        VisionWrapper,
+        decoder_dims,
+        decoder_input_names,
+        decoder_output_names,
+    )
+
+    vision_cfg = model.config.vision_config
+    dims = decoder_dims(model.config.get_text_config())
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    pixels = torch.zeros(TRACE_BATCH, 3, vision_cfg.image_size, vision_cfg.image_size)
+    export_onnx(
+        VisionWrapper(model).eval(), (pixels,), out_dir / VISION_FILE,
+        input_names=VISION_INPUT_NAMES, output_names=VISION_OUTPUT_NAMES,
+        dynamic_shapes={"pixel_values": {0: batch}},
+        dynamic_axes={"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
+        opset=opset,
+    )
+
+    # dynamic_shapes are keyed by argument name (dynamic_axes would be matched by position). Trace
+    # with past > 0 and seq > 1 so no size-0/1 specialisation is baked in.
+    seq = torch.export.Dim("sequence", min=1, max=dims.max_position_embeddings)
+    past_len = torch.export.Dim("past_sequence", min=0, max=dims.max_position_embeddings)
+    total = torch.export.Dim("total_sequence", min=1, max=2 * dims.max_position_embeddings)
+    b, s, p = TRACE_BATCH, TRACE_SEQ, TRACE_PAST
+    generator = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(b, s, dims.hidden_size, generator=generator),
+        torch.ones(b, p + s, dtype=torch.long),
+        torch.arange(p, p + s).expand(b, s).contiguous(),
+        *[torch.randn(b, dims.num_key_value_heads, p, dims.head_dim, generator=generator) for _ in range(2 * dims.num_layers)],
+    )
+    dynamic = {
+        "inputs_embeds": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past_len} for _ in range(2 * dims.num_layers)),
+    }
+    inputs, outputs = decoder_input_names(dims.num_layers), decoder_output_names(dims.num_layers)
+    axes = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+        **{name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]},
+        **{name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]},
+    }
+    export_onnx(
+        DecoderWrapper(model).eval(), args, out_dir / DECODER_FILE,
+        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic, dynamic_axes=axes, opset=opset,
+    )
+
+
+def graph_specs(model, num_image_tokens: int, vision_hidden: int) -> tuple[VisionGraph, DecoderGraph]:
+    """The manifest entries of the two graphs `export_llava_graphs` writes (float32 I/O at every precision)."""
+    from octopus_rt.export.llava_wrappers import (
+        VISION_INPUT_NAMES,
+        VISION_OUTPUT_NAMES,
+        decoder_dims,
+        decoder_input_names,
+        decoder_output_names,
+    )
+
+    dims = decoder_dims(model.config.get_text_config())
+    vision = VisionGraph(file=VISION_FILE, input_names=list(VISION_INPUT_NAMES), output_names=list(VISION_OUTPUT_NAMES),
+                         num_image_tokens=int(num_image_tokens), hidden_size=int(vision_hidden))
+    decoder = DecoderGraph(
+        file=DECODER_FILE, input_names=decoder_input_names(dims.num_layers),
+        output_names=decoder_output_names(dims.num_layers), num_layers=dims.num_layers,
+        num_key_value_heads=dims.num_key_value_heads, head_dim=dims.head_dim, hidden_size=dims.hidden_size,
+        vocab_size=dims.vocab_size, max_position_embeddings=dims.max_position_embeddings, dtype="float32",
+    )
+    return vision, decoder

@@ -7,8 +7,10 @@ model directory and SAM checkpoint recorded in a bundle's manifest (`lmm.source.
 - the prompt is the processor's own chat template (one user turn: the image, then the question),
   tokenised by the processor; the image goes through the processor's image processor;
 - `model.generate(do_sample=False, use_cache=True, output_logits=True)` gives the tokens and the raw
-  logits of every step; the closed-set math is the runtime's (`octopus_rt.runtime.closed_set`): the
-  first mention per axis, logsumexp over token forms, softmax at temperature tau, eq. 4 / quadrant;
+  logits of every step; the closed-set math (first mention per axis, logsumexp over token forms,
+  softmax at temperature tau, eq. 4 / quadrant) is its own torch implementation
+  (export/reference_closed_set.py), and so is image loading (export/reference_images.py): the
+  parity tests compare two implementations, not one with itself;
 - `segment_anything.SamPredictor` with one positive point and `multimask_output`, keeping the
   best predicted IoU (as the runtime does).
 
@@ -31,8 +33,10 @@ import torch
 from octopus_rt import vocab
 from octopus_rt.bundle import read_manifest
 from octopus_rt.errors import OctopusError
-from octopus_rt.runtime import closed_set
-from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, load_image
+from octopus_rt.export import reference_closed_set as closed_set
+from octopus_rt.export.reference_images import reference_rgb
+from octopus_rt.manifest import SamSection, parse_manifest
+from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput
 from octopus_rt.runtime.results import Answer, ChoiceResult, ScoreResult
 
 __all__ = ["ReferencePipeline"]
@@ -96,36 +100,35 @@ class ReferencePipeline:
 
         if threads is not None:
             torch.set_num_threads(int(threads))
-        self.manifest = read_manifest(bundle_dir)
-        lmm = self.manifest.get("lmm") or {}
-        source = Path(model_dir or lmm.get("source", {}).get("model_dir", ""))
+        self.manifest = parse_manifest(read_manifest(bundle_dir))
+        lmm = self.manifest.lmm
+        if lmm is None:
+            raise OctopusError(f"bundle {bundle_dir} has no lmm section")
+        source = Path(model_dir or (lmm.source.model_dir if lmm.source else ""))
         if not source.is_dir():
             raise OctopusError(f"reference model directory not found: {source}")
         self.lmm = lmm
-        self.defaults = self.manifest.get("defaults", {})
+        self.defaults = self.manifest.defaults
         self.max_pixels = max_pixels
         self.model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(source)
-        self.closed_set = {w: [int(i) for i in ids] for w, ids in lmm["closed_set"].items()}
-        self.axis_ids = closed_set.axis_token_ids(self.closed_set)
+        self.closed_set = {w: list(ids) for w, ids in lmm.closed_set.items()}
         self.hooks = _Hooks()
         inner = self.model.model
         self.hooks.watch(inner.vision_tower, "vision_tower")
         self.hooks.watch(inner.multi_modal_projector, "projector")
         self.predictor = None
-        sam = self.manifest.get("sam")
-        if isinstance(sam, dict):
-            self._load_sam(sam, sam_checkpoint)
+        if self.manifest.sam is not None:
+            self._load_sam(self.manifest.sam, sam_checkpoint)
 
-    def _load_sam(self, section: dict[str, Any], checkpoint: str | os.PathLike[str] | None) -> None:
+    def _load_sam(self, section: SamSection, checkpoint: str | os.PathLike[str] | None) -> None:
         from segment_anything import SamPredictor
 
         from octopus_rt.export.sam_models import SamConfig, load_sam
 
-        source = section.get("source", {})
-        model_type = source.get("model_type", "vit_b")
-        config = SamConfig.from_dict(source["config"]) if model_type == "custom" else None
-        sam, _ = load_sam(checkpoint or source["checkpoint"], model_type, config)
+        source = section.source
+        config = SamConfig.from_dict(source.config) if source.model_type == "custom" else None
+        sam, _ = load_sam(checkpoint or source.checkpoint, source.model_type, config)
         self.hooks.watch(sam.image_encoder, "sam_encoder")
         self.hooks.watch(sam.mask_decoder, "sam_decoder")
         self.predictor = SamPredictor(sam)
@@ -158,13 +161,13 @@ class ReferencePipeline:
         segment: bool = True,
     ) -> Answer:
         """Same contract as `Octopus.ask` (see runtime/api.py), computed with PyTorch."""
-        tau = float(self.defaults.get("tau", 1.0) if tau is None else tau)
-        mapping = point_mapping or self.defaults.get("point_mapping", "paper")
-        limit = int(self.defaults.get("max_new_tokens", 64) if max_new_tokens is None else max_new_tokens)
-        multimask = bool(self.defaults.get("multimask", True) if multimask is None else multimask)
+        tau = float(self.defaults.tau if tau is None else tau)
+        mapping = point_mapping or self.defaults.point_mapping
+        limit = int(self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        multimask = bool(self.defaults.multimask if multimask is None else multimask)
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        rgb = load_image(image, max_pixels=self.max_pixels).rgb
+        rgb = reference_rgb(image, self.max_pixels)
         timings["decode_image"] = (time.perf_counter() - start) * 1000.0
         tick = time.perf_counter()
         inputs = self.inputs(rgb, question)
@@ -183,7 +186,7 @@ class ReferencePipeline:
             )
         prompt_len = inputs["input_ids"].shape[1]
         tokens = [int(t) for t in out.sequences[0, prompt_len:]]
-        logits = [step[0].float().numpy() for step in out.logits]
+        logits = [step[0].float() for step in out.logits]
         vision = self.hooks.span_ms("vision_tower", "projector")
         if vision is not None:
             timings["vision"] = vision
@@ -196,11 +199,10 @@ class ReferencePipeline:
                 timings["decode_per_token"] = float(np.median(steps))
             self.step_ms = list(steps)
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        steps_at = closed_set.first_mentions(tokens, self.axis_ids)
-        probs = closed_set.position_probs({axis: logits[s] for axis, s in steps_at.items()}, self.closed_set, tau)
+        probs = closed_set.axis_probabilities(logits, tokens, self.closed_set, tau)
         height, width = rgb.shape[:2]
-        point = closed_set.point_from_position_probs(probs, width, height, mapping)
-        whole = vocab.says_whole_image(text, self.lmm.get("whole_image_phrases") or vocab.WHOLE_IMAGE_PHRASES)
+        point = closed_set.point_for(probs, width, height, mapping)
+        whole = vocab.says_whole_image(text, self.lmm.whole_image_phrases or vocab.WHOLE_IMAGE_PHRASES)
         mask, mask_iou = None, None
         if whole:
             mask, mask_iou = np.ones((height, width), dtype=bool), 1.0
@@ -237,21 +239,16 @@ class ReferencePipeline:
         return masks[best].astype(bool), float(scores[best])
 
     def next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str]) -> dict[str, float]:
-        rgb = load_image(image, max_pixels=self.max_pixels).rgb
+        rgb = reference_rgb(image, self.max_pixels)
         with torch.inference_mode():
-            logits = self.model(**self.inputs(rgb, question, answer_prefix)).logits[0, -1].float().numpy()
-        probs = closed_set.closed_set_probs(logits, [self.closed_set[w] for w in words], 1.0)
+            logits = self.model(**self.inputs(rgb, question, answer_prefix)).logits[0, -1].float()
+        probs = closed_set.word_probabilities(logits, [self.closed_set[w] for w in words], 1.0)
         return {w: float(p) for w, p in zip(words, probs)}
 
     def score(self, image: ImageInput) -> ScoreResult:
-        prompt = self.lmm.get("score_prompt") or {}
-        probs = self.next_token_probs(
-            image,
-            prompt.get("question", vocab.SCORE_QUESTION),
-            prompt.get("answer_prefix", vocab.SCORE_ANSWER_PREFIX),
-            vocab.LEVEL_WORDS,
-        )
-        return ScoreResult(closed_set.level_score([probs[w] for w in vocab.LEVEL_WORDS], vocab.LEVEL_WEIGHTS), probs)
+        prompt = self.lmm.score_prompt
+        probs = self.next_token_probs(image, prompt.question, prompt.answer_prefix, vocab.LEVEL_WORDS)
+        return ScoreResult(closed_set.weighted_score([probs[w] for w in vocab.LEVEL_WORDS], vocab.LEVEL_WEIGHTS), probs)
 
     def choose(self, image: ImageInput, question: str, options: Sequence[str]) -> ChoiceResult:
         letters = vocab.OPTION_LETTERS[: len(options)]

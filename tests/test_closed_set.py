@@ -91,3 +91,28 @@ def test_whole_image_detection_and_mcq_layout():
     assert text.endswith("A. Yes\nB. No")
     with pytest.raises(ValueError):
         vocab.format_mcq_question("Too many?", ["1", "2", "3", "4", "5"])
+
+
+def test_the_reference_closed_set_follows_the_same_equations():
+    """export/reference_closed_set.py (torch, the parity reference) against direct computations."""
+    pytest.importorskip("torch")
+    from octopus_rt.export import reference_closed_set as ref
+
+    logits = np.array([0.0, 1.0, 2.0, -1.0, 0.5, 3.0])
+    closed = {"left": [1, 2], "right": [3, 4], "top": [5], "bottom": [0]}
+    tau = 0.5
+    left, right = math.exp(1.0) + math.exp(2.0), math.exp(-1.0) + math.exp(0.5)
+    p_left = math.exp(math.log(left) / tau) / (math.exp(math.log(left) / tau) + math.exp(math.log(right) / tau))
+    assert ref.word_probabilities(logits, [closed["left"], closed["right"]], tau) == pytest.approx([p_left, 1 - p_left])
+    # Only the first naming token of each axis counts; the step's own logits score it.
+    tokens = [9, 4, 0, 2]  # "right" at step 1 (first horizontal), "bottom" at step 2
+    assert ref.axis_steps(tokens, closed) == {"horizontal": 1, "vertical": 2}
+    steps = [np.zeros(6), logits, -logits, np.zeros(6)]
+    probs = ref.axis_probabilities(steps, tokens, closed, tau)
+    assert probs["left"] == pytest.approx(p_left)
+    p_top = math.exp(-3.0 / tau) / (math.exp(-3.0 / tau) + math.exp(-0.0 / tau))
+    assert probs["top"] == pytest.approx(p_top)
+    assert ref.point_for(probs, 200, 100, "paper") == pytest.approx((200 * (1 - p_left), 100 * (1 - p_top)))
+    assert ref.point_for({"left": 0.0, "right": 1.0}, 200, 100, "quadrant") == pytest.approx((150.0, 50.0))
+    assert ref.point_for({}, 200, 100, "paper") is None
+    assert ref.weighted_score([0.5, 0.5, 0, 0, 0], vocab.LEVEL_WEIGHTS) == pytest.approx(0.875)

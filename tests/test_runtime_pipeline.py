@@ -273,3 +273,43 @@ def test_sam_stage_holds_the_image_embedding_like_sam_predictor(octo, reference,
         mask, iou = reference.segment(rgb, point, True)
         assert ours.mask.shape == (height, width)
         assert _iou(ours.mask, mask) >= 0.99 and abs(ours.iou - iou) <= 1e-3
+
+
+def test_the_reference_shares_no_logic_with_the_runtime():
+    """Parity proves something only if the reference computes independently: its modules import
+    nothing of the runtime but result types and constants."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"octopus_rt.runtime.results": None, "octopus_rt.runtime.images": {"DEFAULT_MAX_PIXELS", "ImageInput"}}
+    export_dir = Path(__file__).resolve().parents[1] / "export"
+    for path in sorted(export_dir.glob("reference*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("octopus_rt.runtime"):
+                assert node.module in allowed, (path.name, node.module)
+                names = allowed[node.module]
+                assert names is None or {a.name for a in node.names} <= names, (path.name, node.module)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("octopus_rt.runtime") for a in node.names), path.name
+
+
+def test_awkward_image_files_match_reference(octo, reference, tmp_path):
+    """Images the two loaders must agree on: EXIF-rotated JPEG, RGBA, 16-bit grey and palette PNGs
+    (the mask's shape shows the orientation; the answer shows the pixels)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    ys, xs = np.mgrid[0:48, 0:80]
+    rgb = np.clip(np.stack([xs * 3, ys * 5, (xs + ys) * 2], -1) + rng.normal(0, 15, (48, 80, 3)), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 90, np.uint8)]), "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257 + 100).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png")
+    for name in ("rotated.jpg", "alpha.png", "grey16.png", "palette.png"):
+        path = tmp_path / name
+        ours = octo.ask(path, QUESTIONS[0], max_new_tokens=8, tau=4.0)
+        ref = reference.ask(path, QUESTIONS[0], max_new_tokens=8, tau=4.0)
+        _assert_same_answer(ours, ref, ours.image_size)
+        assert ours.image_size == ((48, 80) if name == "rotated.jpg" else (80, 48)), name

@@ -38,6 +38,7 @@ __all__ = [
     "verification_image",
     "mask_iou",
     "verify_sam",
+    "compare_with_sam_onnx_model",
     "DECODER_INPUTS",
 ]
 
@@ -166,9 +167,11 @@ def _export_sam_onnx_model(sam: Any, path: Path, opset: int, embedding_shape: tu
         )
 
 
-def _compare_with_sam_onnx_model(
+def compare_with_sam_onnx_model(
     sam: Any, decoder_path: Path, feeds: list[dict[str, np.ndarray]], opset: int, input_size: int
 ) -> dict[str, Any]:
+    """Check 2 of the module docstring: the exported decoder vs segment-anything's SamOnnxModel on
+    `feeds`; SamVerificationError below TRT_FRIENDLY_IOU or with a OneHot node."""
     import onnx
 
     ops = {node.op_type for node in onnx.load(str(decoder_path), load_external_data=False).graph.node}
@@ -270,6 +273,6 @@ def verify_sam(
                     f"SAM {precision} export fails parity with SamPredictor at {h}x{w} ({name}): mask IoU "
                     f"{min(ious):.4f} < {threshold}"
                 )
-    result.trt_friendly = _compare_with_sam_onnx_model(sam, decoder_path, feeds, opset, input_size)
+    result.trt_friendly = compare_with_sam_onnx_model(sam, decoder_path, feeds, opset, input_size)
     log(f"  TensorRT-friendly decoder vs SamOnnxModel: min IoU {result.trt_friendly['min_iou_low_res']:.4f}")
     return result

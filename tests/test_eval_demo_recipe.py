@@ -104,7 +104,7 @@ def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     from transformers import AutoTokenizer
 
     from octopus_rt.training.validation_metrics import closed_set_token_ids
-    from octopus_rt.training.recipes.build_demo import _closed_set_hook
+    from octopus_rt.training.recipes.build_demo import closed_set_loss_hook
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir("llama_siglip"))
     (left, right), (top, bottom) = (closed_set_token_ids(tokenizer, w) for w in (("left", "right"), ("top", "bottom")))
@@ -112,7 +112,7 @@ def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     labels = torch.full((2, 6), -100)
     labels[0, 2], labels[0, 4], labels[1, 3] = bottom[0], left[0], top[0]
     logits = torch.randn(2, 6, vocab_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    loss = _closed_set_hook(tokenizer, 2.0)(None, {"labels": labels}, type("O", (), {"logits": logits}), [])
+    loss = closed_set_loss_hook(tokenizer, 2.0)(None, {"labels": labels}, type("O", (), {"logits": logits}), [])
 
     def axis_nll(row, col, ids, target):  # logits at t predict the label at t + 1
         z = logits.detach().numpy()[row, col - 1]
@@ -125,7 +125,7 @@ def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     loss.backward()
     # Raising the wrong word's logit where "left" is the answer must raise the loss.
     assert float(logits.grad[0, 3, right[0]]) > 0 and float(logits.grad[0, 3, left[0]]) < 0
-    empty = _closed_set_hook(tokenizer, 2.0)(None, {"labels": torch.full((1, 4), -100)},
+    empty = closed_set_loss_hook(tokenizer, 2.0)(None, {"labels": torch.full((1, 4), -100)},
                                              type("O", (), {"logits": torch.zeros(1, 4, vocab_size)}), [])
     assert float(empty) == 0.0
 

@@ -298,12 +298,12 @@ def test_failed_verification_leaves_bundle_unchanged(tiny_sam_checkpoint, tmp_pa
 
 def test_trt_friendly_comparison_catches_a_wrong_decoder(tiny_sam, tmp_path, monkeypatch):
     """The SamOnnxModel comparison fails for a decoder that differs (here: a swapped x/y point)."""
-    from octopus_rt.export.sam_verify import _compare_with_sam_onnx_model
+    from octopus_rt.export.sam_verify import compare_with_sam_onnx_model
 
     sam, config = tiny_sam
-    original = SamDecoderWrapper._embed_points
-    monkeypatch.setattr(SamDecoderWrapper, "_embed_points",
-                        lambda self, coords, labels: original(self, coords.flip(-1), labels))
+    original = SamDecoderWrapper.forward
+    monkeypatch.setattr(SamDecoderWrapper, "forward",
+                        lambda self, embeddings, coords, *rest: original(self, embeddings, coords.flip(-1), *rest))
     sam_export.export_sam_graphs(sam, config, tmp_path, "fp32", 17)
     grid, low = config.embedding_size, 4 * config.embedding_size
     rng = np.random.default_rng(0)
@@ -315,7 +315,7 @@ def test_trt_friendly_comparison_catches_a_wrong_decoder(tiny_sam, tmp_path, mon
         "has_mask_input": np.zeros(1, np.float32),
     }]
     with pytest.raises(SamVerificationError, match="SamOnnxModel"):
-        _compare_with_sam_onnx_model(sam, tmp_path / "sam_decoder.onnx", feeds, 17, config.image_size)
+        compare_with_sam_onnx_model(sam, tmp_path / "sam_decoder.onnx", feeds, 17, config.image_size)
 
 
 # ---------------------------------------------------------------- bad input through the CLI

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp, softmax
 
 from octopus_rt.errors import OctopusError
 from octopus_rt.runtime import closed_set
@@ -27,8 +28,9 @@ def test_axis_probabilities_and_missing_axis_centre():
     rng = np.random.default_rng(0)
     horizontal, vertical = rng.normal(size=40), rng.normal(size=40)
     probs = closed_set.position_probs({"horizontal": horizontal, "vertical": vertical}, CLOSED, tau=2.0)
-    expected_h = closed_set.closed_set_probs(horizontal, [CLOSED["left"], CLOSED["right"]], 2.0)
-    expected_v = closed_set.closed_set_probs(vertical, [CLOSED["top"], CLOSED["bottom"]], 2.0)
+    # Independently: a word's score is the logsumexp of its forms' logits, then softmax(score / tau).
+    expected_h = softmax([logsumexp(horizontal[CLOSED["left"]]), logsumexp(horizontal[CLOSED["right"]])] / np.float64(2.0))
+    expected_v = softmax([logsumexp(vertical[CLOSED["top"]]), logsumexp(vertical[CLOSED["bottom"]])] / np.float64(2.0))
     assert probs == pytest.approx({"left": expected_h[0], "right": expected_h[1], "top": expected_v[0], "bottom": expected_v[1]})
     point = closed_set.point_from_position_probs(probs, 200, 100, "paper")
     assert point == pytest.approx((probs["right"] * 200, probs["bottom"] * 100))

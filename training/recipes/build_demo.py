@@ -46,7 +46,7 @@ class DemoRecipe:
     eval_test_records: int | None  # test records measured (None = all)
     examples: int
     wallpapers: bool = False  # add demo_data.WALLPAPERS (Debian packages) to the training photos
-    closed_set_weight: float = 0.0  # weight of the closed-set position-word loss (see _closed_set_hook)
+    closed_set_weight: float = 0.0  # weight of the closed-set position-word loss (see closed_set_loss_hook)
 
 
 FULL = DemoRecipe(num_seen=1600, num_heldout=160, size=256, vision_steps=4000, vision_time=20 * 60,
@@ -124,7 +124,7 @@ def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5
     return hook
 
 
-def _closed_set_hook(tokenizer, weight: float):
+def closed_set_loss_hook(tokenizer, weight: float):
     """loss_hook for the trainer: at every answer token that is a position word, the paper's
     closed-set softmax over that axis's words ({left, right} or {top, bottom}; a word's logit is the
     logsumexp over its surface forms' token ids) against the reference word, averaged over those
@@ -227,7 +227,7 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
                                log_every=20, progress=False, precision="fp32")
         from transformers import AutoTokenizer
 
-        position_hook = (_closed_set_hook(AutoTokenizer.from_pretrained(base), recipe.closed_set_weight)
+        position_hook = (closed_set_loss_hook(AutoTokenizer.from_pretrained(base), recipe.closed_set_weight)
                          if recipe.closed_set_weight > 0 else None)
         result = train(options, loss_hook=_sum_hooks(_patch_hook(lmm_data, probe_path, grid), position_hook))
         stage("lmm_train", time.monotonic() - t, steps=len(result.steps), final_loss=result.losses[-1] if result.losses else None)

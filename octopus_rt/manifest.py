@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from octopus_rt import vocab
-from octopus_rt.bundle import DEFAULTS, FORMAT, FORMAT_VERSION, BundleError
+from octopus_rt.bundle import DEFAULTS, BundleError
 
 __all__ = [
     "FileRecord",
@@ -353,15 +353,10 @@ class Manifest(Schema):
 
 
 def parse_manifest(data: Any) -> Manifest:
-    """The typed manifest of a parsed manifest.json; BundleError names the first bad field."""
+    """The typed manifest of a manifest.json's content; BundleError names the first missing or
+    mistyped field. The header's values (format name, supported version) are checked where the
+    file is read, by `bundle.read_manifest`; this checks the fields and their types."""
     manifest = Manifest.from_dict(data)
-    if manifest.format != FORMAT:
-        raise BundleError(f"bundle manifest: format is {manifest.format!r}, not {FORMAT!r}")
-    if manifest.format_version != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format version {manifest.format_version} is not supported by this octopus-rt "
-            f"(it reads version {FORMAT_VERSION}); re-export the bundle with this version"
-        )
     for name in ("lmm", "sam"):
         section = getattr(manifest, name)
         if section is not None and section.files is not None and section.dir is None:

@@ -87,12 +87,13 @@ def test_unknown_keys_are_ignored_when_reading():
     assert parse_manifest(raw).lmm.decoder.num_layers == raw["lmm"]["decoder"]["num_layers"]
 
 
-def test_header_checks():
+def test_header_and_section_folder_checks(tmp_path):
     raw = _demo_manifest()
+    (tmp_path / bundle.MANIFEST_NAME).write_text(json.dumps({**raw, "format_version": 2}))
     with pytest.raises(BundleError, match="format version 2 is not supported"):
-        parse_manifest({**raw, "format_version": 2})
-    with pytest.raises(BundleError, match="format is 'other'"):
-        parse_manifest({**raw, "format": "other"})
+        bundle.read_manifest(tmp_path)  # header values: where the file is read
+    with pytest.raises(BundleError, match="format must be a string"):
+        parse_manifest({**raw, "format": 1})
     no_dir = copy.deepcopy(raw)
     del no_dir["sam"]["dir"]
     with pytest.raises(BundleError, match=r"sam\.dir is missing"):

@@ -19,8 +19,7 @@ openai = pytest.importorskip("openai")
 from fixtures_serve import DEMO, EXAMPLES, QUESTION, chat_body, wait_until  # noqa: E402
 
 from octopus_rt.runtime.api import Octopus  # noqa: E402
-from octopus_rt.runtime.serve.app import ServeSettings  # noqa: E402
-from octopus_rt.runtime.serve.ray_app import build_application  # noqa: E402
+from octopus_rt.runtime.serve.ray_app import app_builder  # noqa: E402
 
 
 
@@ -37,8 +36,11 @@ def ray_url():
              _node_ip_address="127.0.0.1")  # Ray's own services on loopback too
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServeSettings(max_batch=4, max_queue=16, model_name="demo")
-        serve.run(build_application(DEMO, settings, threads=1, replicas=2), name="octopus", route_prefix="/")
+        # app_builder: the entry point of `serve run` / KubeRay configs (string arguments), which
+        # builds the same application as `octopus-rt serve --ray`.
+        application = app_builder({"bundle": str(DEMO), "threads": "1", "replicas": "2", "max_batch": "4",
+                                   "max_queue": "16", "model_name": "demo"})
+        serve.run(application, name="octopus", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -242,6 +242,8 @@ def test_bad_input_gets_4xx_and_the_server_stays_healthy(served):
             ("post", "/v1/ground", {"json": {"image": data_url(png), "question": QUESTION, "colour": 1}}, 400),
             ("post", "/v1/ground", {"files": {"image": ("e.png", b"")}, "data": {"question": QUESTION}}, 400),
             ("post", "/v1/ground", {"json": {"image": "/etc/passwd", "question": QUESTION}}, 400),
+            ("post", "/v1/ground", {"files": {"image": ("e.png", png), "question": ("q.txt", b"hi")}}, 400),
+            ("post", "/v1/ground", {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400),
             ("post", "/v1/choose", {"json": {"image": data_url(png), "question": "ok?", "options": list("abcdef")}}, 400),
             ("post", "/v1/choose", {"json": {"image": data_url(png), "question": "ok?"}}, 400),
             ("post", "/v1/score", {"json": {"image": data_url(b"GIF89a-broken")}}, 400),

@@ -176,6 +176,8 @@ def create_app(model: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
             async with request.form(max_files=1, max_fields=len(allowed) + 8) as form:
                 image = form.get("image")
                 data = await image.read() if isinstance(image, UploadFile) else schemas.decode_data_url(image, "image")
+                if any(isinstance(v, UploadFile) for k, v in form.multi_items() if k != "image"):
+                    raise ApiError(400, "only the image may be a file; other fields are text", code="invalid_type")
                 values: dict[str, Any] = {k: v for k, v in form.items() if k != "options"}
                 if "options" in form:
                     options = form.getlist("options")

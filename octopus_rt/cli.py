@@ -54,6 +54,7 @@ def _register_subcommands() -> None:
     from octopus_rt.export.cli import export_app
     from octopus_rt.runtime.cli import register as register_runtime
     from octopus_rt.runtime.doctor_cli import register as register_doctor
+    from octopus_rt.runtime.serve.cli import register as register_serve
     from octopus_rt.training.cli import register as register_training
     from octopus_rt.training.eval_cli import register as register_eval
     from octopus_rt.training.data.cli import data_app
@@ -62,6 +63,7 @@ def _register_subcommands() -> None:
     app.add_typer(data_app, name="data", help="Build, import and inspect region-wise quality datasets.")
     register_runtime(app)
     register_doctor(app)
+    register_serve(app)
     register_training(app)
     register_eval(app)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from octopus_rt.runtime.generate import Decoder, KVState
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
 from octopus_rt.runtime.preprocess import VisionPreprocess
 from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
+from octopus_rt.runtime.streaming import TextStream
 
 __all__ = ["Octopus"]
 
@@ -238,12 +239,14 @@ class Octopus:
         point_mapping: str | None = None,
         multimask: bool | None = None,
         segment: bool | None = None,
+        on_token: Callable[[str], None] | None = None,
         options: AskOptions | None = None,
     ) -> Answer:
         """Answer `question` about `image`, ground it to a point and (with a SAM section) a mask.
 
         Options may come as keywords or as one `AskOptions`; keywords win. None takes the manifest's
-        `defaults`. `segment=False` skips SAM even when the bundle has it.
+        `defaults`. `segment=False` skips SAM even when the bundle has it. `on_token` streams the
+        answer's text as it is decoded (contract in `AskOptions`).
         Raises InputError (bad image / question / option) or BundleError (bundle problems).
         """
         if options is not None:
@@ -252,6 +255,7 @@ class Octopus:
             point_mapping = options.point_mapping if point_mapping is None else point_mapping
             multimask = options.multimask if multimask is None else multimask
             segment = options.segment if segment is None else segment
+            on_token = options.on_token if on_token is None else on_token
         segment = True if segment is None else bool(segment)
         tau = float(self.defaults.get("tau", 1.0) if tau is None else tau)
         if not tau > 0:
@@ -272,9 +276,13 @@ class Octopus:
         ids, split = self._prompt_ids(question)
         logits, state, entry, rgb = self._prefill(pending, ids, split, timer, cached)
         limit = min(limit, self.context - len(ids))
+        stream = TextStream(self.tokenizer, on_token) if on_token is not None else None
+        push = None if stream is None else stream.push
         with timer.stage("decode"):
-            result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids)
+            result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids, push)
         text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if stream is not None:
+            stream.finish(text)
         width, height = entry.size
         probs = closed_set.position_probs(result.axis_logits, self.closed_set, tau)
         point = closed_set.point_from_position_probs(probs, width, height, mapping)
@@ -305,7 +313,34 @@ class Octopus:
             image_size=(width, height),
             timings_ms=timings,
             cached=tuple(cached),
+            prompt_tokens=len(ids),
         )
+
+    def ask_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        options: AskOptions | Sequence[AskOptions | None] | None = None,
+    ) -> list[Answer | Exception]:
+        """Answer several (image, question) pairs; the server's batch path.
+
+        Contract (any batched implementation keeps it): one result per pair, in order; each Answer is
+        identical to `ask(images[i], questions[i], options=options[i])` alone (text, token_ids, point,
+        probs, mask; timings aside); a pair that fails holds its exception in its slot (InputError for
+        bad input, or what that item's `on_token` raised) and never fails the others. `options`: one
+        AskOptions for all, or one per pair (None: defaults). Mismatched lengths raise InputError.
+        This version runs the pairs one after another.
+        """
+        per_item = list(options) if isinstance(options, Sequence) else [options] * len(images)
+        if not len(images) == len(questions) == len(per_item):
+            raise InputError(f"ask_batch got {len(images)} images, {len(questions)} questions, {len(per_item)} options")
+        results: list[Answer | Exception] = []
+        for image, question, item_options in zip(images, questions, per_item):
+            try:
+                results.append(self.ask(image, question, options=item_options))
+            except Exception as exc:  # noqa: BLE001 - a per-item failure becomes that item's result
+                results.append(exc)
+        return results
 
     def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> tuple[np.ndarray, float]:
         sam = self.sam

@@ -217,6 +217,8 @@ def infer_batch(
     refuse_duplicate_ids(items, source)
     if source.is_file() and (out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source))):
         raise InputError(f"--out {out} is the batch input; choose another file")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a JSONL file name")
     if masks is not None and masks.exists() and not masks.is_dir():
         raise InputError(f"--masks {masks} is a file; give a folder")
     options = {"tau": tau, "point_mapping": point_mapping, "max_new_tokens": max_new_tokens}

@@ -157,3 +157,6 @@ def test_show_never_reads_outside_the_dataset(tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, (rid, err)
         assert not (tmp_path / f"{rid}.png").exists()
     assert main(["data", "show", str(data), "fine", "--out", str(tmp_path / "fine.png")]) == 0
+    before = (data / "images" / "s.png").read_bytes()  # --out may not be the record's own image
+    assert main(["data", "show", str(data), "fine", "--out", str(data / "images" / "s.png")]) == 2
+    assert "is an input" in capsys.readouterr().err and (data / "images" / "s.png").read_bytes() == before

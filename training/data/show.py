@@ -71,10 +71,13 @@ def render_record(
     from PIL import Image, ImageDraw
 
     from octopus_rt.paths import resolve_inside
+    from octopus_rt.runtime.cli_files import check_output_file
     from octopus_rt.runtime.images import load_image
 
     data_dir = Path(data_dir)
     image_path = resolve_inside(image_root(data_dir), record.get("image"), "the record's image")
+    masks = [resolve_inside(data_dir, region.get("mask"), "a region's mask") for region in record.get("regions") or []]
+    check_output_file(Path(out_path), "--out", inputs=(image_path, *masks), image=False)  # never over its inputs
     # The runtime's loader: EXIF orientation applied and the pixel limit kept, so the picture shows
     # what the model sees.
     image = load_image(image_path).rgb
@@ -93,7 +96,7 @@ def render_record(
     tags = []
     for k, region in enumerate(regions):
         colour = np.array(_COLOURS[k % len(_COLOURS)], dtype=np.float32)
-        with Image.open(resolve_inside(data_dir, region.get("mask"), "a region's mask")) as im:
+        with Image.open(masks[k]) as im:
             mask = np.asarray(im.convert("L")) > 127
         if scale != 1:
             mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0

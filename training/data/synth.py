@@ -359,8 +359,8 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
     state = {k: v for k, v in asdict(options).items() if k not in ("workers", "overwrite", "resume", "progress")}
     state["src"] = str(src.resolve())
     created = not out.exists()
-    inputs = {"source folder": src, "label folder": options.labels and Path(options.labels),
-              "group file": options.groups and Path(options.groups)}
+    inputs = {"source folder": src, "label folder": Path(options.labels) if options.labels else None,
+              "group file": Path(options.groups) if options.groups else None}
     prepare_run(out, inputs, state, resume=options.resume, overwrite=options.overwrite, generated=_GENERATED)
     try:
         return _run(src, out, sources, options, user_groups)

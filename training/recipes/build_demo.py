@@ -75,17 +75,24 @@ def _say(text: str) -> None:
 
 def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
     """A dataset folder for LLaVA training: all grounding and referring records, a seeded `share` of
-    the (long) description records; val likewise. Images are reached through symlinks to data_dir's
-    sub-folders, so record paths stay valid."""
+    the (long) description records; val likewise. data_dir's sub-folders are hard-linked file by file
+    (copied across file systems), so record paths stay valid: training refuses record paths that leave
+    the dataset folder, and a symbolic link to data_dir would."""
     import numpy as np
 
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     for sub in ("seen", "heldout"):
         if (data_dir / sub).exists():
-            os.symlink((data_dir / sub).resolve(), out / sub)
+            shutil.copytree(data_dir / sub, out / sub, copy_function=link)
     rng = np.random.default_rng([seed, 11])
     for split in ("train", "val"):
         records = read_jsonl(data_dir / f"{split}.jsonl")

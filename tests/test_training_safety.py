@@ -131,3 +131,11 @@ def test_the_demo_recipe_refuses_a_work_folder_it_did_not_make(tmp_path, monkeyp
     with pytest.raises(InputError, match="not made by build_demo"):
         build_demo.build_demo(work, build_demo.QUICK, install=False)
     assert (work / "data" / "thesis.txt").read_text() == "years of work"
+
+
+def test_evaluation_names_a_broken_record_line(tmp_path):
+    from octopus_rt.training.evaluate import load_split
+
+    (tmp_path / "test.jsonl").write_text('{"id": "a"}\n{cut off\n')
+    with pytest.raises(InputError, match=r"test.jsonl:2: not a JSON record"):
+        load_split(tmp_path, "test")

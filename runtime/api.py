@@ -39,6 +39,19 @@ from octopus_rt.runtime.streaming import TextStream
 __all__ = ["Octopus"]
 
 
+def _check_text(text: object, what: str) -> None:
+    """InputError unless `text` is a non-blank str that is valid Unicode (no lone surrogates, which a
+    non-UTF-8 command-line argument becomes and which the tokenizer cannot take)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"{what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid UTF-8 text (it holds a lone surrogate: bytes in another encoding?)") from None
+
+
 class _Timer:
     """Collects per-stage wall times in milliseconds (a stage run twice accumulates)."""
 
@@ -66,8 +79,9 @@ class Octopus:
     max_pixels: refuse larger images before decoding them (None: no limit).
     profile_dir: when set, onnxruntime writes per-node profiles there (see `end_profiling`).
 
-    Load-time checks (one-line `BundleError`): folder and manifest present, format version, an `lmm`
-    section, every listed file present with the recorded size (hashes: `octopus-rt verify`).
+    Load-time checks (one-line `BundleError`): folder and manifest present, the manifest valid
+    (`bundle.validate_manifest`: format version, paths inside the bundle, an `lmm` section with every
+    field the runtime reads), every listed file present with the recorded size (hashes: `verify`).
     """
 
     def __init__(
@@ -81,10 +95,8 @@ class Octopus:
         profile_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = read_manifest(self.bundle_dir)
-        lmm = self.manifest.get("lmm")
-        if not isinstance(lmm, dict) or "files" not in lmm:
-            raise BundleError(f"bundle {self.bundle_dir} has no lmm section; run `octopus-rt export lmm` first")
+        self.manifest = read_manifest(self.bundle_dir, runnable=True)
+        lmm = self.manifest["lmm"]
         problems = check_files(self.bundle_dir, self.manifest, sections=("lmm", "sam"))
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -156,8 +168,7 @@ class Octopus:
     # ------------------------------------------------------------------------------ shared steps
     def _prompt_ids(self, question: str, answer_prefix: str = "") -> tuple[list[int], int]:
         """Token ids of the full prompt and the index just after the last image token."""
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("question is empty")
+        _check_text(question, "question")
         p = self.prompt
         text = p["prefix"] + p["image_token"] * int(p["num_image_tokens"]) + p["infix"] + question + p["suffix"]
         ids = self.tokenizer.encode(text + answer_prefix, add_special_tokens=bool(p.get("add_special_tokens", False))).ids
@@ -405,11 +416,14 @@ class Octopus:
     def choose(self, image: ImageInput, question: str, options: Sequence[str]) -> ChoiceResult:
         """Multiple choice (Q-Bench-A1 layout, vocab.format_mcq_question): softmax over the offered
         option letters at the first answer token."""
+        if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
+            raise InputError(f"options must be a list of strings, got {type(options).__name__}")
         options = list(options)
         if not 1 <= len(options) <= len(vocab.OPTION_LETTERS):
             raise InputError(f"multiple choice takes 1 to {len(vocab.OPTION_LETTERS)} options, got {len(options)}")
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("question is empty")
+        for option in options:
+            _check_text(option, "option")
+        _check_text(question, "question")
         letters = vocab.OPTION_LETTERS[: len(options)]
         probs, timings = self._next_token_probs(image, vocab.format_mcq_question(question, options), "", letters, 1.0)
         index = int(np.argmax([probs[letter] for letter in letters]))

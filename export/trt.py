@@ -43,6 +43,7 @@ import numpy as np
 
 from octopus_rt import bundle as bundle_mod
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.runtime import providers as providers_mod
 from octopus_rt.runtime.trt_profiles import (
     DEFAULT_PROVIDERS,
     ENGINES_FORMAT,
@@ -83,7 +84,7 @@ _PARITY_SEED = 0
 SessionFactory = Callable[[Path, list, bool], Any]
 
 
-class TensorRTUnavailable(OctopusError):
+class TensorRTUnavailable(providers_mod.ProviderUnavailable):
     """onnxruntime's TensorRT provider, an NVIDIA GPU or the TensorRT libraries are missing."""
 
 
@@ -155,29 +156,51 @@ class OrtSessionFactory:
 
     ORT's own graph optimisations are disabled for TensorRT builds and context models: TensorRT
     optimises the whole graph itself, and fused contrib ops would split it into several engines.
+    GPU sessions go through runtime/providers.create_session: fallback off, the first provider
+    checked, one line with the cause when the provider cannot start. The EP-context model is
+    written by the TensorRT provider from its own options (trt_dump_ep_context_model ...): the
+    session-level ep.context_* entries are not set, since they would make onnxruntime check the
+    same path a second time and refuse a context model left from an earlier build.
     """
 
     def __call__(self, path: Path, providers: list, disable_optimizations: bool) -> _Session:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        # Warnings too: the TensorRT provider logs why it built nothing (captured for the error line).
+        options.log_severity_level = 3 if providers[0][0] == "CPUExecutionProvider" else 2
         if disable_optimizations:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        names = [p[0] if isinstance(p, tuple) else p for p in providers]
-        opts = [p[1] if isinstance(p, tuple) else {} for p in providers]
-        ep_context = opts[0].get("trt_ep_context_file_path") if opts[0].get("trt_dump_ep_context_model") else None
-        if ep_context:
-            # Newer onnxruntime dumps EP-context models from the session (ep.context_*); the TensorRT
-            # provider options map 1:1 onto these and take precedence, so setting both is safe.
-            options.add_session_config_entry("ep.context_enable", "1")
-            options.add_session_config_entry("ep.context_file_path", str(ep_context))
-            options.add_session_config_entry("ep.context_embed_mode", str(opts[0].get("trt_ep_context_embed_mode", 0)))
+        if providers[0][0] != "CPUExecutionProvider":
+            return providers_mod.create_session(path, providers, options, what=path.name)
+        names = [p[0] for p in providers]
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=names, provider_options=opts)
+            return ort.InferenceSession(str(path), sess_options=options, providers=names,
+                                        provider_options=[p[1] for p in providers])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors; one line for the user
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OctopusError(f"onnxruntime could not load {path.name} with {names[0]}: {first}") from exc
+            raise OctopusError(f"onnxruntime could not load {path.name}: {providers_mod.summarize_error(str(exc))}") from exc
+
+
+def _run_reporting(make: Callable[[], _Session], feeds: Mapping[str, np.ndarray], what: str) -> tuple[_Session, list, list[str]]:
+    """Create a session with `make` and run it once, onnxruntime's native log captured throughout:
+    (session, outputs, logged messages). A failure raises OctopusError with the first logged error
+    (TensorRT's own message: a missing profile, a workspace too small for a tactic, ...), not
+    onnxruntime's generic one; a provider that cannot start raises ProviderUnavailable as is."""
+    session = outputs = error = None
+    with providers_mod.captured_native_stderr() as log:
+        try:
+            session = make()
+            outputs = session.run(None, feeds)
+        except providers_mod.ProviderUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
+            error = exc
+    messages = providers_mod.logged_messages(log[0] if log else "")
+    if error is not None:
+        cause = providers_mod.summarize_error(messages[0] if messages else str(error))
+        raise OctopusError(f"{what}: {cause}") from error
+    providers_mod.replay(log)
+    return session, outputs, messages
 
 
 def require_tensorrt(env: Any) -> str:
@@ -186,6 +209,8 @@ def require_tensorrt(env: Any) -> str:
     `env` is a runtime.doctor.Environment (probed, or built by a test)."""
     if env.onnxruntime is None:
         raise TensorRTUnavailable("onnxruntime is not installed; install onnxruntime-gpu with TensorRT (docs/deploy.md)")
+    if "TensorrtExecutionProvider" in getattr(env, "unusable", {}):
+        raise TensorRTUnavailable(f"onnxruntime's TensorRT provider cannot run here: {env.unusable['TensorrtExecutionProvider']}")
     if "TensorrtExecutionProvider" not in env.providers:
         raise TensorRTUnavailable(
             f"onnxruntime {env.onnxruntime} has no TensorrtExecutionProvider (available: {', '.join(env.providers)}); "
@@ -194,7 +219,8 @@ def require_tensorrt(env: Any) -> str:
     if env.compute_capability is None:
         raise TensorRTUnavailable("no NVIDIA GPU found (nvidia-smi / Jetson probes); build engines on the machine that runs them")
     if env.tensorrt is None:
-        raise TensorRTUnavailable("TensorRT libraries not found (no tensorrt module, no libnvinfer); install TensorRT 10 (docs/deploy.md)")
+        found = getattr(env, "tensorrt_library", None) or "no libnvinfer found"
+        raise TensorRTUnavailable(f"TensorRT libraries not found ({found}); install the TensorRT docs/deploy.md pairs with your onnxruntime-gpu")
     return env.device_info().engine_name
 
 
@@ -411,16 +437,18 @@ def _build_graph(
         + (", LayerNorm fp32" if trt["trt_layer_norm_fp32_fallback"] else "")
         + (f", profile {trt['trt_profile_max_shapes']}" if profile else ", static shapes") + ")")
     started = time.monotonic()
-    builder = factory(source, [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))], True)
-    builder.run(None, feeds)  # the engine is built (and the context model dumped) by now at the latest
+    build_providers = [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))]
+    # The engine is built (and the context model dumped) by the end of the first run at the latest.
+    builder, _, logged = _run_reporting(lambda: factory(source, build_providers, True), feeds,
+                                        f"{graph}: TensorRT could not build the engine")
     del builder
     gc.collect()
     seconds = time.monotonic() - started
     if not ctx_file.is_file():
-        raise OctopusError(
-            f"{graph}: the TensorRT provider wrote no EP-context model {ctx_file.name} (onnxruntime >= 1.18 is "
-            "needed, and the whole graph must be supported by TensorRT)"
-        )
+        said = (f"onnxruntime logged: {providers_mod.summarize_error(logged[0])}" if logged else
+                "onnxruntime logged no reason; the dump is written when TensorRT builds the graph, so check that "
+                "TensorRT took it (a graph split between TensorRT and CUDA is one cause)")
+        raise OctopusError(f"{graph}: the TensorRT provider ran but wrote no EP-context model {ctx_file.name}; {said}")
     blob = ctx_file.read_bytes()
     if b"EPContext" not in blob:
         raise OctopusError(f"{graph}: {ctx_file.name} holds no EPContext node")
@@ -430,8 +458,10 @@ def _build_graph(
 
     # 3. Parity of the context model, loaded as the runtime loads it.
     load = tensorrt_load_options(device_id=options.device_id, fp16=options.fp16, workspace_bytes=options.workspace_bytes)
-    engine = factory(ctx_file, [("TensorrtExecutionProvider", load), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))], True)
-    candidate = dict(zip([o.name for o in engine.get_outputs()], engine.run(None, feeds)))
+    load_providers = [("TensorrtExecutionProvider", load), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))]
+    engine, ran, _ = _run_reporting(lambda: factory(ctx_file, load_providers, True), feeds,
+                                    f"{graph}: the TensorRT engine {ctx_file.name} did not run")
+    candidate = dict(zip([o.name for o in engine.get_outputs()], ran))
     del engine
     gc.collect()
     parity = compare_outputs(reference, candidate, options.precision)

@@ -18,6 +18,10 @@ verifies them, and only then swaps the manifest (write to a temporary file + os.
 atomic on POSIX). The old folder is removed afterwards. An interrupted step therefore leaves the
 previous manifest pointing at complete, unchanged files; leftovers are ".staging-*" folders that
 nothing refers to and that the next step cleans up.
+
+Every path in a manifest stays inside the bundle: `validate_manifest` (rules in bundle_validate.py)
+runs on every read (`read_manifest`: verify, the runtime, each exporter before it stages) and on
+every manifest a commit writes, so a crafted `dir` such as "../victim" is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from octopus_rt.bundle_validate import manifest_problem
 from octopus_rt.errors import OctopusError
+from octopus_rt.paths import is_inside
 
 __all__ = [
     "FORMAT",
@@ -47,6 +53,7 @@ __all__ = [
     "package_versions",
     "describe_files",
     "read_manifest",
+    "validate_manifest",
     "section_path",
     "check_files",
     "stage_section",
@@ -104,8 +111,11 @@ def describe_files(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return records
 
 
-def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and validate the manifest's header. Raises BundleError with a one-line reason."""
+def read_manifest(bundle_dir: str | os.PathLike[str], *, runnable: bool = False) -> dict[str, Any]:
+    """Load and validate the manifest (`validate_manifest`). Raises BundleError with a one-line reason.
+
+    runnable: also require the fields the runtime reads (an lmm section; a complete sam section if any).
+    """
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.exists():
         raise BundleError(f"bundle not found: {bundle_dir}")
@@ -118,20 +128,35 @@ def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"unreadable manifest {manifest_path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path} is not an {FORMAT} manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format version {version} is not supported by this octopus-rt "
-            f"(it reads version {FORMAT_VERSION}); re-export the bundle with this version"
-        )
+    validate_manifest(manifest, bundle_dir, runnable=runnable)
     return manifest
 
 
+def validate_manifest(
+    manifest: Any, bundle_dir: str | os.PathLike[str] | None = None, *, runnable: bool = False
+) -> None:
+    """Raise BundleError naming the first problem of `manifest` (rules: octopus_rt/bundle_validate.py).
+
+    With `bundle_dir`, paths are also checked on disk: no section folder or file may be a symbolic
+    link that leads outside the bundle. Every reader and writer of a bundle goes through here.
+    """
+    problem = manifest_problem(manifest, bundle_dir, format_name=FORMAT, format_version=FORMAT_VERSION,
+                               runnable=runnable)
+    if problem:
+        where = f"{Path(bundle_dir) / MANIFEST_NAME}: " if bundle_dir is not None else "manifest: "
+        raise BundleError(where + problem)
+
+
 def section_path(bundle_dir: str | os.PathLike[str], section: dict[str, Any], name: str) -> Path:
-    """Absolute path of file `name` (as listed in section["files"]) of a manifest section."""
-    return Path(bundle_dir) / section["dir"] / name
+    """Absolute path of file `name` (as listed in section["files"]) of a manifest section.
+
+    Refuses (BundleError) a path that leads outside the bundle; `read_manifest` has normally
+    refused such a manifest already.
+    """
+    path = Path(bundle_dir) / section["dir"] / name
+    if not is_inside(path, bundle_dir) or ".." in Path(section["dir"], name).parts:
+        raise BundleError(f"bundle {bundle_dir}: {section['dir']}/{name} leads outside the bundle")
+    return path
 
 
 def check_files(
@@ -204,7 +229,9 @@ def stage_section(bundle_dir: str | os.PathLike[str], name: str) -> Path:
     bundle_dir = Path(bundle_dir)
     if bundle_dir.exists() and not bundle_dir.is_dir():
         raise BundleError(f"output exists and is not a directory: {bundle_dir}")
-    if bundle_dir.is_dir() and not (bundle_dir / MANIFEST_NAME).exists():
+    if (bundle_dir / MANIFEST_NAME).exists():
+        read_manifest(bundle_dir)  # refuse a bad manifest before any work (the commit would trust it)
+    elif bundle_dir.is_dir():
         leftovers = [p for p in bundle_dir.iterdir() if not p.name.startswith((_STAGING_PREFIX, _LOCK_NAME))]
         if leftovers:
             raise BundleError(f"output folder is not empty and holds no bundle: {bundle_dir}")
@@ -255,18 +282,21 @@ def commit_section(
     with _locked(bundle_dir):
         manifest = _load_or_new(bundle_dir)
         folder = f"{name}-{secrets.token_hex(4)}"
-        files = describe_files(staging)
-        os.rename(staging, bundle_dir / folder)
         previous = manifest.get(name, {}).get("dir") if isinstance(manifest.get(name), dict) else None
         manifest[name] = {
             "dir": folder,
-            "files": files,
+            "files": describe_files(staging),
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **section,
         }
+        validate_manifest(manifest)  # what we write obeys the rules we read by
+        os.rename(staging, bundle_dir / folder)
         _write_manifest_atomically(bundle_dir, manifest)
-        if previous and previous != folder:
-            shutil.rmtree(bundle_dir / previous, ignore_errors=True)
+        old = bundle_dir / previous if previous and previous != folder else None
+        # `previous` passed validate_manifest (a plain folder name, no symlink); checked again here
+        # because this is the one place that deletes a folder named by the manifest.
+        if old is not None and not old.is_symlink() and old.parent.resolve() == bundle_dir.resolve():
+            shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

@@ -7,11 +7,11 @@ modules (onnxruntime, torch, ...) are imported inside the command that needs the
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from octopus_rt.errors import OctopusError
@@ -54,6 +54,7 @@ def _register_subcommands() -> None:
     from octopus_rt.export.cli import export_app
     from octopus_rt.runtime.cli import register as register_runtime
     from octopus_rt.runtime.doctor_cli import register as register_doctor
+    from octopus_rt.runtime.serve.cli import register as register_serve
     from octopus_rt.training.cli import register as register_training
     from octopus_rt.training.eval_cli import register as register_eval
     from octopus_rt.training.data.cli import data_app
@@ -62,6 +63,7 @@ def _register_subcommands() -> None:
     app.add_typer(data_app, name="data", help="Build, import and inspect region-wise quality datasets.")
     register_runtime(app)
     register_doctor(app)
+    register_serve(app)
     register_training(app)
     register_eval(app)
 
@@ -69,18 +71,52 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _click_classes(name: str) -> tuple[type, ...]:
+    """Exception class `name` of every click that may parse our command line: recent typer bundles
+    its own copy (`typer._click`), older typer uses the `click` package; their classes differ."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _debug_requested(args: list[str]) -> bool:
+    """True when --debug is given as the root option, i.e. before the sub-command's name. A later
+    "--debug" (a question, say) is the sub-command's business; "--" ends option parsing."""
+    for arg in args:
+        if arg == "--debug":
+            return True
+        if arg == "--" or not arg.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point. Expected failures print one line and exit non-zero; --debug shows tracebacks."""
+    """Console entry point. Expected failures print one line and exit non-zero; --debug shows tracebacks.
+
+    Usage errors (unknown option, missing argument) print the usage, the error and exit 2, like click.
+    A question that starts with "-" goes after "--": `octopus-rt infer IMG -- "--debug"`.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    debug = _debug_requested(args)
     try:
         result = app(args=args, prog_name="octopus-rt", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except _click_classes("Exit") as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _click_classes("ClickException") as exc:
         exc.show()
+        if isinstance(exc, _click_classes("NoSuchOption")):
+            hint = "--debug goes before the command (octopus-rt --debug infer ...); " \
+                if getattr(exc, "option_name", "") == "--debug" else ""
+            typer.echo(f"({hint}an argument that starts with '-' goes after '--': octopus-rt infer IMAGE -- '-x')",
+                       err=True)
         return exc.exit_code
-    except click.Abort:
+    except _click_classes("Abort"):
         typer.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:

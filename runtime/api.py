@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,8 +34,22 @@ from octopus_rt.runtime.generate import Decoder, KVState
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
 from octopus_rt.runtime.preprocess import VisionPreprocess
 from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
+from octopus_rt.runtime.streaming import TextStream
 
 __all__ = ["Octopus"]
+
+
+def _check_text(text: object, what: str) -> None:
+    """InputError unless `text` is a non-blank str that is valid Unicode (no lone surrogates, which a
+    non-UTF-8 command-line argument becomes and which the tokenizer cannot take)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(f"{what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid UTF-8 text (it holds a lone surrogate: bytes in another encoding?)") from None
 
 
 class _Timer:
@@ -65,8 +79,9 @@ class Octopus:
     max_pixels: refuse larger images before decoding them (None: no limit).
     profile_dir: when set, onnxruntime writes per-node profiles there (see `end_profiling`).
 
-    Load-time checks (one-line `BundleError`): folder and manifest present, format version, an `lmm`
-    section, every listed file present with the recorded size (hashes: `octopus-rt verify`).
+    Load-time checks (one-line `BundleError`): folder and manifest present, the manifest valid
+    (`bundle.validate_manifest`: format version, paths inside the bundle, an `lmm` section with every
+    field the runtime reads), every listed file present with the recorded size (hashes: `verify`).
     """
 
     def __init__(
@@ -80,11 +95,9 @@ class Octopus:
         profile_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = read_manifest(self.bundle_dir)
-        self.spec = parse_manifest(self.manifest)  # typed and validated (octopus_rt/manifest.py)
+        self.manifest = read_manifest(self.bundle_dir, runnable=True)  # fields checked by the schema
+        self.spec = parse_manifest(self.manifest)  # typed (octopus_rt/manifest.py)
         lmm = self.spec.lmm
-        if lmm is None or lmm.files is None:
-            raise BundleError(f"bundle {self.bundle_dir} has no lmm section; run `octopus-rt export lmm` first")
         problems = check_files(self.bundle_dir, self.manifest, sections=("lmm", "sam"))
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -155,8 +168,7 @@ class Octopus:
     # ------------------------------------------------------------------------------ shared steps
     def _prompt_ids(self, question: str, answer_prefix: str = "") -> tuple[list[int], int]:
         """Token ids of the full prompt and the index just after the last image token."""
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("question is empty")
+        _check_text(question, "question")
         p = self.prompt
         ids = self.tokenizer.encode(p.render(question) + answer_prefix, add_special_tokens=p.add_special_tokens).ids
         positions = [i for i, t in enumerate(ids) if t == p.image_token_id]
@@ -233,12 +245,14 @@ class Octopus:
         point_mapping: str | None = None,
         multimask: bool | None = None,
         segment: bool | None = None,
+        on_token: Callable[[str], None] | None = None,
         options: AskOptions | None = None,
     ) -> Answer:
         """Answer `question` about `image`, ground it to a point and (with a SAM section) a mask.
 
         Options may come as keywords or as one `AskOptions`; keywords win. None takes the manifest's
-        `defaults`. `segment=False` skips SAM even when the bundle has it.
+        `defaults`. `segment=False` skips SAM even when the bundle has it. `on_token` streams the
+        answer's text as it is decoded (contract in `AskOptions`).
         Raises InputError (bad image / question / option) or BundleError (bundle problems).
         """
         if options is not None:
@@ -247,6 +261,7 @@ class Octopus:
             point_mapping = options.point_mapping if point_mapping is None else point_mapping
             multimask = options.multimask if multimask is None else multimask
             segment = options.segment if segment is None else segment
+            on_token = options.on_token if on_token is None else on_token
         segment = True if segment is None else bool(segment)
         tau = float(self.defaults.tau if tau is None else tau)
         if not tau > 0:
@@ -267,9 +282,13 @@ class Octopus:
         ids, split = self._prompt_ids(question)
         logits, state, entry, rgb = self._prefill(pending, ids, split, timer, cached)
         limit = min(limit, self.context - len(ids))
+        stream = TextStream(self.tokenizer, on_token) if on_token is not None else None
+        push = None if stream is None else stream.push
         with timer.stage("decode"):
-            result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids)
+            result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids, push)
         text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if stream is not None:
+            stream.finish(text)
         width, height = entry.size
         probs = closed_set.position_probs(result.axis_logits, self.closed_set, tau)
         point = closed_set.point_from_position_probs(probs, width, height, mapping)
@@ -301,7 +320,34 @@ class Octopus:
             image_size=(width, height),
             timings_ms=timings,
             cached=tuple(cached),
+            prompt_tokens=len(ids),
         )
+
+    def ask_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        options: AskOptions | Sequence[AskOptions | None] | None = None,
+    ) -> list[Answer | Exception]:
+        """Answer several (image, question) pairs; the server's batch path.
+
+        Contract (any batched implementation keeps it): one result per pair, in order; each Answer is
+        identical to `ask(images[i], questions[i], options=options[i])` alone (text, token_ids, point,
+        probs, mask; timings aside); a pair that fails holds its exception in its slot (InputError for
+        bad input, or what that item's `on_token` raised) and never fails the others. `options`: one
+        AskOptions for all, or one per pair (None: defaults). Mismatched lengths raise InputError.
+        This version runs the pairs one after another.
+        """
+        per_item = list(options) if isinstance(options, Sequence) else [options] * len(images)
+        if not len(images) == len(questions) == len(per_item):
+            raise InputError(f"ask_batch got {len(images)} images, {len(questions)} questions, {len(per_item)} options")
+        results: list[Answer | Exception] = []
+        for image, question, item_options in zip(images, questions, per_item):
+            try:
+                results.append(self.ask(image, question, options=item_options))
+            except Exception as exc:  # noqa: BLE001 - a per-item failure becomes that item's result
+                results.append(exc)
+        return results
 
     def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> MaskResult:
         """SAM's mask for `point` on the entry's image, its embedding computed once per image."""
@@ -358,11 +404,14 @@ class Octopus:
     def choose(self, image: ImageInput, question: str, options: Sequence[str]) -> ChoiceResult:
         """Multiple choice (Q-Bench-A1 layout, vocab.format_mcq_question): softmax over the offered
         option letters at the first answer token."""
+        if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
+            raise InputError(f"options must be a list of strings, got {type(options).__name__}")
         options = list(options)
         if not 1 <= len(options) <= len(vocab.OPTION_LETTERS):
             raise InputError(f"multiple choice takes 1 to {len(vocab.OPTION_LETTERS)} options, got {len(options)}")
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("question is empty")
+        for option in options:
+            _check_text(option, "option")
+        _check_text(question, "question")
         letters = vocab.OPTION_LETTERS[: len(options)]
         probs, timings = self._next_token_probs(image, vocab.format_mcq_question(question, options), "", letters, 1.0)
         index = int(np.argmax([probs[letter] for letter in letters]))

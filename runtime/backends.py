@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,13 @@ from typing import Any
 import numpy as np
 
 from octopus_rt.errors import OctopusError
+from octopus_rt.runtime import providers as providers_mod
+from octopus_rt.runtime.providers import PROVIDERS as _PROVIDER
+from octopus_rt.runtime.providers import ort as _ort
 
 __all__ = ["DEVICES", "DeviceChoice", "resolve_device", "Graph", "Backend"]
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-_PROVIDER = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -38,17 +36,6 @@ _ORT_TYPES = {
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
 }
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise OctopusError(
-            "onnxruntime is not installed; install octopus-rt[cpu] (onnxruntime) or octopus-rt[gpu] "
-            "(onnxruntime-gpu), not both"
-        ) from exc
-    return onnxruntime
 
 
 @dataclass(frozen=True)
@@ -62,11 +49,17 @@ class DeviceChoice:
     reason: str
 
 
-def resolve_device(device: str = "auto", available: Sequence[str] | None = None) -> DeviceChoice:
-    """Map a device name to providers. "auto" takes CUDA when onnxruntime offers it, else CPU.
+def resolve_device(
+    device: str = "auto",
+    available: Sequence[str] | None = None,
+    probe: Callable[[str], str | None] | None = None,
+) -> DeviceChoice:
+    """Map a device name to providers. "auto" takes CUDA when a tiny CUDA session really runs here
+    (`providers.probe`; onnxruntime-gpu lists CUDA even without a GPU), else CPU with the reason.
 
     TensorRT is never chosen by "auto": building engines takes minutes on first use, so it is opt-in
-    (`device="tensorrt"`). A requested provider that is missing raises OctopusError with one line.
+    (`device="tensorrt"`). A requested provider that is missing raises OctopusError with one line;
+    one that is listed but cannot start fails when its first session is created (providers.create_session).
     """
     if device not in DEVICES:
         raise OctopusError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
@@ -74,9 +67,12 @@ def resolve_device(device: str = "auto", available: Sequence[str] | None = None)
         available = _ort().get_available_providers()
     available = tuple(available)
     if device == "auto":
-        if _PROVIDER["cuda"] in available:
-            return DeviceChoice("cuda", (_PROVIDER["cuda"], _PROVIDER["cpu"]), "cuda", "auto: CUDA provider available")
-        return DeviceChoice("cpu", (_PROVIDER["cpu"],), "cpu", "auto: no GPU provider in this onnxruntime")
+        if _PROVIDER["cuda"] not in available:
+            return DeviceChoice("cpu", (_PROVIDER["cpu"],), "cpu", "auto: no GPU provider in this onnxruntime")
+        why_not = (probe or providers_mod.probe)("cuda")
+        if why_not is None:
+            return DeviceChoice("cuda", (_PROVIDER["cuda"], _PROVIDER["cpu"]), "cuda", "auto: a CUDA session runs here")
+        return DeviceChoice("cpu", (_PROVIDER["cpu"],), "cpu", f"auto: CUDA is listed but cannot run ({why_not})")
     wanted = _PROVIDER[device]
     if wanted not in available:
         hint = " (install octopus-rt[gpu], which brings onnxruntime-gpu, instead of [cpu])" if device != "cpu" else ""
@@ -124,7 +120,11 @@ class Graph:
         names = list(outputs) if outputs is not None else self.output_names
         for name in names:
             binding.bind_output(name, self.device_type)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors; one line for the user
+            provider = self.session.get_providers()[0]
+            raise OctopusError(f"{self.name} graph failed on {provider}: {providers_mod.summarize_error(str(exc))}") from exc
         return list(binding.get_outputs())
 
     def run_numpy(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
@@ -199,10 +199,15 @@ class Backend:
             path, providers = plan.file, plan.providers
             if plan.disable_graph_optimizations:  # an EP-context model must stay one node
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            raise OctopusError(f"cannot load {name} graph {path}: {str(exc).splitlines()[0]}") from exc
+        if choice.name == "cpu":
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+                raise OctopusError(f"cannot load {name} graph {path}: {providers_mod.summarize_error(str(exc))}") from exc
+        else:
+            # Fallback off and the first provider checked: a GPU request runs on the GPU or fails
+            # with one line, never silently on the CPU.
+            session = providers_mod.create_session(path, providers, options, what=f"{name} graph {Path(path).name}")
         graph = Graph(name, session, choice.device_type)
         self._graphs[name] = graph
         self.load_ms += (time.perf_counter() - start) * 1000.0
@@ -217,7 +222,9 @@ class Backend:
         if self._device_info is None:
             from octopus_rt.runtime.doctor import probe_environment
 
-            self._device_info = probe_environment().device_info()
+            # TensorRT is probed (a tiny engine build) only when the bundle has engines to run.
+            devices = ("cuda", "tensorrt") if self.manifest.get("engines") else ("cuda",)
+            self._device_info = probe_environment(probe_devices=devices).device_info()
         requested = "auto" if self.device == "auto" and name not in self.per_graph else device
         plan = plan_graph(self.bundle_dir, self.manifest, name, self._device_info,
                           requested=requested_provider(self.manifest, name, requested))

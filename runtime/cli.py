@@ -18,7 +18,6 @@ __all__ = ["register", "resolve_bundle", "DEMO_BUNDLE_ENV"]
 
 DEMO_BUNDLE_ENV = "OCTOPUS_BUNDLE"
 _DEVICE_HELP = "auto (CUDA if available, else CPU) | cpu | cuda | tensorrt."
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 def _demo_bundle() -> Path:
@@ -117,7 +116,17 @@ def infer(
     import tempfile
 
     from octopus_rt.bundle import BundleError
+    from octopus_rt.errors import InputError
+    from octopus_rt.runtime.cli_files import check_output_file
 
+    # Outputs are checked before the work: a bad path fails in a second, not after inference, and an
+    # input is never overwritten.
+    for path, what in ((mask, "--mask"), (overlay, "--overlay"), (profile, "--profile")):
+        if path is not None:
+            check_output_file(path, what, inputs=(image,), image=what != "--profile")
+    outputs = [p for p in (mask, overlay, profile) if p is not None]
+    if len({str(p.resolve()) for p in outputs}) < len(outputs):
+        raise InputError("--mask, --overlay and --profile must be different files")
     with tempfile.TemporaryDirectory(prefix="octopus-profile-") as tmp:
         model = _load(bundle, device, threads, Path(tmp) if profile else None)
         if mask is not None and not model.has_sam:
@@ -159,55 +168,9 @@ def infer(
         typer.echo(_human(answer, mask_path, str(overlay) if overlay else None, model.device, mask is not None))
 
 
-def _batch_items(source: Path, question: Optional[str]):
-    """(id, record or None, error or None) for each input: JSONL lines or a folder's images."""
-    from octopus_rt.errors import InputError
-
-    if source.is_dir():
-        if not question:
-            raise InputError("a folder input needs --question")
-        for path in sorted(p for p in source.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
-            yield path.name, {"image": str(path), "question": question}, None
-        return
-    if not source.is_file():
-        raise InputError(f"batch input not found: {source}")
-    with open(source, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                yield f"line-{number}", None, f"line {number} is not a JSON object: {exc}"
-                continue
-            record = dict(record)
-            if question and "question" not in record:
-                record["question"] = question
-            image = record.get("image")
-            if isinstance(image, str) and not Path(image).is_absolute():
-                record["image"] = str(source.parent / image)
-            yield str(record.get("id", f"line-{number}")), record, None
-
-
-def _done_ids(out: Path) -> set[str]:
-    done: set[str] = set()
-    if not out.is_file():
-        return done
-    with open(out, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by an interrupted run; the item is redone
-            if isinstance(record, dict) and "id" in record:
-                done.add(str(record["id"]))
-    return done
-
-
 def _run_item(model, record: dict[str, Any], masks: Optional[Path], item_id: str, options: dict[str, Any]) -> dict[str, Any]:
     from octopus_rt.errors import InputError
+    from octopus_rt.runtime.cli_files import mask_name
 
     image = record.get("image")
     if not isinstance(image, str) or not image:
@@ -218,7 +181,7 @@ def _run_item(model, record: dict[str, Any], masks: Optional[Path], item_id: str
         return {"score": result.score, "probs": result.probs, "timings_ms": result.timings_ms}
     question = record.get("question")
     if not isinstance(question, str):
-        raise InputError("record has no \"question\" (or pass --question)")
+        raise InputError("record has no \"question\" string (or pass --question)")
     if task == "choose":
         result = model.choose(image, question, record.get("options") or [])
         return {"letter": result.letter, "option": result.option, "probs": result.probs, "timings_ms": result.timings_ms}
@@ -229,8 +192,7 @@ def _run_item(model, record: dict[str, Any], masks: Optional[Path], item_id: str
     if masks is not None and answer.mask is not None:
         from octopus_rt.runtime.overlay import mask_to_png
 
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)
-        mask_path = str(masks / f"{safe}.png")
+        mask_path = str(masks / mask_name(item_id))
         mask_to_png(answer.mask).save(mask_path)
     return answer.to_json(mask_path)
 
@@ -248,39 +210,49 @@ def infer_batch(
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Answer many questions; one output line per input, errors recorded per line; resumable."""
-    from octopus_rt.errors import OctopusError
+    from octopus_rt.errors import InputError, OctopusError
+    from octopus_rt.runtime.cli_files import BatchOutput, read_batch, refuse_duplicate_ids
 
-    model = _load(bundle, device, threads)
-    items = list(_batch_items(source, question))
-    done = _done_ids(out)
-    if masks is not None:
-        masks.mkdir(parents=True, exist_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    items = read_batch(source, question)
+    refuse_duplicate_ids(items, source)
+    if source.is_file() and (out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source))):
+        raise InputError(f"--out {out} is the batch input; choose another file")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a JSONL file name")
+    if masks is not None and masks.exists() and not masks.is_dir():
+        raise InputError(f"--masks {masks} is a file; give a folder")
     options = {"tau": tau, "point_mapping": point_mapping, "max_new_tokens": max_new_tokens}
     counts = {"done": 0, "errors": 0, "skipped": 0}
-    with open(out, "a", encoding="utf-8") as sink, typer.progressbar(
-        items, label="infer-batch", file=sys.stderr, show_pos=True
-    ) as progress:
-        for item_id, record, error in progress:
-            if item_id in done:
-                counts["skipped"] += 1
-                continue
-            result: dict[str, Any] = {"id": item_id}
-            if record is not None:
-                result.update({k: record.get(k) for k in ("image", "question") if k in record})
-            if error is None:
-                try:
-                    result.update(_run_item(model, record, masks, item_id, options))
-                except OctopusError as exc:
-                    error = str(exc)
-            if error is not None:
-                result["error"] = error
-                counts["errors"] += 1
-            else:
-                counts["done"] += 1
-            sink.write(json.dumps(result) + "\n")
-            sink.flush()
-            done.add(item_id)
+    with BatchOutput(out) as sink:
+        if sink.repaired:
+            typer.echo(f"dropped a cut-off last line ({sink.repaired} bytes) of {out}; its input is redone", err=True)
+        model = _load(bundle, device, threads)
+        if masks is not None:
+            masks.mkdir(parents=True, exist_ok=True)
+        with typer.progressbar(items, label="infer-batch", file=sys.stderr, show_pos=True) as progress:
+            for item in progress:
+                if item.id in sink.done:
+                    counts["skipped"] += 1
+                    continue
+                result: dict[str, Any] = {"id": item.id}
+                record, error = item.record, item.error
+                if record is not None:
+                    result.update({k: record.get(k) for k in ("image", "question") if k in record})
+                if error is None:
+                    try:
+                        result.update(_run_item(model, record, masks, item.id, options))
+                    except OctopusError as exc:
+                        error = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - one bad line must not end the batch
+                        error = f"{type(exc).__name__}: {exc}"
+                if error is not None:
+                    result["error"] = error
+                    if item.line is not None:
+                        result["line"] = item.line
+                    counts["errors"] += 1
+                else:
+                    counts["done"] += 1
+                sink.write(result)
     typer.echo(f"{counts['done']} answered, {counts['errors']} errors, {counts['skipped']} already in {out}", err=True)
     if counts["errors"]:
         raise typer.Exit(code=1)

@@ -3,14 +3,19 @@
 Probes (all optional, lazy, and none of them fails the probe as a whole):
 
 - Python and platform;
-- onnxruntime: version and available execution providers (the `onnxruntime` and `onnxruntime-gpu`
-  wheels both provide the module);
+- onnxruntime: version and listed execution providers (the `onnxruntime` and `onnxruntime-gpu`
+  wheels both provide the module), and which of the GPU ones really run: each is probed by creating
+  and running a tiny session (runtime/providers.probe), because onnxruntime-gpu lists CUDA and
+  TensorRT on machines where they cannot start;
 - NVIDIA GPU: `nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total` on servers and
   desktops; on Jetson (no full nvidia-smi) /etc/nv_tegra_release, /proc/device-tree/model and the
   known compute capability of the module (Orin 8.7, Xavier 7.2);
 - CUDA: the "CUDA Version" of nvidia-smi, else /usr/local/cuda/version.json (JetPack);
-- TensorRT: `import tensorrt` (its __version__), else the version the libnvinfer shared library
-  reports (getInferLibVersion), which is what onnxruntime's TensorRT EP links against.
+- TensorRT: the libnvinfer onnxruntime's TensorRT provider will load: the soname from the
+  provider library's NEEDED entries (libnvinfer.so.10 for onnxruntime-gpu 1.18-1.31), looked up in
+  pip's tensorrt_libs and on the loader path, and the version it reports (getInferLibVersion).
+  The Python `tensorrt` module is reported separately: it may be another TensorRT (pip's
+  `tensorrt` 11 ships libnvinfer.so.11, which that provider cannot use).
 
 `diagnose` turns an `Environment` (probed, or built by a test) and an optional bundle into a
 report: the per-graph provider plan (runtime/trt_profiles.plan_graph), whether the bundle's engines
@@ -20,7 +25,6 @@ match this machine, the memory estimate (octopus_rt/memory.py) against this mach
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -34,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.runtime import native_libs
+from octopus_rt.runtime.native_libs import tensorrt_version_from_int
+from octopus_rt.runtime.providers import PROVIDERS
 
 __all__ = [
     "Environment",
@@ -51,6 +58,7 @@ _JETSON_CC = (("orin", "8.7"), ("xavier", "7.2"), ("tx2", "6.2"), ("nano", "5.3"
 _DEVICES = ("auto", "tensorrt", "cuda", "cpu")
 
 Runner = Callable[[list[str]], str | None]
+Prober = Callable[[str], str | None]
 
 
 @dataclass
@@ -66,6 +74,9 @@ class Environment:
     driver: str | None = None
     cuda: str | None = None
     tensorrt: str | None = None
+    tensorrt_library: str | None = None
+    tensorrt_python: str | None = None
+    unusable: dict[str, str] = field(default_factory=dict)
     jetson: str | None = None
     gpu_memory_bytes: int | None = None
     system_memory_bytes: int | None = None
@@ -74,7 +85,8 @@ class Environment:
         from octopus_rt.runtime.trt_profiles import DeviceInfo
 
         return DeviceInfo(
-            providers=tuple(self.providers),
+            providers=tuple(p for p in self.providers if p not in self.unusable),
+            unusable=dict(self.unusable),
             compute_capability=self.compute_capability,
             tensorrt=self.tensorrt,
             gpu_name=self.gpu_name,
@@ -145,30 +157,14 @@ def jetson_compute_capability(model: str) -> str | None:
     return None
 
 
-def tensorrt_version_from_int(value: int) -> str:
-    """getInferLibVersion() -> "10.3.0" (TensorRT 10 encodes major*10000 + minor*100 + patch,
-    TensorRT 8 major*1000 + minor*100 + patch)."""
-    if value >= 100000:
-        return f"{value // 10000}.{value // 100 % 100}.{value % 100}"
-    return f"{value // 1000}.{value // 100 % 10}.{value % 100}"
+def _tensorrt_python() -> str | None:
+    """Version and distribution of an installed Python `tensorrt` package, without importing it."""
+    from importlib import metadata
 
-
-def _probe_tensorrt() -> str | None:
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is not None:
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"):
         try:
-            import tensorrt  # noqa: PLC0415 - optional, heavy
-
-            return str(tensorrt.__version__)
-        except (ImportError, OSError, AttributeError):
-            pass  # a broken wheel: fall back to the shared library below
-    for lib in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
-        try:
-            handle = ctypes.CDLL(lib)
-            handle.getInferLibVersion.restype = ctypes.c_int32
-            return tensorrt_version_from_int(int(handle.getInferLibVersion()))
-        except (OSError, AttributeError):
+            return f"{metadata.version(dist)} ({dist})"
+        except metadata.PackageNotFoundError:
             continue
     return None
 
@@ -186,8 +182,16 @@ def _meminfo_total(root: Path) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-def probe_environment(run: Runner = _run, root: str | os.PathLike[str] = "/", tensorrt: bool = True) -> Environment:
-    """Probe this machine (see the module docstring). `run` and `root` are seams for tests."""
+def probe_environment(
+    run: Runner = _run,
+    root: str | os.PathLike[str] = "/",
+    tensorrt: bool = True,
+    probe: Prober | None = None,
+    probe_devices: tuple[str, ...] = ("cuda", "tensorrt"),
+) -> Environment:
+    """Probe this machine (see the module docstring). `run`, `root` and `probe` (device -> None or
+    why it cannot run; default runtime/providers.probe) are seams for tests. Listed GPU providers
+    in `probe_devices` are probed with a tiny session; a refusal lands in `unusable`."""
     root = Path(root)
     env = Environment(python=sys.version.split()[0], platform=f"{platform.system()} {platform.machine()}")
     try:
@@ -197,6 +201,14 @@ def probe_environment(run: Runner = _run, root: str | os.PathLike[str] = "/", te
         env.providers = tuple(ort.get_available_providers())
     except ImportError:
         pass
+    if env.onnxruntime is not None:
+        if probe is None:
+            from octopus_rt.runtime.providers import probe  # noqa: PLC0415 - imports onnxruntime
+        for device in probe_devices:
+            if PROVIDERS[device] in env.providers:
+                why_not = probe(device)
+                if why_not is not None:
+                    env.unusable[PROVIDERS[device]] = why_not
     env.system_memory_bytes = _meminfo_total(root)
 
     query = run(["nvidia-smi", *_SMI_QUERY])
@@ -226,7 +238,10 @@ def probe_environment(run: Runner = _run, root: str | os.PathLike[str] = "/", te
             except json.JSONDecodeError:
                 pass
     if tensorrt:
-        env.tensorrt = _probe_tensorrt()
+        library = native_libs.find_tensorrt_library()
+        env.tensorrt = library.version
+        env.tensorrt_library = library.describe()
+        env.tensorrt_python = _tensorrt_python()
     return env
 
 
@@ -242,6 +257,8 @@ def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None,
     add(f"python       {env.python} ({env.platform})")
     add(f"onnxruntime  {env.onnxruntime or 'not installed'}")
     add(f"providers    {', '.join(env.providers) or 'none'}")
+    for name, why_not in env.unusable.items():
+        add(f"  unusable   {name}: {why_not}")
     gpu = env.gpu_name or "none found"
     if env.compute_capability:
         gpu += f" (compute capability {env.compute_capability})"
@@ -250,7 +267,9 @@ def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None,
         add(f"jetson       {env.jetson}")
     add(f"driver       {env.driver or '-'}")
     add(f"cuda         {env.cuda or 'not found'}")
-    add(f"tensorrt     {env.tensorrt or 'not found'}")
+    add(f"tensorrt     {env.tensorrt_library or env.tensorrt or 'not found'}")
+    if env.tensorrt_python:
+        add(f"tensorrt py  {env.tensorrt_python} (the Python module; onnxruntime's provider loads the library above)")
     if env.memory_for_models:
         add(f"memory       {format_bytes(env.memory_for_models)} for models")
     info = env.device_info()
@@ -266,13 +285,15 @@ def diagnose(env: Environment, bundle_dir: str | os.PathLike[str] | None = None,
         return fail("onnxruntime is not installed: pip install 'octopus-rt[cpu]' (or [gpu] / [trt], see docs/deploy.md)")
     if bundle_dir is None:
         if device != "auto":
-            needed = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}[device]
+            needed = PROVIDERS[device]
+            if needed in env.unusable:
+                return fail(env.unusable[needed])
             if needed not in env.providers:
                 return fail(f"onnxruntime {env.onnxruntime} here has no {needed}")
             if device != "cpu" and env.compute_capability is None:
                 return fail(f"--device {device} needs an NVIDIA GPU; none was found")
             if device == "tensorrt" and env.tensorrt is None:
-                return fail("--device tensorrt needs the TensorRT libraries (libnvinfer); none were found")
+                return fail(f"--device tensorrt needs the TensorRT libraries: {env.tensorrt_library or 'libnvinfer not found'}")
         add("OK           no bundle given; the environment was checked")
         return report
 

@@ -15,7 +15,7 @@ after an eos token (which is kept in `token_ids`, as transformers' generate() do
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,11 +96,13 @@ class Decoder:
         max_new_tokens: int,
         eos_ids: Sequence[int],
         axis_ids: dict[int, str] | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> DecodeResult:
         """Greedy decoding from the prefill's last logits (V,) and cache `state`.
 
         axis_ids: {token id: axis} (closed_set.axis_token_ids); the logits of the step that emits the
-        first token of each axis are kept in the result.
+        first token of each axis are kept in the result. on_token(token_id) is called as each token
+        is chosen (streaming; an exception it raises stops decoding and propagates).
         """
         eos = {int(e) for e in eos_ids}
         axis_ids = axis_ids or {}
@@ -108,6 +110,8 @@ class Decoder:
         for step in range(max_new_tokens):
             token = int(np.argmax(logits))
             result.token_ids.append(token)
+            if on_token is not None:
+                on_token(token)
             axis = axis_ids.get(token)
             if axis is not None and axis not in result.axis_logits:
                 result.axis_logits[axis] = logits

@@ -105,6 +105,8 @@ def _decode(data: bytes, what: str, max_pixels: int | None) -> np.ndarray:
             image = Image.open(io.BytesIO(data))
             _check_pixels(image.width, image.height, max_pixels, what)
             image.load()
+    except InputError:
+        raise  # our own size check (InputError is a ValueError: it must not read as "corrupt" below)
     except UnidentifiedImageError as exc:
         raise InputError(f"{what} is not a readable image") from exc
     except Image.DecompressionBombError as exc:

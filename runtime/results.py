@@ -6,6 +6,7 @@ origin at the top left corner, x to the right, y down. Masks are H x W bool arra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,11 @@ class AskOptions:
     point_mapping: "paper" (eq. 4) or "quadrant" (see runtime/closed_set.point_from_probs).
     multimask: keep SAM's best-IoU mask of its multimask outputs (True) or its single-mask output.
     segment: run the SAM stage when the bundle has one (False: answer and point only).
+    on_token: streaming hook, called on the calling thread during decoding with the text each
+        generated token adds to the answer ("" when it adds none yet: a stop token, a partial UTF-8
+        character); a last call may follow decoding with text held back until then. The deltas
+        concatenate to exactly `Answer.text`. An exception it raises ends the call (e.g. a server
+        cancelling a request whose client left); in `Octopus.ask_batch` it ends that item only.
     """
 
     max_new_tokens: int | None = None
@@ -30,6 +36,7 @@ class AskOptions:
     point_mapping: str | None = None
     multimask: bool | None = None
     segment: bool = True
+    on_token: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Answer:
     mask_iou: SAM's predicted IoU of the kept mask (1.0 for a whole-image mask, None without mask).
     timings_ms: wall time per stage in milliseconds (stages skipped thanks to the cache are absent).
     cached: which per-image results came from the cache ("vision", "prefix", "sam_embedding").
+    prompt_tokens: length of the prompt in tokens (image tokens included), for usage accounting.
     """
 
     text: str
@@ -57,6 +65,7 @@ class Answer:
     image_size: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
     cached: tuple[str, ...] = ()
+    prompt_tokens: int = 0
 
     def to_json(self, mask_path: str | None = None) -> dict[str, Any]:
         """JSON-ready dict (the schema of `octopus-rt infer --json`, documented in docs/runtime.md)."""

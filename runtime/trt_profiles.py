@@ -9,8 +9,10 @@ place that knows
   manifest's sizes and the build limits (`ProfileLimits`: batch, prefill length S, past length P).
   onnxruntime's TensorRT EP rebuilds engines whenever a shape leaves the profile it guessed from
   the first inputs, which makes it extremely slow without explicit profiles;
-- how an engine target is named (`engine_name`, e.g. ``sm87-trt10.3``: TensorRT engines are valid
-  for one GPU compute capability and one TensorRT major.minor only);
+- how an engine target is named (`engine_name`, e.g. ``sm87-trt10.3.0``: a serialized TensorRT
+  engine only deserializes on the compute capability and the exact TensorRT version that built it,
+  so a patch upgrade needs a new target; `find_engine_target` also compares the version recorded
+  in the target with the libnvinfer this machine loads before an engine is used);
 - the provider-options dicts passed to onnxruntime for the TensorRT EP (build and load) and the
   CUDA EP, and the per-graph provider plan the runtime uses (`plan_graph`): TensorRT EP-context
   models for vision + SAM when the bundle's `engines` section has a target matching this machine,
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
+from octopus_rt.runtime.providers import PROVIDERS
 
 __all__ = [
     "GRAPHS",
@@ -49,6 +52,7 @@ __all__ = [
     "profile_strings",
     "engine_name",
     "parse_engine_name",
+    "tensorrt_version",
     "tensorrt_build_options",
     "tensorrt_load_options",
     "cuda_options",
@@ -68,11 +72,7 @@ GRAPHS: dict[str, tuple[str, str]] = {
 TRT_GRAPHS_DEFAULT = ("vision", "sam_encoder", "sam_decoder")
 # Value of engines["format"]: onnxruntime TensorRT EP-context models (docs/deploy.md explains why).
 ENGINES_FORMAT = "onnxruntime-tensorrt-ep-context"
-PROVIDER_NAMES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
+PROVIDER_NAMES = PROVIDERS  # one table: runtime/providers.py
 # Preferred provider per graph on a GPU machine; written to manifest defaults["providers"].
 DEFAULT_PROVIDERS: dict[str, str] = {
     "vision": "tensorrt",
@@ -144,8 +144,9 @@ class ProfileLimits:
 class DeviceInfo:
     """What the runtime learned about this machine (filled by runtime/doctor.py's probes).
 
-    compute_capability: "8.7" style or None without an NVIDIA GPU; tensorrt: the TensorRT library
-    version ("10.3.0") or None; providers: onnxruntime.get_available_providers().
+    compute_capability: "8.7" style or None without an NVIDIA GPU; tensorrt: version ("10.3.0") of
+    the libnvinfer onnxruntime's TensorRT provider loads, or None; providers: the providers that
+    really run here (probed by runtime/doctor.py, not merely listed by onnxruntime).
     """
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -154,6 +155,15 @@ class DeviceInfo:
     gpu_name: str | None = None
     cuda: str | None = None
     memory_bytes: int | None = None
+    unusable: dict[str, str] = field(default_factory=dict)
+    """{provider name: why it cannot run} for providers onnxruntime lists but the probe refused."""
+
+    def missing(self, provider: str) -> str:
+        """Why `provider` ("tensorrt", "cuda") is not among the usable providers."""
+        name = PROVIDERS[provider]
+        if name in self.unusable:
+            return self.unusable[name]
+        return f"onnxruntime here has no {name}" + (" (install onnxruntime-gpu)" if provider == "cuda" else "")
 
     @property
     def engine_name(self) -> str | None:
@@ -340,14 +350,23 @@ def profile_strings(profile: Mapping[str, ShapeRange]) -> dict[str, str]:
 
 
 _CC = re.compile(r"^\s*(?:sm_?)?(\d+)(?:\.(\d+))?\s*$")
-_VERSION = re.compile(r"^\s*(\d+)\.(\d+)")
-_NAME = re.compile(r"^sm(\d)(\d+)-trt(\d+)\.(\d+)$")
+_VERSION = re.compile(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?")
+_NAME = re.compile(r"^sm(\d+)(\d)-trt(\d+)\.(\d+)(?:\.(\d+))?$")
 
 
-def engine_name(compute_capability: str | tuple[int, int], tensorrt_version: str) -> str:
-    """``sm<major><minor>-trt<major>.<minor>``: "8.7" + "10.3.0.30" -> "sm87-trt10.3".
+def tensorrt_version(version: str) -> str:
+    """"10.3.0.30" / "10.3.0" -> "10.3.0"; "10.3" -> "10.3" (an old record without the patch)."""
+    match = _VERSION.match(str(version))
+    if not match:
+        raise InputError(f"not a TensorRT version: {version!r} (expected e.g. '10.3.0')")
+    return ".".join(str(int(g)) for g in match.groups() if g is not None)
 
-    A serialized engine only runs on the compute capability and TensorRT major.minor that built it.
+
+def engine_name(compute_capability: str | tuple[int, int], tensorrt_version_: str) -> str:
+    """``sm<major><minor>-trt<major>.<minor>.<patch>``: "8.7" + "10.3.0.30" -> "sm87-trt10.3.0".
+
+    A serialized engine only deserializes on the compute capability and the TensorRT version that
+    built it (a patch release is another version), so the name carries both in full.
     """
     if isinstance(compute_capability, tuple):
         major, minor = int(compute_capability[0]), int(compute_capability[1])
@@ -362,18 +381,17 @@ def engine_name(compute_capability: str | tuple[int, int], tensorrt_version: str
             major, minor = int(digits[:-1]), int(digits[-1])
         else:
             raise InputError(f"not a compute capability: {compute_capability!r} (expected e.g. '8.7')")
-    version = _VERSION.match(str(tensorrt_version))
-    if not version:
-        raise InputError(f"not a TensorRT version: {tensorrt_version!r} (expected e.g. '10.3.0')")
-    return f"sm{major}{minor}-trt{int(version.group(1))}.{int(version.group(2))}"
+    return f"sm{major}{minor}-trt{tensorrt_version(tensorrt_version_)}"
 
 
 def parse_engine_name(name: str) -> tuple[str, str]:
-    """"sm87-trt10.3" -> ("8.7", "10.3"). Raises InputError for other strings."""
+    """"sm87-trt10.3.0" -> ("8.7", "10.3.0"); names of older bundles ("sm87-trt10.3") -> ("8.7", "10.3").
+    Raises InputError for other strings."""
     match = _NAME.match(name)
     if not match:
-        raise InputError(f"not an engine target name: {name!r} (expected e.g. 'sm87-trt10.3')")
-    return f"{match.group(1)}.{match.group(2)}", f"{match.group(3)}.{match.group(4)}"
+        raise InputError(f"not an engine target name: {name!r} (expected e.g. 'sm87-trt10.3.0')")
+    version = ".".join(g for g in match.groups()[2:] if g is not None)
+    return f"{match.group(1)}.{match.group(2)}", version
 
 
 def tensorrt_build_options(
@@ -457,15 +475,35 @@ def find_engine_target(
     if engines.get("format") != ENGINES_FORMAT:
         return None, None, f"engines format {engines.get('format')!r} is not {ENGINES_FORMAT!r}"
     if "TensorrtExecutionProvider" not in device.providers:
-        return None, None, f"engines built for {built}, but onnxruntime here has no TensorrtExecutionProvider"
+        return None, None, f"engines built for {built}, but {device.missing('tensorrt')}"
     if device.compute_capability is None:
         return None, None, f"engines built for {built}, but no NVIDIA GPU was found"
     if device.tensorrt is None:
         return None, None, f"engines built for {built}, but the TensorRT libraries were not found"
     name = device.engine_name
-    if name not in engines["targets"]:
-        return None, None, f"engines built for {built}; this machine needs {name}"
-    return name, engines["targets"][name], f"engines {name} match this machine"
+    here = tensorrt_version(device.tensorrt)
+    candidates = [name] if name in engines["targets"] else []
+    candidates += [t for t in engines["targets"] if t != name and _same_gpu(t, name)]
+    for target in candidates:
+        record = engines["targets"][target]
+        built_with = record.get("tensorrt")
+        if (built_with is None and target == name) or (built_with is not None and tensorrt_version(built_with) == here):
+            return target, record, f"engines {target} match this machine (TensorRT {here})"
+    if candidates:
+        record = engines["targets"][candidates[0]]
+        return None, None, (
+            f"engines {candidates[0]} were built with TensorRT {record.get('tensorrt', 'of an unrecorded version')}, "
+            f"but this machine loads TensorRT {here}; an engine only loads in the TensorRT that built it: "
+            "rebuild with `octopus-rt export trt`"
+        )
+    return None, None, f"engines built for {built}; this machine needs {name}"
+
+
+def _same_gpu(target: str, name: str) -> bool:
+    try:
+        return parse_engine_name(target)[0] == parse_engine_name(name)[0]
+    except InputError:
+        return False
 
 
 def requested_provider(manifest: Mapping[str, Any], graph: str, device: str) -> str:
@@ -538,7 +576,7 @@ def plan_graph(
             return GraphPlan(graph, ctx, "tensorrt", providers, True, why)
         if provider == "cuda":
             if not _available(device, "cuda"):
-                reasons.append("onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu)")
+                reasons.append(device.missing("cuda"))
                 if requested == "cuda":
                     raise InputError(f"cannot run {graph} on CUDA: {reasons[-1]}")
                 continue

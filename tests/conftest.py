@@ -9,3 +9,4 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from fixtures_sam import *  # noqa: F401,F403
 from fixtures_models import *  # noqa: F401,F403
 from fixtures_runtime import *  # noqa: F401,F403
+from fixtures_phi3v import *  # noqa: F401,F403

@@ -45,8 +45,13 @@ def test_existing_output_refused_then_overwrite(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--overwrite"]) == 2  # not a folder we wrote: --overwrite never touches it
+    assert "dataset octopus-rt wrote" in capsys.readouterr().err and (out / "something.txt").exists()
+    (out / "something.txt").unlink()
+    assert main(args) == 0
+    (out / "notes.txt").write_text("x")
     assert main(args + ["--overwrite"]) == 0
-    assert (out / "something.txt").exists()  # only our own files are replaced
+    assert (out / "notes.txt").exists()  # only our own files are replaced
 
 
 def test_empty_source_folder(tmp_path, capsys):

@@ -58,3 +58,35 @@ def test_infer_without_torch(runtime_bundle, runtime_images, tmp_path):
     assert attempts == ["ATTEMPTS "], attempts
     for name in BLOCKED:
         assert f"'{name}'" not in result.stderr
+
+
+_IMPORT_CHILD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {blocked!r}:
+                raise ImportError(f"blocked by test_no_torch: {{name}}")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+    import numpy as np
+    from octopus_rt.runtime.hd_transform import HDTransform
+    from octopus_rt.runtime.phi3v_layout import assemble_image_tokens
+    from octopus_rt.runtime.phi3v_prompt import phi3v_chat_prompt, phi3v_prompt_ids
+
+    hd = HDTransform(num_crops=4)(np.zeros((20, 30, 3), dtype=np.uint8))
+    tokens = assemble_image_tokens(np.zeros((hd.num_used_crops, 144, 8), np.float32), np.ones((2, 8), np.float32), hd.crop_grid)
+    assert tokens.shape == (hd.num_img_tokens, 8), tokens.shape
+    print("OK", sorted(name for name in sys.modules if name.split(".")[0] in {blocked!r}))
+    """
+)
+
+
+def test_phi3v_runtime_modules_without_torch():
+    """The Phi-3-Vision preprocessing, layout and prompt modules run with torch & co. unimportable."""
+    child = _IMPORT_CHILD.format(blocked=BLOCKED)
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OK []"

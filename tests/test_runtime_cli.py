@@ -6,6 +6,7 @@ import json
 import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,8 +146,9 @@ def test_infer_batch_resumes_and_records_errors(runtime_bundle, runtime_images, 
     assert "error" in by_id["line-6"]
     assert "text" in by_id["a"] and "error" not in by_id["a"]
     assert 0.0 <= by_id["d"]["score"] <= 1.0 and by_id["e"]["letter"] in ("A", "B")
-    if by_id["a"]["mask"] is not None:
-        assert (masks / "a.png").is_file()
+    if by_id["a"]["mask"] is not None:  # the id, file-safe, plus a hash of it (docs/runtime.md)
+        assert Path(by_id["a"]["mask"]).parent == masks and Path(by_id["a"]["mask"]).name.startswith("a-")
+        assert Path(by_id["a"]["mask"]).is_file()
     # Resume: a new line is answered, the finished ones are skipped (not duplicated).
     with open(source, "a") as handle:
         handle.write(json.dumps({"id": "f", "image": f"imgs/{runtime_images[0].name}", "question": "Where?"}) + "\n")

@@ -46,9 +46,12 @@ def test_device_resolution():
     cpu = ("CPUExecutionProvider",)
     gpu = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
     assert resolve_device("auto", cpu).name == "cpu"
-    auto = resolve_device("auto", gpu)
+    auto = resolve_device("auto", gpu, probe=lambda device: None)
     assert auto.name == "cuda" and auto.device_type == "cuda"  # TensorRT stays opt-in
     assert resolve_device("tensorrt", gpu).providers[0] == "TensorrtExecutionProvider"
+    # Listed is not usable: onnxruntime-gpu lists CUDA without a GPU; auto asks the probe.
+    refused = resolve_device("auto", gpu, probe=lambda device: "libcuda.so.1: cannot open shared object file")
+    assert refused.name == "cpu" and refused.providers == ("CPUExecutionProvider",) and "libcuda.so.1" in refused.reason
     with pytest.raises(OctopusError, match="CUDAExecutionProvider.*octopus-rt\\[gpu\\]"):
         resolve_device("cuda", cpu)
     with pytest.raises(OctopusError, match="unknown device"):

@@ -166,8 +166,8 @@ def test_missing_graph_and_unknown_inputs_are_clear():
 
 @pytest.mark.parametrize(
     ("cc", "trt", "name"),
-    [("8.7", "10.3.0.30", "sm87-trt10.3"), ("9.0", "10.7.0", "sm90-trt10.7"), ("sm_89", "8.6.1", "sm89-trt8.6"),
-     ((12, 0), "10.9", "sm120-trt10.9"), ("7.2", "8.5.2.2", "sm72-trt8.5")],
+    [("8.7", "10.3.0.30", "sm87-trt10.3.0"), ("9.0", "10.7.0", "sm90-trt10.7.0"), ("sm_89", "8.6.1", "sm89-trt8.6.1"),
+     ((12, 0), "10.9", "sm120-trt10.9"), ("7.2", "8.5.2.2", "sm72-trt8.5.2")],
 )
 def test_engine_name(cc, trt, name):
     assert tp.engine_name(cc, trt) == name
@@ -184,7 +184,7 @@ def test_engine_name_rejects_garbage():
 
 def test_tensorrt_build_options():
     profile = {"point_coords": tp.ShapeRange((1, 1, 2), (1, 2, 2), (1, 16, 2))}
-    opts = tp.tensorrt_build_options(profile, ctx_file="/b/sm87-trt10.3/sam_encoder_ctx.onnx", timing_cache_dir="/b/t",
+    opts = tp.tensorrt_build_options(profile, ctx_file="/b/sm87-trt10.3.0/sam_encoder_ctx.onnx", timing_cache_dir="/b/t",
                                      cache_prefix="sam_encoder", fp16=True, layer_norm_fp32=True, workspace_bytes=3 * GIB)
     assert opts["trt_fp16_enable"] is True and opts["trt_layer_norm_fp32_fallback"] is True
     assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"] == "cache"
@@ -208,7 +208,7 @@ def test_tensorrt_build_options():
 _TRT = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def _with_engines(manifest: dict, name: str = "sm87-trt10.3") -> dict:
+def _with_engines(manifest: dict, name: str = "sm87-trt10.3.0") -> dict:
     manifest["engines"] = {
         "dir": "engines-0",
         "format": tp.ENGINES_FORMAT,
@@ -236,7 +236,7 @@ def test_plan_matching_engines():
     manifest = _with_engines(_phi3_manifest())
     device = tp.DeviceInfo(providers=_TRT, compute_capability="8.7", tensorrt="10.3.0")
     plan = tp.plan_graph("/b", manifest, "vision", device)
-    assert plan.provider == "tensorrt" and plan.file == Path("/b/engines-0/sm87-trt10.3/vision_ctx.onnx")
+    assert plan.provider == "tensorrt" and plan.file == Path("/b/engines-0/sm87-trt10.3.0/vision_ctx.onnx")
     assert plan.disable_graph_optimizations
     assert [p[0] for p in plan.providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert plan.providers[0][1]["trt_fp16_enable"] is True
@@ -253,8 +253,8 @@ def test_plan_mismatched_or_stale_engines_fall_back_to_cuda():
     manifest = _with_engines(_phi3_manifest())
     other_gpu = tp.DeviceInfo(providers=_TRT, compute_capability="8.9", tensorrt="10.3.1")
     plan = tp.plan_graph("/b", manifest, "sam_decoder", other_gpu)
-    assert plan.provider == "cuda" and "needs sm89-trt10.3" in plan.reason
-    with pytest.raises(InputError, match="sm89-trt10.3"):
+    assert plan.provider == "cuda" and "needs sm89-trt10.3.1" in plan.reason
+    with pytest.raises(InputError, match="sm89-trt10.3.1"):
         tp.plan_graph("/b", manifest, "sam_decoder", other_gpu, requested="tensorrt")
     other_trt = tp.DeviceInfo(providers=_TRT, compute_capability="8.7", tensorrt="10.4.0")
     assert tp.plan_graph("/b", manifest, "vision", other_trt).provider == "cuda"
@@ -296,7 +296,7 @@ def test_memory_estimate_of_a_phi3_bundle():
     assert any("Orin Nano 8GB" in line and "does NOT fit" in line for line in format_report(est))
     # Engine limits recorded by `export trt` replace the defaults.
     manifest = _with_engines(manifest)
-    manifest["engines"]["targets"]["sm87-trt10.3"]["limits"] = tp.ProfileLimits(max_batch=2, max_seq=10, max_past=99, opt_past=5).to_dict()
+    manifest["engines"]["targets"]["sm87-trt10.3.0"]["limits"] = tp.ProfileLimits(max_batch=2, max_seq=10, max_past=99, opt_past=5).to_dict()
     assert estimate_memory(manifest).kv_cache == 2 * 32 * 32 * 96 * 100 * 4 * 2
 
 
@@ -445,21 +445,21 @@ def test_build_records_engines_in_the_manifest(tiny_sam_bundle, tmp_path):
     shutil.copytree(tiny_sam_bundle, bundle)
     fake = FakeTensorRT()
     result = build_engines(bundle, TrtBuildOptions(fp16=True, workspace_gib=1.5), env=_env(), session_factory=fake)
-    assert result.name == "sm87-trt10.3"
+    assert result.name == "sm87-trt10.3.0"
     manifest = read_manifest(bundle)
     engines = manifest["engines"]
-    assert engines["format"] == tp.ENGINES_FORMAT and list(engines["targets"]) == ["sm87-trt10.3"]
-    target = engines["targets"]["sm87-trt10.3"]
+    assert engines["format"] == tp.ENGINES_FORMAT and list(engines["targets"]) == ["sm87-trt10.3.0"]
+    target = engines["targets"]["sm87-trt10.3.0"]
     assert target["precision"] == "fp16" and target["compute_capability"] == "8.7" and target["tensorrt"] == "10.3.0"
     assert set(target["graphs"]) == {"sam_encoder", "sam_decoder"}  # the bundle has no lmm
     enc, dec = target["graphs"]["sam_encoder"], target["graphs"]["sam_decoder"]
-    assert enc["file"] == "sm87-trt10.3/sam_encoder_ctx.onnx" and enc["layer_norm_fp32_fallback"] is True
+    assert enc["file"] == "sm87-trt10.3.0/sam_encoder_ctx.onnx" and enc["layer_norm_fp32_fallback"] is True
     assert dec["layer_norm_fp32_fallback"] is False
     assert enc["source_sha256"] == manifest["sam"]["files"]["sam_encoder.onnx"]["sha256"]
     assert enc["profile"] == {}  # static graph: no profile
     assert dec["profile"]["point_coords"] == {"min": [1, 1, 2], "opt": [1, 2, 2], "max": [1, tp.MAX_SAM_POINTS, 2]}
     assert enc["parity"]["ok"] and dec["parity"]["outputs"]["low_res_masks"]["mask_iou"] == 1.0
-    assert {"sm87-trt10.3/sam_encoder_ctx.onnx", "sm87-trt10.3/cache/sam_encoder_fake.engine"} <= set(engines["files"])
+    assert {"sm87-trt10.3.0/sam_encoder_ctx.onnx", "sm87-trt10.3.0/cache/sam_encoder_fake.engine"} <= set(engines["files"])
     assert check_files(bundle, manifest, hashes=True) == []
     assert manifest["defaults"]["providers"]["sam_encoder"] == "tensorrt"
     assert manifest["defaults"]["providers"]["decoder"] == "cuda"
@@ -474,8 +474,8 @@ def test_build_records_engines_in_the_manifest(tiny_sam_bundle, tmp_path):
     build_engines(bundle, env=_env(cc="9.0", trt="10.7.0"), session_factory=FakeTensorRT())
     build_engines(bundle, env=_env(), session_factory=FakeTensorRT())
     manifest = read_manifest(bundle)
-    assert sorted(manifest["engines"]["targets"]) == ["sm87-trt10.3", "sm90-trt10.7"]
-    timing = bundle / manifest["engines"]["dir"] / "sm87-trt10.3/timing/TensorrtExecutionProvider_cache_sm87.timing"
+    assert sorted(manifest["engines"]["targets"]) == ["sm87-trt10.3.0", "sm90-trt10.7.0"]
+    timing = bundle / manifest["engines"]["dir"] / "sm87-trt10.3.0/timing/TensorrtExecutionProvider_cache_sm87.timing"
     assert timing.read_bytes() == b"timing+++"  # built on by each of the 4 graph builds of sm87
     assert check_files(bundle, manifest, hashes=True) == []
 
@@ -569,10 +569,10 @@ def test_doctor_with_and_without_engines(tiny_sam_bundle, tmp_path):
     build_engines(bundle, env=_env(), session_factory=FakeTensorRT())
     on_orin = diagnose(_env(), bundle, device="tensorrt")
     assert on_orin.ok and on_orin.plans == {"sam_encoder": "tensorrt", "sam_decoder": "tensorrt"}
-    assert any("engines sm87-trt10.3 match this machine" in line for line in on_orin.lines)
+    assert any("engines sm87-trt10.3.0 match this machine" in line for line in on_orin.lines)
     on_h100 = diagnose(_env(cc="9.0"), bundle)
     assert on_h100.ok and on_h100.plans["sam_encoder"] == "cuda"
-    assert any("this machine needs sm90-trt10.3" in line for line in on_h100.lines)
+    assert any("this machine needs sm90-trt10.3.0" in line for line in on_h100.lines)
     assert not diagnose(_env(cc="9.0"), bundle, device="tensorrt").ok
     assert not diagnose(cpu_env, bundle, device="cuda").ok
     # Too little memory for the bundle is a reason not to run.
@@ -746,7 +746,7 @@ def test_backend_takes_files_and_options_from_the_plan(tiny_sam_bundle, tmp_path
     assert backend._plan("sam_encoder", "cpu") is None
     assert Backend(device="cuda")._plan("sam_encoder", "cuda") is None  # no manifest: providers as before
     backend._device_info = _env(cc="9.0").device_info()
-    with pytest.raises(OctopusError, match="sm90-trt10.3"):
+    with pytest.raises(OctopusError, match="sm90-trt10.3.0"):
         backend._plan("sam_decoder", "tensorrt")
 
 

@@ -3,7 +3,8 @@
 Layout: ``WORK_DIR/checkpoints/step-00000012/`` holding ``trainable.pt`` (the trainable parameters
 by name), ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt`` (fp16 only), ``rng-rank{R}.pt`` (torch,
 CUDA, numpy and Python RNG states of each process) and ``meta.json`` (step, global batch, data
-fingerprint). A checkpoint only gets its final name by `os.rename` after every file is written and
+fingerprint). Every .pt file holds tensors and plain containers only and is read with
+``torch.load(weights_only=True)``: a checkpoint is data, never code. A checkpoint only gets its final name by `os.rename` after every file is written and
 flushed, so a crash or a full disk leaves at worst a ``.partial-*`` directory, never a corrupt
 "latest" checkpoint; `latest_checkpoint` ignores partial directories and `save_checkpoint` removes them.
 """
@@ -66,9 +67,16 @@ def _save(obj, path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """The RNG states as tensors and plain values only, so `torch.load(weights_only=True)` reads them
+    (numpy's state holds an ndarray, which a weights-only load refuses; it is stored as a list)."""
     import torch
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,8 +86,11 @@ def set_rng_state(state: dict) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -169,10 +180,14 @@ def load_checkpoint(path: Path, rank: int) -> CheckpointState:
     """Read a checkpoint and restore this process's RNG state from it."""
     import torch
 
+    import pickle
+
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        load = lambda name: torch.load(path / name, map_location="cpu", weights_only=False)  # noqa: E731
+        # weights_only: tensors and plain containers only; a checkpoint is data, never code (a crafted
+        # pickle would otherwise run whatever it names on --resume).
+        load = lambda name: torch.load(path / name, map_location="cpu", weights_only=True)  # noqa: E731
         trainable = load("trainable.pt")
         optimizer = load("optimizer.pt")
         scheduler = load("scheduler.pt")
@@ -181,7 +196,11 @@ def load_checkpoint(path: Path, rank: int) -> CheckpointState:
         if not rng_file.is_file():
             raise OctopusError(f"{path} has no RNG state for process {rank}; resume with the world size it was saved with")
         rng = load(rng_file.name)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OctopusError(f"cannot read checkpoint {path}: it holds more than tensors and plain values, so it is "
+                           f"not loaded (written by another program or an older octopus-rt?): {first}") from None
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
         raise OctopusError(f"cannot read checkpoint {path}: {exc}") from None
     set_rng_state(rng)
     return CheckpointState(trainable, optimizer, scheduler, scaler, meta)

@@ -1,7 +1,7 @@
 """Reading training data: JSONL records of the data engine's form, mixing weights, image loading.
 
 A record is one JSON object per line of ``DATA_DIR/{train,val,test}.jsonl`` with at least
-``image`` (path relative to DATA_DIR) and ``conversations`` (LLaVA form: ``[{"from": "human",
+``image`` (path relative to DATA_DIR, which it must not leave) and ``conversations`` (LLaVA form: ``[{"from": "human",
 "value": "<image>\\n<question>"}, {"from": "gpt", "value": "<answer>"}, ...]``, multi-turn allowed).
 Problems are reported with file and line; `on_error="skip"` drops the bad record and counts it,
 `"stop"` raises an InputError at the first one. Training never reads the test split.
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from octopus_rt.errors import InputError
+from octopus_rt.paths import resolve_inside
 
 __all__ = [
     "Turn",
@@ -101,7 +102,7 @@ def _parse_record(line: str, data_dir: Path) -> TrainRecord:
     image = raw.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError("missing 'image' (a path relative to the dataset folder)")
-    path = data_dir / image
+    path = resolve_inside(data_dir, image, "image")  # InputError (a ValueError) when it leads outside
     if not path.is_file():
         raise ValueError(f"image {image} not found")
     turns = parse_turns(raw.get("conversations"))
@@ -149,13 +150,15 @@ def read_split(data_dir: str | Path, split: str, on_error: str = "stop", require
 
 
 def load_image(record: TrainRecord):
-    """The record's image as an RGB PIL image. Raises InputError naming the file and line."""
-    from PIL import Image, UnidentifiedImageError
+    """The record's image as an RGB PIL image, decoded by the runtime's loader (EXIF orientation,
+    mode conversion and pixel limit exactly as at inference). Raises InputError naming the file and line."""
+    from PIL import Image
+
+    from octopus_rt.runtime.images import load_image as runtime_load_image
 
     try:
-        with Image.open(record.image) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return Image.fromarray(runtime_load_image(record.image).rgb)
+    except InputError as exc:
         raise InputError(f"{record.where}: cannot load image {record.image}: {exc}") from None
 
 

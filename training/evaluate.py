@@ -103,10 +103,16 @@ def load_split(data_dir: Path, split: str, max_records: int | None = None) -> li
     if not path.is_file():
         raise InputError(f"no {split} split in {data_dir} (expected {path})")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
-                records.append(json.loads(line))
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise InputError(f"{path}:{number}: not a JSON record ({exc})") from None
+                if not isinstance(record, dict):
+                    raise InputError(f"{path}:{number}: not a JSON object")
+                records.append(record)
                 if max_records is not None and len(records) >= max_records:
                     break
     return records
@@ -153,16 +159,27 @@ def _segment_at(octopus, rgb: np.ndarray, point: tuple[float, float]) -> np.ndar
     return octopus.segment(rgb, point).mask if octopus.has_sam else None
 
 
-def _load_rgb(path: Path) -> np.ndarray:
+def _load_rgb(data_dir: Path, rel: Any) -> np.ndarray:
+    """A record's image exactly as the runtime decodes a file (EXIF orientation applied, same mode
+    conversion and pixel limit); the path must stay inside the dataset folder."""
+    from octopus_rt.paths import resolve_inside
+    from octopus_rt.runtime.images import load_image
+
+    return load_image(resolve_inside(data_dir, rel, "record image")).rgb
+
+
+def _load_mask(data_dir: Path, rel: Any) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.open(path).convert("RGB"))
+    from octopus_rt.errors import InputError
+    from octopus_rt.paths import resolve_inside
 
-
-def _load_mask(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("L")) >= 128
+    path = resolve_inside(data_dir, rel, "record mask")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L")) >= 128
+    except OSError as exc:
+        raise InputError(f"cannot read mask {path}: {exc}") from None
 
 
 def _axis_guess(probs: dict | None, words: tuple[str, str]) -> str | None:
@@ -224,8 +241,8 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
         if target is None or not record.get("answer_mask"):
             continue
         sub = str(record.get("subtask") or "all")
-        rgb = _load_rgb(data_dir / record["image"])
-        gt = _load_mask(data_dir / record["answer_mask"])
+        rgb = _load_rgb(data_dir, record["image"])
+        gt = _load_mask(data_dir, record["answer_mask"])
         height, width = gt.shape
         is_whole = bool(target.get("whole_image"))
         question = _question(record)
@@ -298,7 +315,7 @@ def _text_tasks(octopus, options: EvalOptions, records: list[dict], tau: float, 
             continue
         sub = str(record.get("subtask") or "all")
         reference = m.distortion_keywords(_reference(record))
-        rgb = _load_rgb(data_dir / record["image"])
+        rgb = _load_rgb(data_dir, record["image"])
         systems = {PIPELINE: _ask(octopus, rgb, _question(record), tau, mapping, segment=False).text}
         if options.baselines:
             systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), _question(record), tau, mapping,
@@ -345,7 +362,7 @@ def _quality(octopus, options: EvalOptions, records: list[dict]) -> tuple[list[R
     preds, mos, hits = [], [], []
     for record in _progress(records, options.progress, "quality"):
         if record.get("mos") is not None:
-            preds.append(octopus.score(_load_rgb(data_dir / record["image"])).score)
+            preds.append(octopus.score(_load_rgb(data_dir, record["image"])).score)
             mos.append(float(record["mos"]))
         if record.get("candidates") and record.get("answer") is not None:
             want = _mcq_answer_index(record)
@@ -354,7 +371,7 @@ def _quality(octopus, options: EvalOptions, records: list[dict]) -> tuple[list[R
             # The record's human turn holds the Q-Bench layout already (question + options); `choose`
             # lays the options out itself, so it gets the bare question.
             question = record.get("question") or _question(record).split(vocab.MCQ_INSTRUCTION)[0].strip()
-            choice = octopus.choose(_load_rgb(data_dir / record["image"]), question, list(record["candidates"]))
+            choice = octopus.choose(_load_rgb(data_dir, record["image"]), question, list(record["candidates"]))
             hits.append((str(record.get("subtask") or "all"), choice.index == want))
     rows, notes = [], []
     if preds:
@@ -418,8 +435,8 @@ def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS,
     data_dir = Path(options.data_dir)
     ious = {mapping: [[] for _ in taus] for mapping in POINT_MAPPINGS}
     for record in _progress(records, options.progress, "sweep"):
-        rgb = _load_rgb(data_dir / record["image"])
-        gt = _load_mask(data_dir / record["answer_mask"])
+        rgb = _load_rgb(data_dir, record["image"])
+        gt = _load_mask(data_dir, record["answer_mask"])
         height, width = gt.shape
         answer = _ask(octopus, rgb, _question(record), 1.0, "paper", segment=False)
         for mapping in POINT_MAPPINGS:

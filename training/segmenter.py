@@ -135,6 +135,7 @@ def load_region_samples(
     from PIL import Image
     from scipy.ndimage import distance_transform_edt
 
+    from octopus_rt.paths import resolve_inside
     from octopus_rt.runtime.sam_transforms import preprocess_image
 
     path = Path(data_dir) / f"{split}.jsonl"
@@ -160,11 +161,11 @@ def load_region_samples(
     std = config.get("pixel_std", (58.395, 57.12, 57.375))
     samples = []
     for name in names:
-        rgb = np.asarray(Image.open(Path(data_dir) / name).convert("RGB"))
+        rgb = np.asarray(Image.open(resolve_inside(data_dir, name, "record image")).convert("RGB"))
         image, resized_hw = preprocess_image(rgb, size, mean, std)
         masks, weights = [], []
         for mask_rel in by_image[name]:
-            mask = np.asarray(Image.open(Path(data_dir) / mask_rel).convert("L")) >= 128
+            mask = np.asarray(Image.open(resolve_inside(data_dir, mask_rel, "region mask")).convert("L")) >= 128
             if mask.shape != rgb.shape[:2] or not mask.any():
                 continue
             masks.append(_low_res_target(mask, resized_hw, size, low))

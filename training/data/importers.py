@@ -2,8 +2,9 @@
 
 Formats: q-instruct, dq495k, q-align, q-bench (LLVisionQA JSON), q-bench-hf (option0..3 variant),
 kadid (dmos.csv), koniq (scores csv). JSON inputs may be a JSON list or JSON lines. Image paths stay
-relative to the image root (`--image-root`, recorded in DATA_DIR/dataset.json); records whose image
-is missing there are skipped and reported. Scored data gets `mos` and `mos_scale` ([worst, best]);
+relative to the image root (`--image-root`, recorded in DATA_DIR/dataset.json) and must stay inside it
+(no absolute path, no "..", no symbolic link out); records whose image is missing, outside the root or
+not a path, and rows that cannot be converted, are skipped and reported, never abort the import. Scored data gets `mos` and `mos_scale` ([worst, best]);
 multiple choice gets `candidates` and `answer`. Conversations use the "<image>\\n" token form.
 """
 
@@ -124,8 +125,8 @@ def convert(fmt: str, path: Path, *, mos_scale: tuple[float, float] | None = Non
                                         row["image_name"])
                     if row.get("MOS_zscore"):
                         rec["mos_zscore"] = float(row["MOS_zscore"])
-            except ValueError as exc:
-                skipped.append((f"row {k + 2}", str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a bad row is recorded, never ends the import
+                skipped.append((f"row {k + 2}", f"{type(exc).__name__}: {exc}"))
                 continue
             records.append(rec)
         return records, skipped
@@ -161,7 +162,7 @@ def convert(fmt: str, path: Path, *, mos_scale: tuple[float, float] | None = Non
                                   _QBENCH_TYPES.get(int(item.get("question_type", -1))), {"concern": concern})
             else:
                 raise InputError(f"unknown format {fmt!r}; one of: {', '.join(FORMATS)}")
-        except (KeyError, ValueError, IndexError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad record is recorded, never ends the import
             skipped.append((str(item.get("id", k)) if isinstance(item, dict) else str(k), f"{type(exc).__name__}: {exc}"))
             continue
         records.append(rec)
@@ -175,6 +176,8 @@ def import_dataset(
     """Convert `path` and write ``out_dir/{train,val,test}.jsonl`` + ``dataset.json``. `split`:
     train / val / test puts everything in one split; auto splits by source 80 / 10 / 10 (a KADID
     reference image and its distorted versions share a source)."""
+    from octopus_rt.paths import resolve_inside
+    from octopus_rt.training.data.outdir import META_NAME, prepare_overwrite, write_meta
     from octopus_rt.training.data.records import SPLITS, write_jsonl
     from octopus_rt.training.data.synth import _assign_splits
 
@@ -185,8 +188,10 @@ def import_dataset(
         raise InputError(f"input file not found: {path}")
     if split not in SPLITS + ("auto",):
         raise InputError(f"--split must be auto, train, val or test, not {split!r}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output folder {out} is not empty; pass --overwrite")
+    written = tuple(f"{name}.jsonl" for name in SPLITS)
+    if any(path.resolve() == (out / name).resolve() for name in written + (META_NAME,)):
+        raise InputError(f"the input {path} is one of the files the import writes into --out {out}; choose another --out")
+    prepare_overwrite(out, overwrite, written)
     if image_root is None:
         image_root = path.parent / "images" if fmt == "kadid" and (path.parent / "images").is_dir() else path.parent
     root = Path(image_root)
@@ -194,11 +199,18 @@ def import_dataset(
     kept = []
     seen: set[str] = set()
     for rec in records:
-        if not (root / rec["image"]).is_file():
+        try:
+            # Every image stays inside the image root: no absolute path, no "..", no link out of it.
+            image = resolve_inside(root, rec["image"], "image path")
+        except InputError as exc:
+            skipped.append((rec["id"], str(exc)))
+            continue
+        if not image.is_file():
             skipped.append((rec["id"], f"image not found under {root}: {rec['image']}"))
             continue
-        if rec["id"] in seen:  # ids must be unique: suffix repeats
-            rec["id"] = f"{rec['id']}-{len(seen)}"
+        base, n = rec["id"], 1
+        while rec["id"] in seen:  # ids must be unique: suffix repeats (never onto another record's id)
+            rec["id"], n = f"{base}-{n}", n + 1
         seen.add(rec["id"])
         kept.append(rec)
     if not kept:
@@ -210,7 +222,7 @@ def import_dataset(
         split_of = {s: groups[index[s]] for s in sources}
     else:
         split_of = {s: split for s in sources}
-    out.mkdir(parents=True, exist_ok=True)
+    write_meta(out, {"format": fmt, "input": str(path.resolve()), "image_root": str(root.resolve())})  # first: ours
     report = ImportReport()
     for name in SPLITS:
         chosen = [rec for rec in kept if split_of[rec["source"]] == name]

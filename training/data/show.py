@@ -15,7 +15,7 @@ import numpy as np
 
 from octopus_rt.errors import InputError
 
-__all__ = ["find_record", "render_record"]
+__all__ = ["find_record", "render_record", "image_root"]
 
 _COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230))
@@ -28,13 +28,30 @@ def find_record(data_dir: Path, record_id: str) -> dict:
     if not files:
         raise InputError(f"no .jsonl record files in {data_dir}")
     for path in files:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 if record_id in line:
-                    record = json.loads(line)
-                    if record.get("id") == record_id:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a broken line is not the record asked for
+                    if isinstance(record, dict) and record.get("id") == record_id:
                         return record
     raise InputError(f"no record with id {record_id!r} in {data_dir}")
+
+
+def image_root(data_dir: Path) -> Path:
+    """The folder a dataset's image paths are relative to: the `image_root` that `data import`
+    records in dataset.json, else the dataset folder itself (synth data)."""
+    meta = Path(data_dir) / "dataset.json"
+    if meta.is_file():
+        try:
+            root = json.loads(meta.read_text(encoding="utf-8")).get("image_root")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise InputError(f"unreadable {meta}: {exc}") from None
+        if isinstance(root, str) and root:
+            return Path(root)
+    return Path(data_dir)
 
 
 def _font(size: int):
@@ -53,16 +70,17 @@ def render_record(
     import cv2
     from PIL import Image, ImageDraw
 
+    from octopus_rt.paths import resolve_inside
+    from octopus_rt.runtime.cli_files import check_output_file
+    from octopus_rt.runtime.images import load_image
+
     data_dir = Path(data_dir)
-    image_path = data_dir / record["image"]
-    meta = data_dir / "dataset.json"
-    if meta.is_file():  # imported data: images are relative to the recorded image root
-        image_path = Path(json.loads(meta.read_text(encoding="utf-8"))["image_root"]) / record["image"]
-    try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise InputError(f"cannot read {image_path}: {exc}") from exc
+    image_path = resolve_inside(image_root(data_dir), record.get("image"), "the record's image")
+    masks = [resolve_inside(data_dir, region.get("mask"), "a region's mask") for region in record.get("regions") or []]
+    check_output_file(Path(out_path), "--out", inputs=(image_path, *masks), image=False)  # never over its inputs
+    # The runtime's loader: EXIF orientation applied and the pixel limit kept, so the picture shows
+    # what the model sees.
+    image = load_image(image_path).rgb
     height, width = image.shape[:2]
     # Large images shrink to max_side; small ones grow (nearest: pixels stay visible) to min_side.
     scale = min(1.0, max_side / max(height, width))
@@ -78,7 +96,7 @@ def render_record(
     tags = []
     for k, region in enumerate(regions):
         colour = np.array(_COLOURS[k % len(_COLOURS)], dtype=np.float32)
-        with Image.open(data_dir / region["mask"]) as im:
+        with Image.open(masks[k]) as im:
             mask = np.asarray(im.convert("L")) > 127
         if scale != 1:
             mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0

@@ -27,6 +27,9 @@ __all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "lis
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 32
+# Sources above this are skipped before decoding (a 420 KB PNG can claim 12000 x 12000 pixels and
+# take gigabytes): the runtime's limit (octopus_rt.runtime.images.DEFAULT_MAX_PIXELS, 64 megapixels).
+MAX_SOURCE_PIXELS = 64_000_000
 # Light levels of these are hard to see (spec): single distortions of them start at severity 2.
 _FAINT_AT_ONE = ("brighten", "darken", "contrast_strengthen", "contrast_weaken", "saturate_strengthen",
                  "saturate_weaken", "quantization", "oversharpen")
@@ -78,13 +81,23 @@ def list_sources(src_dir: Path) -> list[Path]:
 
 
 def _load(path: Path, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, long side at most `size`. Raises ValueError / OSError when unusable."""
+    """(H, W, 3) uint8 RGB, long side at most `size`. Raises ValueError / OSError when unusable,
+    ValueError before decoding when the header promises more than MAX_SOURCE_PIXELS pixels."""
+    import warnings
+
     import cv2
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    from PIL import ImageOps
-
-    with Image.open(path) as im:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"too large to decode safely ({exc})") from None
+    with im:
+        if im.width * im.height > MAX_SOURCE_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} = {im.width * im.height} pixels, above the limit of "
+                             f"{MAX_SOURCE_PIXELS} (downscale it)")
         # phone photos store their rotation in EXIF; apply it so masks match what people see
         image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     height, width = image.shape[:2]
@@ -294,7 +307,7 @@ def _probe(task: tuple) -> tuple[str, int | None, str | None]:
     path, size = task
     try:
         return path, dhash(_load(Path(path), size)), None
-    except (OSError, ValueError) as exc:  # PIL raises UnidentifiedImageError (an OSError) for non-images
+    except Exception as exc:  # noqa: BLE001 - one bad source is skipped with its reason, never ends the run
         return path, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -322,31 +335,10 @@ def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
         yield from tqdm(pool.imap(fn, tasks), **bar)
 
 
-def _prepare_out(out: Path, options: SynthOptions, state: dict) -> None:
-    work = out / ".work"
-    if out.exists() and any(out.iterdir()):
-        if options.resume:
-            state_file = work / "state.json"
-            if not state_file.exists():
-                raise InputError(f"nothing to resume in {out} (no unfinished run there)")
-            previous = json.loads(state_file.read_text(encoding="utf-8"))
-            if previous != state:
-                raise InputError(f"--resume with different options than the run in {out}; use --overwrite")
-            return
-        if not options.overwrite:
-            raise InputError(f"output folder {out} is not empty; pass --overwrite or --resume")
-        for name in _GENERATED:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "state.json").write_text(json.dumps(state, sort_keys=True), encoding="utf-8")
-
-
 def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions = SynthOptions()) -> SynthReport:
     """Build a dataset in `out_dir` from the images in `src_dir` (see the module docstring)."""
+    from octopus_rt.training.data.outdir import discard_unstarted, prepare_run
+
     src, out = Path(src_dir), Path(out_dir)
     sources = list_sources(src)
     if options.num is not None and options.num < 1:
@@ -366,14 +358,24 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
         raise InputError(f"label map folder not found: {options.labels}")
     state = {k: v for k, v in asdict(options).items() if k not in ("workers", "overwrite", "resume", "progress")}
     state["src"] = str(src.resolve())
-    _prepare_out(out, options, state)
+    created = not out.exists()
+    inputs = {"source folder": src, "label folder": Path(options.labels) if options.labels else None,
+              "group file": Path(options.groups) if options.groups else None}
+    prepare_run(out, inputs, state, resume=options.resume, overwrite=options.overwrite, generated=_GENERATED)
+    try:
+        return _run(src, out, sources, options, user_groups)
+    except BaseException:
+        discard_unstarted(out, created)  # a failed run that made no sample leaves the folder as it was
+        raise
 
+
+def _run(src: Path, out: Path, sources: list[Path], options: SynthOptions, user_groups: dict[str, str]) -> SynthReport:
     report = SynthReport()
     probes = list(_map(_probe, [(str(p), options.size) for p in sources], options.workers, options.progress, "check"))
     usable = [(Path(p), h) for p, h, err in probes if err is None]
     report.skipped = [(Path(p).name, err) for p, h, err in probes if err is not None]
     if not usable:
-        raise InputError(f"none of the {len(sources)} images in {src} is usable (all unreadable or < 32x32)")
+        raise InputError(f"none of the {len(sources)} images in {src} is usable (unreadable, under 32x32 or over the pixel limit)")
     names = [p.name for p, _ in usable]
     groups = group_sources(names, [h for _, h in usable], options.hash_distance, user_groups)
     split_of_group = _assign_splits(groups, options.seed)

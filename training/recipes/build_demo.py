@@ -66,23 +66,33 @@ DEMO_LLAVA = dict(text_model="llama", vision_model="siglip", chat_template="llav
                   text_kv_heads=2, text_intermediate=512)
 
 
+_WORK_MARKER = ".octopus-demo-work"
+
+
 def _say(text: str) -> None:
     print(f"[build_demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
     """A dataset folder for LLaVA training: all grounding and referring records, a seeded `share` of
-    the (long) description records; val likewise. Images are reached through symlinks to data_dir's
-    sub-folders, so record paths stay valid."""
+    the (long) description records; val likewise. data_dir's sub-folders are hard-linked file by file
+    (copied across file systems), so record paths stay valid: training refuses record paths that leave
+    the dataset folder, and a symbolic link to data_dir would."""
     import numpy as np
 
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     for sub in ("seen", "heldout"):
         if (data_dir / sub).exists():
-            os.symlink((data_dir / sub).resolve(), out / sub)
+            shutil.copytree(data_dir / sub, out / sub, copy_function=link)
     rng = np.random.default_rng([seed, 11])
     for split in ("train", "val"):
         records = read_jsonl(data_dir / f"{split}.jsonl")
@@ -99,9 +109,9 @@ def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5
     import torch
     from PIL import Image
 
-    from octopus_rt.training.recipes.vision_pretrain import _loss, patch_targets
+    from octopus_rt.training.recipes.vision_pretrain import _loss, load_probe, patch_targets
 
-    probe = torch.load(probe_path, weights_only=False)
+    probe = load_probe(probe_path)
     probe.requires_grad_(False)
     cache: dict[str, torch.Tensor] = {}
 
@@ -174,8 +184,16 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     """Run every stage (see module docstring); returns a summary dict (also WORK/summary.json)."""
     import torch
 
+    from octopus_rt.errors import InputError
+
+    # The stages delete and rewrite sub-folders of WORK (data, src_train, base_model, lmm_data, ...):
+    # only in a new or empty folder, or one this recipe made (its marker, or summary.json of older runs).
+    if work.is_dir() and any(work.iterdir()) and not (work / _WORK_MARKER).exists() \
+            and not (work / "summary.json").exists():
+        raise InputError(f"--work {work} is not empty and was not made by build_demo; give a new or empty folder")
     torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
+    (work / _WORK_MARKER).touch()
     summary: dict = {"recipe": asdict(recipe), "seed": seed, "stages": {}}
     began = time.monotonic()
 
@@ -377,8 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="data engine worker processes")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    build_demo(args.work, QUICK if args.quick else FULL, seed=args.seed, install=not args.no_install,
-               threads=args.threads, workers=args.workers)
+    from octopus_rt.errors import OctopusError
+
+    try:
+        build_demo(args.work, QUICK if args.quick else FULL, seed=args.seed, install=not args.no_install,
+                   threads=args.threads, workers=args.workers)
+    except OctopusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VisionPretrainOptions", "VisionPretrainResult", "patch_targets", "patch_and_quadrant_accuracy",
+__all__ = ["VisionPretrainOptions", "VisionPretrainResult", "load_probe", "patch_targets", "patch_and_quadrant_accuracy",
            "pretrain_vision"]
 
 CATEGORIES: tuple[str, ...] = (
@@ -119,6 +119,8 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
     """Distinct images of a split -> (list of PIL images, (N, g, g, T) targets)."""
     from PIL import Image
 
+    from octopus_rt.paths import resolve_inside
+
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.exists():
         return [], np.zeros((0, grid, grid, N_TARGETS), np.float32)
@@ -135,8 +137,8 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
         names = [names[i] for i in sorted(rng.choice(len(names), max_images, replace=False))]
     images, targets = [], []
     for name in names:
-        image = Image.open(Path(data_dir) / name).convert("RGB")
-        masks = {r["mask"]: np.asarray(Image.open(Path(data_dir) / r["mask"]).convert("L")) >= 128
+        image = Image.open(resolve_inside(data_dir, name, "record image")).convert("RGB")
+        masks = {r["mask"]: np.asarray(Image.open(resolve_inside(data_dir, r["mask"], "region mask")).convert("L")) >= 128
                  for r in seen[name]}
         if any(m.shape != (image.height, image.width) for m in masks.values()):
             continue
@@ -206,7 +208,7 @@ def pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = Non
 def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = None) -> VisionPretrainResult:
     """Train the vision tower + projector of options.model_dir with a linear probe; save in place.
 
-    probe_out: where to save the trained probe (a torch.nn.Linear, torch.save of the module), for the
+    probe_out: where to save the trained probe (a torch.nn.Linear's state_dict, tensors only), for the
     auxiliary loss during instruction tuning.
     """
     import torch
@@ -297,10 +299,30 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
         param.requires_grad_(True)
     model.save_pretrained(options.model_dir)
     if probe_out is not None:
-        torch.save(probe, probe_out)
+        torch.save(probe.state_dict(), probe_out)  # tensors only: read back with weights_only=True
     seconds = time.monotonic() - start
     result = VisionPretrainResult(step + 1, seconds, len(train_images), len(val_images), patch_acc, quad_acc,
                                   train_patch_acc, train_quad_acc, log)
     print(f"[vision] done: {result.steps} steps in {seconds:.0f}s; patch / quadrant accuracy: val {patch_acc} / "
           f"{quad_acc}, train {train_patch_acc} / {train_quad_acc}", flush=True)
     return result
+
+
+def load_probe(path: Path):
+    """The frozen linear probe of vision pretraining from its state_dict file, read with
+    weights_only=True (tensors only: a file that holds anything else is refused, never run)."""
+    import pickle
+
+    import torch
+
+    from octopus_rt.errors import OctopusError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weight = state["weight"]
+        probe = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        probe.load_state_dict(state)
+    except (pickle.UnpicklingError, OSError, RuntimeError, KeyError, TypeError, AttributeError, EOFError) as exc:
+        raise OctopusError(f"cannot read the vision probe {path} as tensors ({type(exc).__name__}); "
+                           "delete it to retrain it") from None
+    return probe

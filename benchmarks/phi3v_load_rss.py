@@ -1,0 +1,80 @@
+"""Peak RSS of loading an official-layout Phi-3-Vision checkpoint (export/phi3v_checkpoint.py).
+
+Builds a checkpoint with the full CLIP ViT-L/14-336 tower (the official `img_processor`, no
+`clip_config`) and the tiny Phi-3 of training/phi3v_factory.py, in bf16 shards (constant weights:
+random init of 300M parameters only costs time), then loads it once per target dtype in a fresh
+process and reports the RSS before the call, the parameter bytes, the peak and the RSS afterwards.
+Peak minus the RSS before, divided by the parameter bytes, is the loader's overhead factor.
+Usage:
+
+    .venv/bin/python benchmarks/phi3v_load_rss.py [--dtypes float32 float16 bfloat16] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_CHILD = """
+import json, resource, sys, time
+import torch
+from octopus_rt.export.phi3v_checkpoint import load_phi3v
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+
+before = rss_mb()
+start = time.perf_counter()
+model = load_phi3v(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+seconds = time.perf_counter() - start
+params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"dtype": sys.argv[2], "rss_before_mb": round(before), "params_mb": round(params),
+                  "peak_rss_mb": round(peak), "rss_after_mb": round(rss_mb()), "load_s": round(seconds, 1)}))
+"""
+
+
+def build(out_dir: Path) -> None:
+    import torch
+
+    from octopus_rt.export.phi3v_checkpoint import save_official_layout
+    from octopus_rt.export.phi3v_config import phi3v_spec_from_dicts
+    from octopus_rt.export.phi3v_model import Phi3VForCausalLM
+    from octopus_rt.training.phi3v_factory import TinyPhi3VSpec, phi3v_preprocessor_dict, phi3v_config_dict
+
+    config = phi3v_config_dict(TinyPhi3VSpec())
+    config["img_processor"] = {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                               "name": "clip_vision_model", "num_img_tokens": 144}
+    spec = phi3v_spec_from_dicts(config, phi3v_preprocessor_dict(TinyPhi3VSpec()))
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(spec)
+    for name, param in list(model.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(torch.full(param.shape, 0.01, dtype=torch.bfloat16))
+    save_official_layout(model, out_dir, dtype=torch.bfloat16, max_shard_bytes=512 * 1024**2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
+    parser.add_argument("--keep", type=Path, help="build the checkpoint here and keep it")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp) / "phi3v-clipl"
+        if not (folder / "config.json").is_file():
+            build(folder)
+        shards = sorted(p.stat().st_size // 2**20 for p in folder.glob("*.safetensors"))
+        print(json.dumps({"checkpoint": str(folder), "shard_mb": shards}))
+        for dtype in args.dtypes:
+            result = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], capture_output=True, text=True, check=True)
+            print(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()

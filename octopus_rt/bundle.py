@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from octopus_rt.bundle_validate import manifest_problem
-from octopus_rt.errors import OctopusError
+from octopus_rt.errors import BundleError
+from octopus_rt.manifest import Defaults
 from octopus_rt.paths import is_inside
 
 __all__ = [
@@ -68,13 +69,9 @@ MANIFEST_NAME = "manifest.json"
 SECTIONS = ("lmm", "sam", "engines", "defaults")
 # Written into a new bundle's "defaults" section; the demo issue's evaluation rewrites tau and the
 # mapping from measurement (`octopus-rt eval --sweep`).
-DEFAULTS: dict[str, Any] = {"tau": 1.0, "point_mapping": "paper", "max_new_tokens": 64, "multimask": True}
+DEFAULTS: dict[str, Any] = Defaults().to_dict()  # the values are declared once, in octopus_rt/manifest.py
 _STAGING_PREFIX = ".staging-"
 _LOCK_NAME = ".lock"
-
-
-class BundleError(OctopusError):
-    """A bundle is missing, of another format version, or its files do not match the manifest."""
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

@@ -1,62 +1,40 @@
-"""The one check of a bundle manifest: header, section layout, path containment, runtime fields.
+"""The one check of a bundle manifest: header, field types (through the schema), section layout and
+path containment.
 
 `octopus_rt.bundle.validate_manifest` (and through it `read_manifest`, so `verify`, the runtime's
-load and every exporter) raises the first problem found here as a one-line BundleError. Rules:
+load and every exporter) raises the first problem found here as a one-line BundleError. The fields
+themselves (names, types, required or default) are defined once, in `octopus_rt/manifest.py`; this
+module adds what a schema of one manifest cannot say:
 
 - header: `format` is "octopus-rt-bundle"; `format_version` is the integer 1 (not "1", not 1.0);
 - sections (`lmm`, `sam`, `engines`) are objects; one that owns files has `dir`, a plain folder name
   (no "/", no "..", not hidden, not absolute) that no other section uses and that is not a symbolic
-  link, and `files`, {relative path: {"size": int, "sha256": str}} whose paths pass
-  `octopus_rt.paths.check_relative` and, on disk, resolve inside the section's folder;
+  link, and `files` (`manifest.FileRecord` each) whose paths pass `octopus_rt.paths.check_relative`
+  and, on disk, resolve inside the section's folder;
 - every `file` value anywhere in a section (lmm.vision.file, engines...graphs.*.file) is one of
   that section's `files` (so its size and hash are checked like the others);
-- `defaults` is an object with the documented types;
-- with `runnable`, the fields the runtime reads exist with the right types (RUNTIME_FIELDS): an
-  `lmm` section, and a `sam` section when one is present.
-
-Issue 12 turns this into a typed schema; until then the tables below are the single definition.
+- `defaults` parses as `manifest.Defaults`;
+- with `runnable`, the whole manifest parses (`manifest.parse_manifest`) and has an `lmm` section
+  with files: what the runtime needs to run it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
+from octopus_rt.manifest import Defaults, FileRecord, ManifestError, parse_manifest
 from octopus_rt.paths import check_relative
 
-__all__ = ["FILE_SECTIONS", "RUNTIME_FIELDS", "manifest_problem"]
+__all__ = ["FILE_SECTIONS", "manifest_problem"]
 
 FILE_SECTIONS = ("lmm", "sam", "engines")
-_INT, _NUM, _STR, _BOOL, _DICT, _LIST = "int", "number", "string", "bool", "object", "list"
-# {section: {key: {field: kind}}}: what runtime/api.py, generate.py, preprocess.py and segment.py read
-# without a default. A kind of _DICT with no fields means "an object".
-RUNTIME_FIELDS: dict[str, dict[str, dict[str, str]]] = {
-    "lmm": {
-        "vision": {"file": _STR},
-        "embedding": {"file": _STR},
-        "decoder": {"file": _STR, "num_layers": _INT, "num_key_value_heads": _INT, "head_dim": _INT,
-                    "hidden_size": _INT, "max_position_embeddings": _INT},
-        "tokenizer": {},
-        "preprocess": {"size": _DICT, "image_mean": _LIST, "image_std": _LIST, "input_height": _INT,
-                       "input_width": _INT},
-        "prompt": {"prefix": _STR, "image_token": _STR, "image_token_id": _INT, "num_image_tokens": _INT,
-                   "infix": _STR, "suffix": _STR},
-        "closed_set": {},
-    },
-    "sam": {"encoder": {"file": _STR}, "decoder": {"file": _STR}},
-}
-_DEFAULT_TYPES = {"tau": _NUM, "point_mapping": _STR, "max_new_tokens": _INT, "multimask": _BOOL, "providers": _DICT}
 
 
-def _kind_ok(value: Any, kind: str) -> bool:
-    if kind == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == _NUM:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, {_STR: str, _BOOL: bool, _DICT: dict, _LIST: list}[kind])
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:
@@ -67,7 +45,7 @@ def _header_problem(manifest: Any, format_name: str, format_version: int) -> str
     if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         return f"not an {format_name} manifest"
     version = manifest.get("format_version")
-    if not _kind_ok(version, _INT):
+    if not _is_int(version):
         return f"format_version must be the integer {format_version}, got {_shown(version)}"
     if version != format_version:
         return (f"bundle format version {version} is not supported by this octopus-rt (it reads version "
@@ -105,11 +83,11 @@ def _section_problem(name: str, section: dict, bundle_dir: Path | None) -> str |
     for rel, record in files.items():
         try:
             check_relative(rel, f"{name}.files entry")
+            FileRecord.from_dict(record, f"{name}.files.{rel}")
+        except ManifestError as exc:
+            return exc.problem
         except InputError as exc:
             return str(exc)
-        if not isinstance(record, dict) or not _kind_ok(record.get("size"), _INT) \
-                or not isinstance(record.get("sha256"), str):
-            return f"{name}.files[{rel!r}] must be {{\"size\": int, \"sha256\": str}}, got {_shown(record)}"
     for where, value in _file_refs(section, name):
         if not isinstance(value, str) or value not in files:
             return f"{where} must name one of the section's files, got {_shown(value)}"
@@ -125,31 +103,6 @@ def _section_problem(name: str, section: dict, bundle_dir: Path | None) -> str |
                     resolved = path.resolve()
                     if resolved_root not in resolved.parents:
                         return f"{name} file {rel!r} leads outside {folder}/ (through a symbolic link)"
-    return None
-
-
-def _fields_problem(name: str, section: Any) -> str | None:
-    if not isinstance(section, dict) or "files" not in section:
-        return f"bundle has no {name} section; run `octopus-rt export {name}` first"
-    for key, fields in RUNTIME_FIELDS[name].items():
-        value = section.get(key)
-        if not isinstance(value, dict):
-            return f"manifest field {name}.{key} is missing or not an object" if value is None else \
-                f"manifest field {name}.{key} must be an object, got {_shown(value)}"
-        for field, kind in fields.items():
-            if field not in value:
-                return f"manifest field {name}.{key}.{field} is missing"
-            if not _kind_ok(value[field], kind):
-                return f"manifest field {name}.{key}.{field} must be a {kind}, got {_shown(value[field])}"
-    if name == "lmm":
-        from octopus_rt import vocab
-
-        closed = section["closed_set"]
-        for words in vocab.closed_set_words().values():
-            for word in words:
-                ids = closed.get(word)
-                if not isinstance(ids, list) or not ids or not all(_kind_ok(i, _INT) for i in ids):
-                    return f"manifest field lmm.closed_set.{word} must be a non-empty list of token ids, got {_shown(ids)}"
     return None
 
 
@@ -176,16 +129,12 @@ def manifest_problem(
             if section["dir"] in used:
                 return f"sections {used[section['dir']]} and {name} share the folder {section['dir']!r}"
             used[section["dir"]] = name
-    defaults = manifest.get("defaults", {})
-    if not isinstance(defaults, Mapping):
-        return f"manifest defaults must be an object, got {_shown(defaults)}"
-    for key, kind in _DEFAULT_TYPES.items():
-        if key in defaults and not _kind_ok(defaults[key], kind):
-            return f"manifest field defaults.{key} must be a {kind}, got {_shown(defaults[key])}"
-    if runnable:
-        for name in ("lmm", "sam"):
-            if name == "lmm" or (isinstance(manifest.get("sam"), dict) and "files" in manifest["sam"]):
-                problem = _fields_problem(name, manifest.get(name))
-                if problem:
-                    return problem
+    try:
+        Defaults.from_dict(manifest.get("defaults", {}), "defaults")
+        if runnable:
+            if not isinstance(manifest.get("lmm"), dict) or "files" not in manifest["lmm"]:
+                return "bundle has no lmm section; run `octopus-rt export lmm` first"
+            parse_manifest(manifest)
+    except ManifestError as exc:
+        return exc.problem
     return None

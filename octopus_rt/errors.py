@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["OctopusError", "InputError"]
+__all__ = ["OctopusError", "InputError", "BundleError"]
 
 
 class OctopusError(Exception):
@@ -11,3 +11,7 @@ class OctopusError(Exception):
 
 class InputError(OctopusError, ValueError):
     """The caller's input (image, question, path, option) is unusable."""
+
+
+class BundleError(OctopusError):
+    """A bundle is missing, of another format version, or its files do not match the manifest."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from octopus_rt import vocab
-from octopus_rt.bundle import DEFAULTS, BundleError
+from octopus_rt.errors import BundleError
 
 __all__ = [
     "FileRecord",
@@ -45,10 +45,20 @@ __all__ = [
     "SamSection",
     "Defaults",
     "Manifest",
+    "ManifestError",
     "parse_manifest",
 ]
 
 T = TypeVar("T", bound="Schema")
+
+
+class ManifestError(BundleError):
+    """A manifest field is missing, mistyped or out of its allowed values; `problem` names it
+    ("lmm.decoder.num_layers is missing") without the "bundle manifest: " prefix."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"bundle manifest: {problem}")
+        self.problem = problem
 
 
 def _optional(default: Any = None) -> Any:
@@ -63,17 +73,22 @@ class Schema:
     def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         """Validated instance from JSON data; `where` is the field path used in messages ("lmm")."""
         if not isinstance(data, dict):
-            raise BundleError(f"bundle manifest: {where or cls.__name__} must be an object, got {type(data).__name__}")
+            raise ManifestError(f"{where or cls.__name__} must be an object, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             path = f"{where}.{f.name}" if where else f.name
             if f.name not in data:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise BundleError(f"bundle manifest: {path} is missing")
+                    raise ManifestError(f"{path} is missing")
                 continue
             values[f.name] = _read(hints[f.name], data[f.name], path)
-        return cls(**values)
+        instance = cls(**values)
+        instance.check(where)
+        return instance
+
+    def check(self, where: str) -> None:
+        """Rules across or inside fields beyond their types (ManifestError); none by default."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -112,26 +127,26 @@ def _read(kind: Any, value: Any, where: str) -> Any:
         for option in options:
             try:
                 return _read(option, value, where)
-            except BundleError:
+            except ManifestError:
                 continue
         wanted = " or ".join(_NAMES.get(typing.get_origin(a) or a, getattr(a, "__name__", str(a))) for a in options)
-        raise BundleError(f"bundle manifest: {where} must be {wanted}, got {type(value).__name__}")
+        raise ManifestError(f"{where} must be {wanted}, got {type(value).__name__}")
     if isinstance(kind, type) and issubclass(kind, Schema):
         return kind.from_dict(value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise BundleError(f"bundle manifest: {where} must be a list, got {type(value).__name__}")
+            raise ManifestError(f"{where} must be a list, got {type(value).__name__}")
         return [_read(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise BundleError(f"bundle manifest: {where} must be an object, got {type(value).__name__}")
+            raise ManifestError(f"{where} must be an object, got {type(value).__name__}")
         return {str(k): _read(args[1], v, f"{where}.{k}") for k, v in value.items()}
     ok = (type(value) is bool if kind is bool else
           isinstance(value, (int, float)) and type(value) is not bool if kind is float else
           isinstance(value, int) and type(value) is not bool if kind is int else
           isinstance(value, kind))
     if not ok:
-        raise BundleError(f"bundle manifest: {where} must be {_NAMES.get(kind, kind.__name__)}, got {type(value).__name__}")
+        raise ManifestError(f"{where} must be {_NAMES.get(kind, kind.__name__)}, got {type(value).__name__}")
     return value
 
 
@@ -155,6 +170,10 @@ class Section(Schema):
     opset: int | None = None
     ir_version: int | None = None
     precision: str | None = None  # fp32 | fp16 | int8 | int4
+
+    def check(self, where: str) -> None:
+        if self.files is not None and self.dir is None:
+            raise ManifestError(f"{where}.dir is missing")
 
 
 # ---------------------------------------------------------------------------------- lmm
@@ -270,6 +289,13 @@ class LmmSection(Section):
     score_prompt: ScorePrompt = field(default_factory=ScorePrompt)
     verification: dict[str, Any] | None = None
 
+    def check(self, where: str) -> None:
+        super().check(where)
+        for words in vocab.closed_set_words().values():
+            for word in words:
+                if not self.closed_set.get(word):
+                    raise ManifestError(f"{where}.closed_set.{word} must be a non-empty list of token ids")
+
 
 # ---------------------------------------------------------------------------------- sam
 @dataclass(frozen=True)
@@ -335,10 +361,10 @@ class SamSection(Section):
 class Defaults(Schema):
     """Per-bundle defaults of the runtime's options (`octopus-rt eval --sweep` rewrites tau and the mapping)."""
 
-    tau: float = DEFAULTS["tau"]
-    point_mapping: str = DEFAULTS["point_mapping"]
-    max_new_tokens: int = DEFAULTS["max_new_tokens"]
-    multimask: bool = DEFAULTS["multimask"]
+    tau: float = 1.0
+    point_mapping: str = "paper"
+    max_new_tokens: int = 64
+    multimask: bool = True
     providers: dict[str, str] | None = _optional()  # {graph: "tensorrt" | "cuda" | "cpu"}
 
 
@@ -353,12 +379,7 @@ class Manifest(Schema):
 
 
 def parse_manifest(data: Any) -> Manifest:
-    """The typed manifest of a manifest.json's content; BundleError names the first missing or
-    mistyped field. The header's values (format name, supported version) are checked where the
-    file is read, by `bundle.read_manifest`; this checks the fields and their types."""
-    manifest = Manifest.from_dict(data)
-    for name in ("lmm", "sam"):
-        section = getattr(manifest, name)
-        if section is not None and section.files is not None and section.dir is None:
-            raise BundleError(f"bundle manifest: {name}.dir is missing")
-    return manifest
+    """The typed manifest of a manifest.json's content; ManifestError (a BundleError) names the first
+    missing, mistyped or disallowed field. The header's values (format name, supported version) and
+    the paths' containment are checked where the file is read (`bundle.validate_manifest`)."""
+    return Manifest.from_dict(data)

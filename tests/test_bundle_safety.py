@@ -121,7 +121,7 @@ def test_commit_deletes_only_its_own_previous_folder(demo_copy, tmp_path):
     (lambda m: m["lmm"].pop("prompt"), "lmm.prompt is missing"),
     (lambda m: m["lmm"].pop("decoder"), "lmm.decoder is missing"),
     (lambda m: m["lmm"]["decoder"].pop("max_position_embeddings"), "lmm.decoder.max_position_embeddings is missing"),
-    (lambda m: m["lmm"]["prompt"].__setitem__("num_image_tokens", "64"), "lmm.prompt.num_image_tokens must be a int"),
+    (lambda m: m["lmm"]["prompt"].__setitem__("num_image_tokens", "64"), "lmm.prompt.num_image_tokens must be an integer"),
     (lambda m: m["lmm"]["closed_set"].pop("left"), "lmm.closed_set.left"),
     (lambda m: m["sam"].pop("decoder"), "sam.decoder is missing"),
     (lambda m: m.__setitem__("format_version", "1"), "format_version must be the integer 1, got str '1'"),

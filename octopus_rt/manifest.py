@@ -36,7 +36,11 @@ __all__ = [
     "TokenizerSpec",
     "VisionPreprocessSpec",
     "PromptSpec",
+    "HDSeparators",
+    "HDTransformSpec",
     "ScorePrompt",
+    "ARCHITECTURES",
+    "DECODER_FORMS",
     "LmmSection",
     "SamSource",
     "SamEncoderGraph",
@@ -50,6 +54,14 @@ __all__ = [
 ]
 
 T = TypeVar("T", bound="Schema")
+
+# lmm.architecture: how the runtime turns an image + question into decoder inputs
+# (runtime/image_stage.py): "llava" (one resized image, a fixed number of image tokens) or "phi3v"
+# (Phi-3(.5)-Vision's HD crops, a per-image number of tokens, lmm.hd).
+ARCHITECTURES = ("llava", "phi3v")
+# lmm.decoder.form: the decoder graph's I/O contract. "flat_kv" = docs/bundle.md "Decoder graph I/O"
+# (inputs_embeds, attention_mask, position_ids, 2L past tensors -> last logits, 2L presents).
+DECODER_FORMS = ("flat_kv",)
 
 
 class ManifestError(BundleError):
@@ -221,6 +233,15 @@ class DecoderGraph(Schema):
     output_names: list[str] | None = None
     vocab_size: int | None = None
     dtype: str | None = None
+    form: str = "flat_kv"  # DECODER_FORMS
+    # Longrope (Phi-3): a sequence longer than this is rotated with the long factors; the graph picks the
+    # table per call from max(position_ids) + 1, and the runtime re-prefills a cache computed at or below
+    # this length when the sequence grows past it, as the official generate() does. None: no switch.
+    original_max_position_embeddings: int | None = None
+
+    def check(self, where: str) -> None:
+        if self.form not in DECODER_FORMS:
+            raise ManifestError(f"{where}.form must be one of {', '.join(DECODER_FORMS)}, got {self.form!r}")
 
 
 @dataclass(frozen=True)
@@ -263,9 +284,44 @@ class PromptSpec(Schema):
     infix: str
     suffix: str
     add_special_tokens: bool = False
+    # True (Phi-3-V): the text before and after the image tag is tokenised separately, each chunk with
+    # add_special_tokens (so <s> follows the image), and the tag becomes image_token_id repeated.
+    tokenize_chunks: bool = False
+    # True (Phi-3-V): each image's token count comes from lmm.hd (its crop grid); num_image_tokens is
+    # then the largest count an image can get at hd.num_crops (the size limits are planned for).
+    variable_image_tokens: bool = False
 
     def render(self, question: str) -> str:
-        return self.prefix + self.image_token * self.num_image_tokens + self.infix + question + self.suffix
+        """The prompt text; with `tokenize_chunks` the image tag appears once (it is not tokenised)."""
+        count = 1 if self.tokenize_chunks else self.num_image_tokens
+        return self.prefix + self.image_token * count + self.infix + question + self.suffix
+
+
+@dataclass(frozen=True)
+class HDSeparators(Schema):
+    """The projected layout separators, float 2 x hidden (.npy): row 0 sub_GN (after each row of
+    tokens), row 1 glb_GN (between the crops and the global view)."""
+
+    file: str
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class HDTransformSpec(Schema):
+    """Phi-3(.5)-Vision's HD transform (runtime/hd_transform.py) and `sub_glb` token layout
+    (runtime/phi3v_layout.py); normalisation from lmm.preprocess.image_mean / image_std."""
+
+    num_crops: int
+    separators: HDSeparators
+    crop_size: int = 336
+    tokens_per_side: int = 12
+    layout: str = "sub_glb"
+
+    def check(self, where: str) -> None:
+        if self.num_crops < 1 or self.crop_size < 1 or self.tokens_per_side < 1:
+            raise ManifestError(f"{where}: num_crops, crop_size and tokens_per_side must be >= 1")
+        if self.layout != "sub_glb":
+            raise ManifestError(f"{where}.layout must be sub_glb, got {self.layout!r}")
 
 
 @dataclass(frozen=True)
@@ -276,6 +332,7 @@ class ScorePrompt(Schema):
 
 @dataclass(frozen=True, kw_only=True)
 class LmmSection(Section):
+    architecture: str = "llava"  # ARCHITECTURES
     source: LmmSource | None = None
     vision: VisionGraph
     embedding: EmbeddingTable
@@ -287,10 +344,15 @@ class LmmSection(Section):
     closed_set_forms: dict[str, dict[str, list[int]]] | None = None
     whole_image_phrases: list[str] = field(default_factory=lambda: list(vocab.WHOLE_IMAGE_PHRASES))
     score_prompt: ScorePrompt = field(default_factory=ScorePrompt)
+    hd: HDTransformSpec | None = _optional()  # phi3v only
     verification: dict[str, Any] | None = None
 
     def check(self, where: str) -> None:
         super().check(where)
+        if self.architecture not in ARCHITECTURES:
+            raise ManifestError(f"{where}.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "phi3v" and self.hd is None:
+            raise ManifestError(f"{where}.hd is missing (a phi3v section needs its HD transform)")
         for words in vocab.closed_set_words().values():
             for word in words:
                 if not self.closed_set.get(word):

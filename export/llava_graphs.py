@@ -27,6 +27,7 @@ __all__ = [
     "check_model_dir",
     "load_model",
     "export_llava_graphs",
+    "export_flat_kv_decoder",
     "graph_specs",
 ]
 
@@ -101,8 +102,6 @@ def export_llava_graphs(model, out_dir: Path, opset: int) -> None:
         DecoderWrapper,
         VisionWrapper,
         decoder_dims,
-        decoder_input_names,
-        decoder_output_names,
     )
 
     vision_cfg = model.config.vision_config
@@ -117,6 +116,17 @@ def export_llava_graphs(model, out_dir: Path, opset: int) -> None:
         opset=opset,
     )
 
+    export_flat_kv_decoder(DecoderWrapper(model).eval(), dims, out_dir / DECODER_FILE, opset)
+
+
+def export_flat_kv_decoder(wrapper, dims, path: Path, opset: int) -> None:
+    """Trace a flat-KV decoder module (llava_wrappers.FlatKVDecoder; manifest `decoder.form`
+    "flat_kv") to `path`: batch, sequence and past length dynamic (docs/bundle.md, "Decoder graph I/O")."""
+    import torch
+
+    from octopus_rt.export.llava_wrappers import decoder_input_names, decoder_output_names
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
     # dynamic_shapes are keyed by argument name (dynamic_axes would be matched by position). Trace
     # with past > 0 and seq > 1 so no size-0/1 specialisation is baked in.
     seq = torch.export.Dim("sequence", min=1, max=dims.max_position_embeddings)
@@ -146,8 +156,8 @@ def export_llava_graphs(model, out_dir: Path, opset: int) -> None:
         **{name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]},
     }
     export_onnx(
-        DecoderWrapper(model).eval(), args, out_dir / DECODER_FILE,
-        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic, dynamic_axes=axes, opset=opset,
+        wrapper, args, path, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic, dynamic_axes=axes,
+        opset=opset,
     )
 
 

@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "DecoderDims",
     "VisionWrapper",
+    "FlatKVDecoder",
     "DecoderWrapper",
     "decoder_dims",
     "decoder_input_names",
@@ -108,18 +109,20 @@ class VisionWrapper(nn.Module):
         return self.projector(features)
 
 
-class DecoderWrapper(nn.Module):
-    """Language model + lm_head with a flat KV cache; see the module docstring for shapes.
+class FlatKVDecoder(nn.Module):
+    """A transformers base decoder (`*Model`: embeddings-in, hidden states out) + lm_head with a flat
+    KV cache; see the module docstring for shapes. Shared by every architecture's decoder graph
+    (export/phi3v_wrappers.py uses it with its own rotary embedding).
 
     Only the last position's logits are returned: prefill would otherwise write S x V floats that
     nobody reads.
     """
 
-    def __init__(self, llava_model: nn.Module) -> None:
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, num_layers: int) -> None:
         super().__init__()
-        self.language_model = llava_model.model.language_model
-        self.lm_head = llava_model.lm_head
-        self.num_layers = llava_model.config.get_text_config().num_hidden_layers
+        self.language_model = language_model
+        self.lm_head = lm_head
+        self.num_layers = int(num_layers)
 
     def forward(
         self,
@@ -148,3 +151,12 @@ class DecoderWrapper(nn.Module):
         for layer in outputs.past_key_values.layers:
             presents += [layer.keys, layer.values]
         return (logits, *presents)
+
+
+class DecoderWrapper(FlatKVDecoder):
+    """The decoder graph of a LlavaForConditionalGeneration (its language model + lm_head)."""
+
+    def __init__(self, llava_model: nn.Module) -> None:
+        super().__init__(
+            llava_model.model.language_model, llava_model.lm_head, llava_model.config.get_text_config().num_hidden_layers
+        )

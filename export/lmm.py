@@ -1,4 +1,9 @@
-"""`export_lmm`: a LLaVA-style transformers checkpoint -> the verified `lmm` section of a model bundle.
+"""`export_lmm`: a LLaVA-style transformers checkpoint or an official-layout Phi-3(.5)-Vision
+checkpoint -> the verified `lmm` section of a model bundle.
+
+The architecture comes from MODEL_DIR/config.json: `Phi3VForCausalLM` / `phi3_v` runs the
+Phi-3-Vision steps (export/phi3v_lmm.py, graphs in export/phi3v_graphs.py); anything else must be a
+supported LLaVA, whose steps follow.
 
 Steps (each failure is a one-line OctopusError and leaves no new bundle section behind):
 
@@ -13,8 +18,9 @@ Steps (each failure is a one-line OctopusError and leaves no new bundle section 
 
 Who does what: this module runs the steps; export/llava_graphs.py knows the architecture (supported
 configs, loading, graph export, the graphs' manifest entries); export/lmm_manifest.py builds the
-rest of the section as typed pieces of octopus_rt/manifest.py. A second architecture adds its own
-graphs module and is chosen in `export_lmm` from config.json.
+rest of the section as typed pieces of octopus_rt/manifest.py. Phi-3-Vision has its own graphs
+module (export/phi3v_graphs.py, the same four pieces) and steps (export/phi3v_lmm.py), chosen in
+`export_lmm` from config.json; both share `write_embedding`, `convert_graphs` and the commit.
 
 Why not optimum: optimum-onnx 0.1 pins transformers < 4.58 and has no LLaVA exporter; the wrappers
 in llava_wrappers.py are a few lines and match generate() token for token.
@@ -45,7 +51,17 @@ from octopus_rt.export.llava_graphs import (
 from octopus_rt.export.onnx_export import check_opset_range
 from octopus_rt.manifest import EmbeddingTable, LmmSource, TokenizerSpec
 
-__all__ = ["SUPPORTED_TEXT_MODELS", "SUPPORTED_VISION_MODELS", "DEFAULT_OPSET", "export_lmm", "describe_supported"]
+__all__ = [
+    "SUPPORTED_TEXT_MODELS",
+    "SUPPORTED_VISION_MODELS",
+    "DEFAULT_OPSET",
+    "EMBEDDING_FILE",
+    "TOKENIZER_FILE",
+    "export_lmm",
+    "describe_supported",
+    "write_embedding",
+    "convert_graphs",
+]
 
 DEFAULT_OPSET = 18
 _OPSET_RANGE = (14, 23)
@@ -65,11 +81,13 @@ def export_lmm(
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
     progress: Callable[[str], None] | None = None,
+    num_crops: int | None = None,
 ) -> dict[str, Any]:
     """Export MODEL_DIR into bundle OUT_DIR's `lmm` section and return that section (manifest dict).
 
-    Raises InputError for bad input and OctopusError when verification fails; in both cases no
-    new section is committed and the staging folder is removed.
+    num_crops: Phi-3-Vision only, the HD crop budget recorded in the bundle (default: the
+    checkpoint's preprocessor_config.json, else 4). Raises InputError for bad input and OctopusError
+    when verification fails; in both cases no new section is committed and the staging folder is removed.
     """
     from octopus_rt.export.quantize import PRECISIONS
 
@@ -79,6 +97,10 @@ def export_lmm(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     check_opset_range(opset, _OPSET_RANGE, "export lmm")
+    if _is_phi3v(model_dir):
+        return _export_phi3v(model_dir, out_dir, precision, int(opset), progress, num_crops)
+    if num_crops is not None:
+        raise InputError("--num-crops applies to Phi-3-Vision checkpoints only")
     config_json = check_model_dir(model_dir)
     progress(f"loading {model_dir}")
     # The model travels in a one-element list that _export_into empties, so that the last reference
@@ -86,6 +108,33 @@ def export_lmm(
     holder = list(load_model(model_dir))
     with bundle.staged_section(out_dir, "lmm") as staging:
         section = _export_into(holder, model_dir, config_json, staging, precision, int(opset), progress)
+        manifest = bundle.commit_section(out_dir, "lmm", staging, section)
+    progress(f"committed lmm section {manifest['lmm']['dir']} into {out_dir}")
+    return manifest["lmm"]
+
+
+def _is_phi3v(model_dir: Path) -> bool:
+    """config.json names Phi3VForCausalLM / phi3_v (an unreadable one is left to the LLaVA checks)."""
+    import json
+
+    from octopus_rt.export.phi3v_config import is_phi3v_config
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and is_phi3v_config(config)
+
+
+def _export_phi3v(model_dir: Path, out_dir: Path, precision: str, opset: int, progress, num_crops) -> dict[str, Any]:
+    from octopus_rt.export import phi3v_graphs
+    from octopus_rt.export.phi3v_lmm import export_phi3v_into
+
+    config_json = phi3v_graphs.check_model_dir(model_dir, num_crops)
+    progress(f"loading {model_dir} (Phi-3-Vision, streaming the safetensors shards)")
+    holder = list(phi3v_graphs.load_model(model_dir, num_crops))
+    with bundle.staged_section(out_dir, "lmm") as staging:
+        section = export_phi3v_into(holder, model_dir, config_json, staging, precision, opset, progress)
         manifest = bundle.commit_section(out_dir, "lmm", staging, section)
     progress(f"committed lmm section {manifest['lmm']['dir']} into {out_dir}")
     return manifest["lmm"]
@@ -134,7 +183,7 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     lmm_manifest.check_prompt(prompt, tokenizer_json, processor)
     closed, closed_forms = lmm_manifest.closed_set_ids(tokenizer_json, progress)
     preprocess = lmm_manifest.preprocess_spec(processor, model)
-    embedding = _write_embedding(model, staging, precision)
+    embedding = write_embedding(model, staging, precision)
     vision, decoder = graph_specs(model, num_image_tokens, vision_hidden)
 
     progress(f"exporting {vision.file} and {decoder.file} (opset {opset}, fp32)")
@@ -147,7 +196,7 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     gc.collect()
     if precision != "fp32":
         progress(f"converting to {precision}")
-        _convert(fp32_dir, staging, vision.file, decoder.file, precision)
+        convert_graphs(fp32_dir, staging, vision.file, decoder.file, precision)
         shutil.rmtree(fp32_dir)
 
     report = _verify(reference, staging, vision.file, decoder.file, embedding.file, dims, image_token_id, precision,
@@ -160,7 +209,7 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     ).to_dict()
 
 
-def _write_embedding(model, staging: Path, precision: str) -> EmbeddingTable:
+def write_embedding(model, staging: Path, precision: str) -> EmbeddingTable:
     """The LM's input embedding table as a .npy file (float16 for an fp16 bundle, else float32)."""
     embed = model.get_input_embeddings().weight.detach().float().numpy()
     dtype = np.float16 if precision == "fp16" else np.float32
@@ -169,7 +218,7 @@ def _write_embedding(model, staging: Path, precision: str) -> EmbeddingTable:
                           dtype=np.dtype(dtype).name)
 
 
-def _convert(fp32_dir: Path, staging: Path, vision_file: str, decoder_file: str, precision: str) -> None:
+def convert_graphs(fp32_dir: Path, staging: Path, vision_file: str, decoder_file: str, precision: str) -> None:
     """fp32 graphs in `fp32_dir` -> `precision` graphs in `staging` (export/quantize.py)."""
     from octopus_rt.export import quantize
 

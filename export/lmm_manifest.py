@@ -17,6 +17,7 @@ from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.manifest import (
     DecoderGraph,
     EmbeddingTable,
+    HDTransformSpec,
     LmmSection,
     LmmSource,
     PromptSpec,
@@ -185,10 +186,14 @@ def lmm_section(
     closed_set: dict[str, list[int]],
     closed_set_forms: dict[str, dict[str, list[int]]],
     verification: dict[str, Any],
+    architecture: str = "llava",
+    hd: HDTransformSpec | None = None,
 ) -> LmmSection:
     """The section (without `dir` / `files` / `written`, which the commit adds); the vocabulary-side
     fields (whole-image phrases, score prompt) come from octopus_rt.vocab."""
     return LmmSection(
+        architecture=architecture,
+        hd=hd,
         versions=bundle.package_versions(
             "octopus-rt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers"
         ),

@@ -19,7 +19,7 @@ import numpy as np
 from octopus_rt.export.lmm_reference import LmmReference
 from octopus_rt.export.llava_wrappers import DecoderDims, decoder_input_names
 
-__all__ = ["Thresholds", "THRESHOLDS", "VerifyReport", "make_session", "onnx_generate", "verify_lmm"]
+__all__ = ["Thresholds", "THRESHOLDS", "VerifyReport", "cosine_rows", "make_session", "onnx_generate", "verify_lmm"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def make_session(path: str | os.PathLike[str], threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
@@ -148,7 +148,7 @@ def verify_lmm(
             report.failures.append(f"vision batch {case.pixel_values.shape[0]}: shape {got.shape} != {case.features.shape}")
             continue
         report.vision_max_abs_diff = max(report.vision_max_abs_diff, float(np.abs(got - case.features).max()))
-        report.vision_min_cosine = min(report.vision_min_cosine, float(_cosine_rows(got, case.features).min()))
+        report.vision_min_cosine = min(report.vision_min_cosine, float(cosine_rows(got, case.features).min()))
 
     names = decoder_input_names(dims.num_layers)
     for case in reference.decoder:
@@ -165,7 +165,7 @@ def verify_lmm(
         for g, r in zip(got[1:], case.outputs[1:]):
             diff = max(diff, float(np.abs(np.where(real, g - r, 0.0)).max()))
         report.decoder_max_abs_diff = max(report.decoder_max_abs_diff, diff)
-        report.decoder_min_cosine = min(report.decoder_min_cosine, float(_cosine_rows(got[0], case.outputs[0]).min()))
+        report.decoder_min_cosine = min(report.decoder_min_cosine, float(cosine_rows(got[0], case.outputs[0]).min()))
 
     gen = reference.generation
     steps = gen.tokens.shape[1]
@@ -186,7 +186,7 @@ def verify_lmm(
             steps, forced_tokens=gen.tokens,
         )
     report.generation_max_abs_diff = float(np.abs(logits - gen.logits).max())
-    report.generation_min_cosine = float(_cosine_rows(logits, gen.logits).min())
+    report.generation_min_cosine = float(cosine_rows(logits, gen.logits).min())
     report.top1_agreement = float((logits.argmax(-1) == gen.logits.argmax(-1)).mean())
 
     if limits.max_abs_diff is not None:

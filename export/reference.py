@@ -39,7 +39,7 @@ from octopus_rt.manifest import SamSection, parse_manifest
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput
 from octopus_rt.runtime.results import Answer, ChoiceResult, ScoreResult
 
-__all__ = ["ReferencePipeline"]
+__all__ = ["ReferencePipeline", "reference_pipeline"]
 
 
 class _TokenClock:
@@ -96,8 +96,6 @@ class ReferencePipeline:
         threads: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.manifest = parse_manifest(read_manifest(bundle_dir))
@@ -110,13 +108,9 @@ class ReferencePipeline:
         self.lmm = lmm
         self.defaults = self.manifest.defaults
         self.max_pixels = max_pixels
-        self.model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-        self.processor = AutoProcessor.from_pretrained(source)
         self.closed_set = {w: list(ids) for w, ids in lmm.closed_set.items()}
         self.hooks = _Hooks()
-        inner = self.model.model
-        self.hooks.watch(inner.vision_tower, "vision_tower")
-        self.hooks.watch(inner.multi_modal_projector, "projector")
+        self._load_lmm(source)
         self.predictor = None
         if self.manifest.sam is not None:
             self._load_sam(self.manifest.sam, sam_checkpoint)
@@ -132,6 +126,16 @@ class ReferencePipeline:
         self.hooks.watch(sam.image_encoder, "sam_encoder")
         self.hooks.watch(sam.mask_decoder, "sam_decoder")
         self.predictor = SamPredictor(sam)
+
+    def _load_lmm(self, source: Path) -> None:
+        """The PyTorch model and processor (LLaVA here; export/phi3v_reference.py overrides this)."""
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+        self.processor = AutoProcessor.from_pretrained(source)
+        inner = self.model.model
+        self.hooks.watch(inner.vision_tower, "vision_tower")
+        self.hooks.watch(inner.multi_modal_projector, "projector")
 
     # ------------------------------------------------------------------------------------------
     def inputs(self, rgb: np.ndarray, question: str, answer_prefix: str = "") -> dict[str, torch.Tensor]:
@@ -169,24 +173,9 @@ class ReferencePipeline:
         start = time.perf_counter()
         rgb = reference_rgb(image, self.max_pixels)
         timings["decode_image"] = (time.perf_counter() - start) * 1000.0
-        tick = time.perf_counter()
-        inputs = self.inputs(rgb, question)
-        timings["preprocess"] = (time.perf_counter() - tick) * 1000.0
         clock = _TokenClock()
         self.hooks.reset()
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs,
-                max_new_tokens=limit,
-                do_sample=False,
-                use_cache=True,
-                output_logits=True,
-                return_dict_in_generate=True,
-                streamer=clock,
-            )
-        prompt_len = inputs["input_ids"].shape[1]
-        tokens = [int(t) for t in out.sequences[0, prompt_len:]]
-        logits = [step[0].float() for step in out.logits]
+        tokens, logits = self._generate(rgb, question, limit, clock, timings)
         vision = self.hooks.span_ms("vision_tower", "projector")
         if vision is not None:
             timings["vision"] = vision
@@ -198,7 +187,7 @@ class ReferencePipeline:
             if len(steps):
                 timings["decode_per_token"] = float(np.median(steps))
             self.step_ms = list(steps)
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self._decode(tokens)
         probs = closed_set.axis_probabilities(logits, tokens, self.closed_set, tau)
         height, width = rgb.shape[:2]
         point = closed_set.point_for(probs, width, height, mapping)
@@ -210,6 +199,34 @@ class ReferencePipeline:
             mask, mask_iou = self.segment(rgb, point, multimask, timings)
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return Answer(text, tokens, point, probs or None, whole, mask, mask_iou, (width, height), timings)
+
+    def _generate(self, rgb: np.ndarray, question: str, limit: int, clock: _TokenClock,
+                  timings: dict[str, float]) -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy tokens and the raw logits (V,) of each step; `clock.put` is called with the prompt
+        and then with each token; the preprocessing time goes to timings["preprocess"]."""
+        tick = time.perf_counter()
+        inputs = self.inputs(rgb, question)
+        timings["preprocess"] = (time.perf_counter() - tick) * 1000.0
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=limit,
+                do_sample=False,
+                use_cache=True,
+                output_logits=True,
+                return_dict_in_generate=True,
+                streamer=clock,
+            )
+        prompt_len = inputs["input_ids"].shape[1]
+        return [int(t) for t in out.sequences[0, prompt_len:]], [step[0].float() for step in out.logits]
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _next_logits(self, rgb: np.ndarray, question: str, answer_prefix: str) -> torch.Tensor:
+        """Raw logits (V,) of the token after the prompt (+ answer prefix)."""
+        with torch.inference_mode():
+            return self.model(**self.inputs(rgb, question, answer_prefix)).logits[0, -1].float()
 
     def segment(
         self, rgb: np.ndarray, point: tuple[float, float], multimask: bool, timings: dict[str, float] | None = None
@@ -239,9 +256,7 @@ class ReferencePipeline:
         return masks[best].astype(bool), float(scores[best])
 
     def next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str]) -> dict[str, float]:
-        rgb = reference_rgb(image, self.max_pixels)
-        with torch.inference_mode():
-            logits = self.model(**self.inputs(rgb, question, answer_prefix)).logits[0, -1].float()
+        logits = self._next_logits(reference_rgb(image, self.max_pixels), question, answer_prefix)
         probs = closed_set.word_probabilities(logits, [self.closed_set[w] for w in words], 1.0)
         return {w: float(p) for w, p in zip(words, probs)}
 
@@ -255,3 +270,14 @@ class ReferencePipeline:
         probs = self.next_token_probs(image, vocab.format_mcq_question(question, list(options)), "", letters)
         index = int(np.argmax([probs[letter] for letter in letters]))
         return ChoiceResult(letters[index], index, list(options)[index], probs)
+
+
+def reference_pipeline(bundle_dir: str | os.PathLike[str], **options: Any) -> ReferencePipeline:
+    """The reference of a bundle's architecture (`lmm.architecture`): LLaVA here, Phi-3(.5)-Vision in
+    export/phi3v_reference.py. Options as ReferencePipeline's."""
+    manifest = parse_manifest(read_manifest(bundle_dir))
+    if manifest.lmm is not None and manifest.lmm.architecture == "phi3v":
+        from octopus_rt.export.phi3v_reference import Phi3VReferencePipeline
+
+        return Phi3VReferencePipeline(bundle_dir, **options)
+    return ReferencePipeline(bundle_dir, **options)

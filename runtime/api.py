@@ -7,9 +7,10 @@
 
 Pipeline of `ask` (stage names as in `Answer.timings_ms`):
 read_image (file bytes + content hash) -> decode_image (skipped on a cache hit) -> preprocess ->
-vision -> prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the
-question's own tokens) -> decode (greedy, KV cache) -> closed-set point -> the SAM stage
-(runtime/sam_stage.py): sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess.
+vision (-> layout for Phi-3-V; runtime/image_stage.py owns these stages per architecture) ->
+prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the question's own
+tokens) -> decode (greedy, KV cache) -> closed-set point -> the SAM stage (runtime/sam_stage.py):
+sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess.
 A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
 """
 
@@ -25,14 +26,14 @@ import numpy as np
 
 from octopus_rt import vocab
 from octopus_rt.bundle import BundleError, check_files, read_manifest, section_path
-from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.errors import InputError
 from octopus_rt.manifest import parse_manifest
 from octopus_rt.runtime import closed_set
 from octopus_rt.runtime.backends import Backend
 from octopus_rt.runtime.cache import ImageCache, ImageEntry
 from octopus_rt.runtime.generate import Decoder, KVState
+from octopus_rt.runtime.image_stage import PromptIds, image_stage_for
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
-from octopus_rt.runtime.preprocess import VisionPreprocess
 from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
 from octopus_rt.runtime.streaming import TextStream
 
@@ -78,6 +79,7 @@ class Octopus:
     cache_images: how many images' features / prefix KV cache / SAM embedding to keep (LRU).
     max_pixels: refuse larger images before decoding them (None: no limit).
     profile_dir: when set, onnxruntime writes per-node profiles there (see `end_profiling`).
+    num_crops: Phi-3-Vision bundles only, the HD crop budget (default: the bundle's `lmm.hd.num_crops`).
 
     Load-time checks (one-line `BundleError`): folder and manifest present, the manifest valid
     (`bundle.validate_manifest`: format version, paths inside the bundle, an `lmm` section with every
@@ -93,6 +95,7 @@ class Octopus:
         cache_images: int = 4,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         profile_dir: str | os.PathLike[str] | None = None,
+        num_crops: int | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = read_manifest(self.bundle_dir, runnable=True)  # fields checked by the schema
@@ -113,7 +116,9 @@ class Octopus:
         self._tokenizer = None
         self._decoder: Decoder | None = None
         self._sam = None
-        self.preprocess = VisionPreprocess.from_manifest(lmm.preprocess)
+        # What differs per architecture before the decoder (prompt ids, image tokens): runtime/image_stage.py.
+        self.image_stage = image_stage_for(lmm, lambda: self.backend.graph("vision", self._file(lmm.vision.file)),
+                                           self._file, num_crops=num_crops)
         self.prompt = lmm.prompt
         self.closed_set: dict[str, list[int]] = {w: list(ids) for w, ids in lmm.closed_set.items()}
         self.axis_ids = closed_set.axis_token_ids(self.closed_set)
@@ -166,22 +171,14 @@ class Octopus:
         return self._sam
 
     # ------------------------------------------------------------------------------ shared steps
-    def _prompt_ids(self, question: str, answer_prefix: str = "") -> tuple[list[int], int]:
-        """Token ids of the full prompt and the index just after the last image token."""
-        _check_text(question, "question")
-        p = self.prompt
-        ids = self.tokenizer.encode(p.render(question) + answer_prefix, add_special_tokens=p.add_special_tokens).ids
-        positions = [i for i, t in enumerate(ids) if t == p.image_token_id]
-        if len(positions) != p.num_image_tokens:
-            raise OctopusError(
-                f"prompt has {len(positions)} image tokens, the bundle expects {p.num_image_tokens} "
-                "(does the question contain the image token text?)"
-            )
-        if len(ids) >= self.context:
+    def _prompt_ids(self, question: str, answer_prefix: str, image_size: tuple[int, int]) -> PromptIds:
+        """The prompt's token ids (runtime/image_stage.py) for an image of (width, height)."""
+        prompt = self.image_stage.prompt(self.tokenizer, question, answer_prefix, image_size)
+        if len(prompt.ids) >= self.context:
             raise InputError(
-                f"question too long: the prompt is {len(ids)} tokens and the model's context is {self.context}"
+                f"question too long: the prompt is {len(prompt.ids)} tokens and the model's context is {self.context}"
             )
-        return ids, positions[-1] + 1
+        return prompt
 
     def _entry(self, pending: PendingImage, timer: _Timer) -> tuple[ImageEntry, np.ndarray | None]:
         """The image's cache entry (created, decoding the image, on a miss) and the RGB image if decoded."""
@@ -194,45 +191,42 @@ class Octopus:
         return entry, rgb
 
     def _features(self, entry: ImageEntry, pending: PendingImage, rgb, timer: _Timer, cached: list[str]) -> np.ndarray:
-        """Projected image features 1 x N x hidden (cached per image)."""
-        if entry.features is not None:
+        """Image-token embeddings T x hidden (cached per image and image-stage recipe)."""
+        if entry.features is not None and entry.features_key == self.image_stage.key:
             cached.append("vision")
             return entry.features
         if rgb is None:
             with timer.stage("decode_image"):
                 rgb = pending.decode()
-        with timer.stage("preprocess"):
-            pixels = self.preprocess(rgb)
-        vision = self.lmm.vision
-        graph = self.backend.graph("vision", self._file(vision.file))
-        with timer.stage("vision"):
-            features = graph.run_numpy({vision.input_names[0]: pixels}, vision.output_names[:1])[0]
-        entry.features = features
-        return features
+        entry.features = self.image_stage.image_tokens(rgb, timer)
+        entry.features_key = self.image_stage.key
+        return entry.features
 
     def _prefill(
-        self, pending: PendingImage, ids: list[int], split: int, timer: _Timer, cached: list[str]
-    ) -> tuple[np.ndarray, KVState, ImageEntry, np.ndarray | None]:
+        self, pending: PendingImage, question: str, answer_prefix: str, timer: _Timer, cached: list[str]
+    ) -> tuple[np.ndarray, KVState, ImageEntry, np.ndarray | None, int]:
         """Prefill the prompt: the shared prefix (cached per image) then the rest. Returns the last
-        position's logits (V,), the cache after the prompt, the image's cache entry and, when it had
-        to be decoded, the RGB image."""
+        position's logits (V,), the cache after the prompt, the image's cache entry, the RGB image
+        when it had to be decoded, and the prompt's length in tokens."""
+        _check_text(question, "question")
         entry, rgb = self._entry(pending, timer)
-        prefix_ids = tuple(ids[:split])
+        prompt = self._prompt_ids(question, answer_prefix, entry.size)
+        split = prompt.split
+        prefix_ids = tuple(prompt.ids[:split].tolist())
         decoder = self.decoder
-        if entry.prefix is not None and entry.prefix_ids == prefix_ids:
+        if entry.prefix is not None and entry.prefix_ids == prefix_ids and entry.prefix_key == self.image_stage.key:
             cached.append("prefix")
             state = entry.prefix
         else:
             features = self._features(entry, pending, rgb, timer, cached)
             with timer.stage("prefill_prefix"):
-                embeds = decoder.embed(prefix_ids)
-                where = np.flatnonzero(np.asarray(prefix_ids) == self.prompt.image_token_id)
-                embeds[0, where] = features[0].astype(embeds.dtype)
+                embeds = decoder.embed(prompt.lookup_ids[:split])
+                embeds[0, prompt.image_positions] = features.astype(embeds.dtype)
                 _, state = decoder.forward(embeds, decoder.empty_state())
-            entry.prefix_ids, entry.prefix = prefix_ids, state
+            entry.prefix_ids, entry.prefix_key, entry.prefix = prefix_ids, self.image_stage.key, state
         with timer.stage("prefill"):
-            logits, state = decoder.forward(decoder.embed(ids[split:]), state)
-        return logits, state, entry, rgb
+            logits, state = decoder.forward(decoder.embed(prompt.lookup_ids[split:]), state)
+        return logits, state, entry, rgb, len(prompt.ids)
 
     # ---------------------------------------------------------------------------------- public
     def ask(
@@ -279,9 +273,8 @@ class Octopus:
         load_before = self.backend.load_ms
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
-        ids, split = self._prompt_ids(question)
-        logits, state, entry, rgb = self._prefill(pending, ids, split, timer, cached)
-        limit = min(limit, self.context - len(ids))
+        logits, state, entry, rgb, prompt_tokens = self._prefill(pending, question, "", timer, cached)
+        limit = min(limit, self.context - prompt_tokens)
         stream = TextStream(self.tokenizer, on_token) if on_token is not None else None
         push = None if stream is None else stream.push
         with timer.stage("decode"):
@@ -320,7 +313,7 @@ class Octopus:
             image_size=(width, height),
             timings_ms=timings,
             cached=tuple(cached),
-            prompt_tokens=len(ids),
+            prompt_tokens=prompt_tokens,
         )
 
     def ask_batch(
@@ -385,8 +378,7 @@ class Octopus:
         start = time.perf_counter()
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
-        ids, split = self._prompt_ids(question, answer_prefix)
-        logits, _, _, _ = self._prefill(pending, ids, split, timer, cached)
+        logits = self._prefill(pending, question, answer_prefix, timer, cached)[0]
         probs = closed_set.closed_set_probs(logits, [self.closed_set[w] for w in words], tau)
         timings = dict(timer.ms)
         timings["total"] = (time.perf_counter() - start) * 1000.0

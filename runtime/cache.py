@@ -3,10 +3,12 @@
 Keyed by the image's content hash (runtime/images.py: file bytes for paths and bytes, pixels for
 arrays and PIL images), bounded LRU over images. One entry holds
 - `size`: (width, height) of the decoded, EXIF-rotated image;
-- `features`: the vision graph's output (1 x N x hidden, projected image features);
+- `features`: the image-token embeddings (N x hidden, runtime/image_stage.py) with the image stage's
+  key they were made with (`features_key`: architecture and, for Phi-3-V, num_crops);
 - `prefix`: the decoder's KV cache after the prompt's shared prefix up to and including the image
-  tokens, with the token ids it was computed for (a bundle whose prompt prefix changed would not
-  match), so a further question prefills only its own tokens;
+  tokens, with the token ids and the image stage key it was computed for (`prefix_ids`,
+  `prefix_key`: a changed prompt prefix, image-token count or num_crops does not match), so a
+  further question prefills only its own tokens;
 - `sam_image`: the SAM stage's `SamImage` (image embedding and the sizes it was computed at).
 Every cached value is immutable once stored (decoding makes new cache tensors), so sharing is safe.
 """
@@ -28,7 +30,9 @@ __all__ = ["ImageEntry", "ImageCache"]
 class ImageEntry:
     size: tuple[int, int]
     features: np.ndarray | None = None
+    features_key: tuple | None = None
     prefix_ids: tuple[int, ...] | None = None
+    prefix_key: tuple | None = None
     prefix: KVState | None = None
     sam_image: Any = None  # runtime.sam_stage.SamImage
 

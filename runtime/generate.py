@@ -10,6 +10,13 @@ back each step for the argmax and the closed-set probabilities.
 Every decode call has sequence length 1 and a past one longer than the call before. Decoding stops
 after an eos token (which is kept in `token_ids`, as transformers' generate() does) or after
 `max_new_tokens` tokens.
+
+Longrope decoders (Phi-3; manifest `decoder.original_max_position_embeddings` = n): the graph rotates
+a call with the long factors when its largest position is >= n, the short ones otherwise. When a
+sequence grows from <= n to > n tokens, the keys cached so far were rotated with the short factors;
+the official generate() (modeling_phi3_v.py and transformers' Phi3ForCausalLM.
+prepare_inputs_for_generation) then drops the cache and runs the whole sequence again, and so does
+`forward` here: a state at or below n keeps the input embeddings of its tokens for that re-run.
 """
 
 from __future__ import annotations
@@ -31,10 +38,13 @@ __all__ = ["KVState", "DecodeResult", "Decoder"]
 class KVState:
     """A decoder cache: `past` holds 2L OrtValues (1 x kv_heads x length x head_dim) in the graph's
     input order (layer 0 key, layer 0 value, ...); `length` = P. Never mutated once built (every
-    call returns new presents), so one prefix state can seed any number of questions."""
+    call returns new presents), so one prefix state can seed any number of questions.
+    `inputs`: the 1 x s x hidden input embeddings of every call so far, kept only by a longrope
+    decoder while length <= its switch (module docstring)."""
 
     past: list[Any]
     length: int
+    inputs: tuple[np.ndarray, ...] = ()
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Decoder:
         self.hidden_size = spec.hidden_size
         self.past_names = [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
         self.present_names = [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+        self.rope_switch = spec.original_max_position_embeddings
         self.embeds_dtype = graph.input_types.get("inputs_embeds", np.float32)
         self.past_dtype = graph.input_types.get(self.past_names[0], np.float32) if self.past_names else np.float32
 
@@ -77,17 +88,24 @@ class Decoder:
 
     def forward(self, inputs_embeds: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
         """Run S new positions after `state`: returns (logits (V,) float32 of the last one, new state)."""
+        inputs_embeds = np.asarray(inputs_embeds, dtype=self.embeds_dtype)
+        switch = self.rope_switch
+        if switch is not None and 0 < state.length <= switch < state.length + inputs_embeds.shape[1]:
+            # Crossing the longrope switch: re-run everything with the long factors (module docstring).
+            inputs_embeds = np.concatenate([*state.inputs, inputs_embeds], axis=1)
+            state = self.empty_state()
         seq = int(inputs_embeds.shape[1])
         total = state.length + seq
         feeds: dict[str, Any] = {
-            "inputs_embeds": np.asarray(inputs_embeds, dtype=self.embeds_dtype),
+            "inputs_embeds": inputs_embeds,
             "attention_mask": np.ones((1, total), dtype=np.int64),
             "position_ids": np.arange(state.length, total, dtype=np.int64)[None],
         }
         feeds.update(zip(self.past_names, state.past))
         outputs = self.graph.run(feeds, ["logits", *self.present_names])
         logits = np.asarray(outputs[0].numpy()[0], dtype=np.float32)
-        return logits, KVState(outputs[1:], total)
+        kept = (*state.inputs, inputs_embeds) if switch is not None and total <= switch else ()
+        return logits, KVState(outputs[1:], total, kept)
 
     def greedy(
         self,

@@ -58,10 +58,11 @@ class Phi3VPrompt:
         return max((start + length for start, length in self.image_spans), default=0)
 
 
-def phi3v_prompt_ids(tokenizer, prompt: str, num_img_tokens: Sequence[int]) -> Phi3VPrompt:
+def phi3v_prompt_ids(tokenizer, prompt: str, num_img_tokens: Sequence[int], add_special_tokens: bool = True) -> Phi3VPrompt:
     """Official placeholder handling (module docstring). `tokenizer` is a `tokenizers.Tokenizer` loaded
     from the checkpoint's tokenizer.json (its post-processor adds `<s>`); num_img_tokens[k - 1] is
-    the token count of image k (runtime.hd_transform)."""
+    the token count of image k (runtime.hd_transform); add_special_tokens: per chunk (the official
+    processor's True; the bundle's `lmm.prompt.add_special_tokens`)."""
     tags = IMAGE_TAG.findall(prompt)
     numbers = [int(tag[len("<|image_") : -len("|>")]) for tag in tags]
     unique = sorted(set(numbers))
@@ -71,7 +72,7 @@ def phi3v_prompt_ids(tokenizer, prompt: str, num_img_tokens: Sequence[int]) -> P
         raise InputError(f"the prompt has {len(unique)} image tag(s) but {len(num_img_tokens)} image(s) were given")
     if any(int(n) < 1 for n in num_img_tokens):
         raise InputError(f"image token counts must be positive, got {list(num_img_tokens)}")
-    chunks = [tokenizer.encode(chunk, add_special_tokens=True).ids for chunk in IMAGE_TAG.split(prompt)]
+    chunks = [tokenizer.encode(chunk, add_special_tokens=add_special_tokens).ids for chunk in IMAGE_TAG.split(prompt)]
     ids: list[int] = list(chunks[0])
     spans = []
     for number, chunk in zip(numbers, chunks[1:]):

@@ -82,37 +82,12 @@ def test_matches_onnxruntime_extensions(size, ortx_processor, tmp_path):
 
 
 def _official_reference(image: Image.Image, num_crops: int):
-    """processing_phi3_v.py's preprocess, written with the same torchvision / torch calls."""
-    import torch
-    import torchvision
-    import torchvision.transforms.functional as F
+    """processing_phi3_v.py's preprocess with the same torchvision / torch calls: the PyTorch reference's
+    own implementation (export/phi3v_reference.py), which the parity tests and the export verification use."""
+    from octopus_rt.export.phi3v_reference import official_pixel_values
 
-    width, height = image.size
-    transposed = width < height
-    if transposed:
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-        width, height = image.size
-    ratio = width / height
-    scale = 1
-    while scale * np.ceil(scale / ratio) <= num_crops:
-        scale += 1
-    scale -= 1
-    new_w = int(scale * 336)
-    new_h = int(new_w / ratio)
-    image = F.resize(image, [new_h, new_w])
-    target = int(np.ceil(new_h / 336) * 336)
-    top = int((target - new_h) / 2)
-    image = F.pad(image, [0, top, 0, target - new_h - top], fill=[255, 255, 255])
-    if transposed:
-        image = image.transpose(Image.Transpose.TRANSPOSE)
-    steps = torchvision.transforms.Compose([torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    hd = steps(image)
-    global_view = torch.nn.functional.interpolate(hd.unsqueeze(0).float(), size=(336, 336), mode="bicubic")
-    h, w = hd.shape[1:]
-    crops = hd.reshape(1, 3, h // 336, 336, w // 336, 336).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, 336, 336)
-    stacked = torch.cat([global_view, crops])
-    padding = torch.zeros(num_crops + 1 - stacked.shape[0], 3, 336, 336)
-    return torch.cat([stacked, padding]).numpy(), (int(h), int(w))
+    pixels, size = official_pixel_values(image, num_crops)
+    return pixels.numpy(), size
 
 
 @pytest.mark.parametrize("num_crops", [4, 16])

@@ -395,3 +395,27 @@ def test_vit_b_export_parity_at_three_aspect_ratios(tmp_path):
     assert verification["min_mask_iou"] >= 0.99
     assert verification["trt_friendly_vs_SamOnnxModel"]["min_iou_low_res"] >= 0.999
     assert "config" not in section["source"]
+
+
+@pytest.mark.slow
+def test_vit_h_export_random_weights_goes_to_external_data(tmp_path):
+    """The paper's SAM size through the CLI in a child process: a random vit_h (2.56 GB of fp32 weights)
+    exports, verifies against SamPredictor and writes its encoder weights to one `.data` file over
+    2 GB. Prints the child's peak RSS and wall time (docs/export.md records them; no threshold)."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    checkpoint = tmp_path / "sam_vit_h_random.pth"
+    torch.save(build_sam(OFFICIAL_CONFIGS["vit_h"], seed=0).state_dict(), checkpoint)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "octopus_rt.cli", "export", "sam", str(checkpoint), "--model-type", "vit_h",
+                    "--out", str(tmp_path / "bundle")], check=True)
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    section = read_manifest(tmp_path / "bundle")["sam"]
+    assert section["source"]["model_type"] == "vit_h" and section["verification"]["min_mask_iou"] >= 0.99
+    assert section["files"]["sam_encoder.onnx.data"]["size"] > 2 * 10**9
+    assert check_files(tmp_path / "bundle", read_manifest(tmp_path / "bundle"), hashes=True) == []
+    print(f"vit_h export + verification: {seconds:.0f} s wall, peak RSS {peak_gb:.1f} GB")

@@ -108,10 +108,10 @@ def _reference_run(base_dir, data, steps, lr, global_batch):
     from octopus_rt.training.collate import Collator
     from octopus_rt.training.lora import apply_tuning
     from octopus_rt.training.dataset import MixedDataset, load_image, read_split
-    from octopus_rt.training.train import load_base_model
+    from octopus_rt.training.architectures import load_llava
 
     torch.manual_seed(0)
-    model, processor = load_base_model(base_dir)
+    model, processor = load_llava(base_dir)
     model, _ = apply_tuning(model, "lora", rank=16, alpha=32, dropout=0.0)
     model.train()
     collator = Collator(processor)
@@ -265,9 +265,9 @@ def test_full_training_with_an_auxiliary_loss_hook(base_dir, small_quad, tmp_pat
     with torch.no_grad():  # train() switches autograd on itself (an export in the same process turns it off)
         result = train(_options(base_dir, small_quad, tmp_path / "a", **common), loss_hook=hook)
     assert seen == [2, 2] and result.trainable_parameters == result.total_parameters
-    from octopus_rt.training.train import load_base_model
+    from octopus_rt.training.architectures import load_llava
 
-    initial = load_base_model(base_dir)[0].model.multi_modal_projector.linear_1.bias.detach()
+    initial = load_llava(base_dir)[0].model.multi_modal_projector.linear_1.bias.detach()
     moved = result.model.model.multi_modal_projector.linear_1.bias.detach() - initial
     np.testing.assert_allclose(moved.numpy(), -1e-3, rtol=1e-3)
 

@@ -1,4 +1,4 @@
-"""`octopus-rt train`. Heavy imports happen inside the commands."""
+"""`octopus-rt train` and `octopus-rt merge`. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
@@ -62,6 +62,23 @@ def _train_command(
                    f"{result.tokens_per_s:.0f} tokens/s, {result.samples_per_s:.2f} samples/s; logs in {result.work_dir})")
 
 
+def _merge_command(
+    base_model: Path = typer.Argument(..., help="Official-layout Phi-3(.5)-Vision directory the adapter was trained on."),
+    adapter: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Directory to create for the merged checkpoint (must not exist)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights' dtype: float32 | bfloat16 | float16 (float32 keeps "
+                              "LoRA deltas that bf16 would round away)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Fold a PEFT LoRA adapter into a Phi-3(.5)-Vision checkpoint and write it in the official layout
+    (same key names and config), ready for `octopus-rt export lmm`. Reads only JSON and safetensors."""
+    from octopus_rt.training.phi3v_merge import merge_adapter
+
+    written, changed = merge_adapter(base_model, adapter, out, dtype=dtype, progress=not no_progress)
+    typer.echo(f"merged checkpoint written to {written} ({changed} tensors updated, {dtype})")
+
+
 def register(app: typer.Typer) -> None:
     """Add the training commands to the root app."""
     app.command("train")(_train_command)
+    app.command("merge")(_merge_command)

@@ -119,6 +119,8 @@ class LlavaArchitecture(Architecture):
 def architecture_for(base_model: str | Path) -> Architecture:
     """The family of the model directory `base_model`, from its config.json. InputError (one line)
     for a missing directory or an unsupported model."""
+    from octopus_rt.export.phi3v_config import is_phi3v_config
+
     base_model = Path(base_model)
     path = base_model / "config.json"
     if not path.is_file():
@@ -129,7 +131,12 @@ def architecture_for(base_model: str | Path) -> Architecture:
         raise InputError(f"cannot read the config of {base_model}: {exc}") from None
     if not isinstance(config, dict):
         raise InputError(f"{path} does not hold a JSON object")
+    if is_phi3v_config(config):
+        from octopus_rt.training.phi3v_training import Phi3VArchitecture
+
+        return Phi3VArchitecture()
     if config.get("model_type") == "llava":
         return LlavaArchitecture()
     found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "unknown"
-    raise InputError(f"unsupported base model {found}: octopus-rt train takes a LlavaForConditionalGeneration")
+    raise InputError(f"unsupported base model {found}: octopus-rt train takes a LlavaForConditionalGeneration "
+                     "or an official-layout Phi-3(.5)-Vision (Phi3VForCausalLM) directory")

@@ -240,3 +240,18 @@ def test_bad_bases_and_outputs_are_refused(tiny_phi3v_dir, adapter, tmp_path, ca
     code, text = _merge(capsys, tiny_phi3v_dir, adapter[0], "--out", tmp_path / "o", "--dtype", "int8")
     assert code == 2 and "--dtype must be one of" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "llava"]
+
+
+def test_streamed_safetensors_files_read_back_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from octopus_rt.training.phi3v_merge import write_safetensors
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3),
+               "d": torch.zeros(0, 4), "e": torch.randn(2, 2).to(torch.float16)}
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}
+    entries = [(k, tuple(v.shape), names[v.dtype]) for k, v in tensors.items()]
+    written = write_safetensors(tmp_path / "x.safetensors", entries, tensors.__getitem__)
+    assert written == sum(v.numel() * v.element_size() for v in tensors.values())
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())

@@ -8,9 +8,10 @@ set to the written dtype, the base's preprocessor_config.json, and its other top
 use; copied, never imported). So `load_phi3v`, `octopus-rt export lmm` and Microsoft's code read it
 as they read the base.
 
-Memory: one base tensor at a time is read (safetensors, memory-mapped) and one output shard is held
-until written; shards are cut at `max_shard_bytes` of the written dtype (plus an index when there is
-more than one), so a full 4.2 B-parameter model merges in about one shard's size of RAM.
+Memory: one base tensor at a time is read (safetensors, memory-mapped, one base shard open at a time)
+and written straight to its output shard (`write_safetensors`), so a merge needs about one tensor's
+size of RAM beyond the imports, whatever the model size (measured: benchmarks/phi3v_merge_rss.py).
+Output shards are cut at `max_shard_bytes` of the written dtype, with an index when there are several.
 Arithmetic in float32: W' = (W + scale * (B @ A)), then cast to the written dtype. The default
 dtype is float32: LoRA deltas of a short fine-tune are often below bf16's resolution of the weight
 (2^-8 relative), so rounding the sum back to bf16 would lose part of what training learned.
@@ -30,7 +31,7 @@ from pathlib import Path
 from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.training.peft_adapter import ALIASES, WeightUpdates, adapter_updates, read_adapter
 
-__all__ = ["DTYPES", "TensorInfo", "checkpoint_tensors", "merge_updates", "merge_adapter"]
+__all__ = ["DTYPES", "TensorInfo", "checkpoint_tensors", "merge_updates", "merge_adapter", "write_safetensors"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 _INDEX = "model.safetensors.index.json"
@@ -88,6 +89,53 @@ def _numel(shape) -> int:
     return count
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _written_dtype(base_dtype: str, target) -> str:
+    """safetensors dtype name a base tensor is written with: floats in the target dtype, others as they are."""
+    if base_dtype not in _ITEMSIZE:
+        raise InputError(f"the base checkpoint holds a tensor of unsupported dtype {base_dtype}")
+    return _NAMES[str(target).removeprefix("torch.")] if base_dtype in _FLOATS else base_dtype
+
+
+def write_safetensors(path: Path, entries: list, produce) -> int:
+    """Write a safetensors file one tensor at a time; returns the data bytes written.
+
+    entries: [(key, shape, dtype name)] in file order; produce(key) -> a CPU tensor of that shape and
+    dtype. The format (a little-endian u64 header size, the JSON header with data_offsets, padded
+    with spaces to 8 bytes, then the raw little-endian data) is written directly, so memory holds one
+    tensor, not the whole shard (safetensors' save_file serialises the shard into memory first)."""
+    import sys
+
+    import torch
+
+    if sys.byteorder != "little":
+        raise OctopusError("writing safetensors needs a little-endian machine")
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape, dtype in entries:
+        size = _ITEMSIZE[dtype] * _numel(shape)
+        header[key] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for key, shape, dtype in entries:
+            tensor = produce(key)
+            if tuple(tensor.shape) != tuple(shape) or tensor.element_size() != _ITEMSIZE[dtype]:
+                raise OctopusError(f"internal: {key} came out as {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+            flat = tensor.detach().contiguous().reshape(-1)
+            handle.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return offset
+
+
 def _merged_tensor(key: str, tensor, updates: WeightUpdates, dtype):
     import torch
 
@@ -110,7 +158,6 @@ def merge_updates(base_dir: str | Path, updates: WeightUpdates, out_dir: str | P
     not fit it (checked before anything is written); OctopusError when writing fails (nothing is
     left behind)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from octopus_rt.export.phi3v_checkpoint import copy_side_files
     from octopus_rt.export.phi3v_config import read_phi3v_spec
@@ -139,21 +186,22 @@ def merge_updates(base_dir: str | Path, updates: WeightUpdates, out_dir: str | P
     try:
         weight_map, total = {}, 0
         with ExitStack() as stack:
-            readers = {}
+            current: list = [None, None]  # (shard, reader): one base shard open at a time, in plan order
             for name, group in zip(names, groups):
-                tensors = {}
-                for key in group:
+                entries = [(key, infos[key].shape, _written_dtype(infos[key].dtype, target)) for key in group]
+
+                def produce(key):
                     shard = infos[key].shard
-                    if shard not in readers:
-                        readers[shard] = stack.enter_context(safe_open(str(shard), framework="pt"))
-                    tensors[key] = _merged_tensor(key, readers[shard].get_tensor(key), updates, target)
-                    nbytes = tensors[key].numel() * tensors[key].element_size()
-                    total += nbytes
+                    if current[0] != shard:
+                        stack.close()
+                        current[:] = [shard, stack.enter_context(safe_open(str(shard), framework="pt"))]
+                    tensor = _merged_tensor(key, current[1].get_tensor(key), updates, target)
                     if bar is not None:
-                        bar.update(nbytes)
-                save_file(tensors, str(staging / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(tensors, name))
-                del tensors
+                        bar.update(tensor.numel() * tensor.element_size())
+                    return tensor
+
+                total += write_safetensors(staging / name, entries, produce)
+                weight_map.update(dict.fromkeys(group, name))
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (staging / _INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -255,3 +255,27 @@ def test_streamed_safetensors_files_read_back_with_safetensors(tmp_path):
     assert written == sum(v.numel() * v.element_size() for v in tensors.values())
     back = load_file(str(tmp_path / "x.safetensors"))
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_full_tensors_replace_and_the_shared_wte_counts_as_embed_tokens(tiny_phi3v_dir, tmp_path):
+    """modules_to_save-style full tensors replace the base's; the remote-code model lists its embedding
+    twice (`vision_embed_tokens.wte` is `embed_tokens`), and either name updates the one stored tensor."""
+    from safetensors.torch import save_file
+
+    from octopus_rt.training.phi3v_merge import merge_adapter
+
+    base = _params(tiny_phi3v_dir)
+    embed = base["language_model.model.embed_tokens.weight"] + 1.0
+    sub = base["vision_embed_tokens.sub_GN"] * -1.0
+    (tmp_path / "a").mkdir()
+    save_file({"base_model.model.model.vision_embed_tokens.wte.weight": embed.contiguous(),
+               "base_model.model.model.vision_embed_tokens.sub_GN": sub.contiguous()},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                                    "modules_to_save": ["embed_tokens"]}))
+    out, changed = merge_adapter(tiny_phi3v_dir, tmp_path / "a", tmp_path / "merged")
+    merged = _params(out)
+    assert changed == 2 and torch.equal(merged["language_model.model.embed_tokens.weight"], embed)
+    assert torch.equal(merged["vision_embed_tokens.sub_GN"], sub)
+    assert _worst({k: v for k, v in merged.items() if "embed_tokens.weight" not in k and "sub_GN" not in k},
+                  {k: v for k, v in base.items() if "embed_tokens.weight" not in k and "sub_GN" not in k}) == 0.0

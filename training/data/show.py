@@ -56,8 +56,9 @@ def render_record(
     data_dir = Path(data_dir)
     image_path = data_dir / record["image"]
     meta = data_dir / "dataset.json"
-    if meta.is_file():  # imported data: images are relative to the recorded image root
-        image_path = Path(json.loads(meta.read_text(encoding="utf-8"))["image_root"]) / record["image"]
+    root = json.loads(meta.read_text(encoding="utf-8")).get("image_root") if meta.is_file() else None
+    if root:  # imported data: images are relative to the recorded image root (synth data has none)
+        image_path = Path(root) / record["image"]
     try:
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))

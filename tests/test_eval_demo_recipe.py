@@ -10,7 +10,7 @@ from octopus_rt.training.recipes import demo_data
 
 
 def test_held_out_photos_never_reach_training(tmp_path):
-    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path, seed=0, crops_per_photo=1)
+    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path, seed=0, scales=((1, 0.55, 0.85),))
     train_names = {p.name.split("_")[0] for p in train_src.iterdir()}
     heldout_names = {p.name.rsplit("_", 1)[0] for p in heldout_src.iterdir()}
     assert heldout_names == set(demo_data.HELD_OUT)
@@ -81,13 +81,28 @@ def test_wallpaper_photos_join_training_in_their_own_groups(tmp_path, monkeypatc
     photo = tmp_path / "Meadow_by_Someone.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
     monkeypatch.setattr(demo_data, "WALLPAPERS", {str(photo): "CC0-1.0"})
-    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path / "work", seed=0, crops_per_photo=2,
+    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path / "work", seed=0, scales=((2, 0.55, 0.85),),
                                                               wallpapers=True)
     lines = dict(line.split(",") for line in groups.read_text().split())
     wallpaper_files = {f: g for f, g in lines.items() if f.startswith("wp_")}
     assert len(wallpaper_files) == 3 and set(wallpaper_files.values()) == {"wp_meadow"}
     assert all((train_src / f).is_file() for f in wallpaper_files)
     assert not any(p.name.startswith("wp_") for p in heldout_src.iterdir())
+
+
+def test_crops_at_several_scales_and_package_photo_names(tmp_path):
+    import numpy as np
+
+    image = np.zeros((800, 1000, 3), np.uint8)
+    crops = demo_data._crops(image, np.random.default_rng(0), ((2, 0.6, 0.8), (2, 0.2, 0.3), (1, 0.05, 0.08)))
+    sides = sorted(c.shape[1] / 1000 for c in crops)
+    assert len(crops) == 4  # the 5-8 % crop is under 96 px and skipped
+    assert all(0.2 <= s < 0.3 for s in sides[:2]) and all(0.6 <= s < 0.8 for s in sides[2:])
+    plasma = "/usr/share/wallpapers/Path/contents/images/1920x1080.jpg"
+    assert demo_data._photo_name(plasma) == "wp_path"
+    assert demo_data._photo_group("/x/aero3.jpg") == demo_data._photo_group("/x/aero1.jpg") == "wp_aero1"
+    names = [demo_data._photo_name(p) for p in demo_data.WALLPAPERS]
+    assert len(names) == len(set(names)) and len(names) >= 70
 
 
 def test_missing_wallpapers_fail_with_the_install_command(tmp_path, monkeypatch):

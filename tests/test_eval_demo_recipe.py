@@ -23,6 +23,25 @@ def test_held_out_photos_never_reach_training(tmp_path):
     assert train_names  # something to train on
 
 
+def test_curriculum_data_is_easy_and_split_like_the_full_mix(tmp_path, monkeypatch):
+    from octopus_rt.training.data.records import read_records
+
+    monkeypatch.setattr(demo_data, "CROP_SCALES", ((1, 0.55, 0.85),))  # ~30 sources: 40 images reach them all
+    demo_data.build_dataset(tmp_path, seed=0, num_seen=40, num_heldout=2, size=64, workers=1, progress=False,
+                            num_easy=40)
+    full, easy = read_records(tmp_path / "data"), read_records(tmp_path / "data_easy")
+    assert not easy["test"] and easy["train"] and easy["val"]
+    meta = json.loads((tmp_path / "data_easy" / "seen" / "dataset.json").read_text())
+    assert (meta["max_regions"], meta["min_severity"]) == (1, 3)
+    for record in easy["train"] + easy["val"]:
+        distorted = [r for r in record["regions"] if r["distortions"]]
+        assert len(distorted) == 1 and all(d["severity"] >= 3 for d in distorted[0]["distortions"])
+        assert not record["source"].startswith(demo_data.HELD_OUT)
+    split_of = {r["source"]: split for split in ("train", "val") for r in full[split]}
+    for split in ("train", "val"):  # a photo's crops are on the same side in both datasets
+        assert all(split_of.get(r["source"], split) == split for r in easy[split])
+
+
 def test_merge_puts_heldout_only_in_test(tmp_path):
     from octopus_rt.training.data.quadrant import make_quadrant_dataset
 

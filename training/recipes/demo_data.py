@@ -177,7 +177,7 @@ def _photo_group(path: str) -> str:
     return "wp_" + _SAME_SCENE.get(stem, stem)
 
 
-def prepare_photos(work: Path, seed: int = 0, scales=CROP_SCALES,
+def prepare_photos(work: Path, seed: int = 0, scales=None,
                    wallpapers: bool = False) -> tuple[Path, Path, Path]:
     """Write the source folders: work/src_train (photos + crops), work/src_heldout (whole photos only),
     and work/groups.csv ("filename,group" lines for `data synth --groups`). Returns the three paths.
@@ -201,7 +201,7 @@ def prepare_photos(work: Path, seed: int = 0, scales=CROP_SCALES,
 
     def add_training_view(view: np.ndarray, prefix: str, group: str) -> None:
         """The view and its crops as PREFIX_c<i>.png in train_src, each listed under `group`."""
-        for c, piece in enumerate([view] + _crops(view, rng, scales)):
+        for c, piece in enumerate([view] + _crops(view, rng, CROP_SCALES if scales is None else scales)):
             filename = f"{prefix}_c{c}.png"
             Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
             lines.append(f"{filename},{group}")
@@ -233,9 +233,10 @@ def _prefixed(record: dict, prefix: str) -> dict:
     return out
 
 
-def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
+def merge_datasets(seen: Path, heldout: Path | None, out: Path) -> dict[str, int]:
     """out/{train,val,test}.jsonl: train = seen's train; val = seen's val + test; test = all of
-    heldout's records. Image and mask files stay where they are (seen/ and heldout/ inside out/)."""
+    heldout's records (none when heldout is None). Image and mask files stay where they are (seen/
+    and heldout/ inside out/)."""
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
 
     def read(folder: Path, split: str) -> list[dict]:
@@ -245,7 +246,8 @@ def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
     splits = {
         "train": [_prefixed(r, seen.name) for r in read(seen, "train")],
         "val": [_prefixed(r, seen.name) for r in read(seen, "val") + read(seen, "test")],
-        "test": [_prefixed(r, heldout.name) for s in ("train", "val", "test") for r in read(heldout, s)],
+        "test": [_prefixed(r, heldout.name) for s in ("train", "val", "test") for r in read(heldout, s)]
+        if heldout is not None else [],
     }
     for split, records in splits.items():
         write_jsonl(records, out / f"{split}.jsonl")
@@ -253,8 +255,11 @@ def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
 
 
 def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, size: int, workers: int,
-                  progress: bool = True, wallpapers: bool = False) -> DemoData:
-    """Photos -> two `data synth` runs -> the merged dataset in work/data (see module docstring)."""
+                  progress: bool = True, wallpapers: bool = False, num_easy: int = 0) -> DemoData:
+    """Photos -> two `data synth` runs -> the merged dataset in work/data (see module docstring).
+    num_easy > 0: also work/data_easy, the curriculum's first stage: `num_easy` images of the same
+    training photos with one distorted region of severity >= 3 (`--max-regions 1 --min-severity 3`),
+    the same seed and groups, so its train / val split of the photos is the one of work/data."""
     from octopus_rt.training.data.synth import SynthOptions, synthesize
 
     train_src, heldout_src, groups = prepare_photos(work, seed, wallpapers=wallpapers)
@@ -267,6 +272,13 @@ def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, siz
     synthesize(heldout_src, heldout, SynthOptions(num=num_heldout, seed=seed + 1, size=size, workers=workers,
                                                   progress=progress))
     counts = merge_datasets(seen, heldout, data_dir)
+    if num_easy > 0:
+        easy_dir = work / "data_easy"
+        shutil.rmtree(easy_dir, ignore_errors=True)
+        synthesize(train_src, easy_dir / "seen", SynthOptions(num=num_easy, seed=seed, size=size, workers=workers,
+                                                              groups=str(groups), progress=progress, max_regions=1,
+                                                              min_severity=3))
+        counts["easy"] = merge_datasets(easy_dir / "seen", None, easy_dir)
     (data_dir / "demo_splits.json").write_text(json.dumps({
         "records": counts, "held_out_photos": list(HELD_OUT),
         "val_and_seen_photos": sorted(set(PHOTOS) - set(HELD_OUT)),

@@ -178,3 +178,29 @@ def test_feature_probe_finds_the_noisy_quadrant_on_unseen_images(tmp_path):
 
     flat = patch_statistics(Image.new("RGB", (100, 60), (120, 60, 30)))
     assert flat.shape == (64, 26) and abs(flat[0, 0] - 120 / 255) < 1e-6 and abs(flat[:, 13:]).max() < 1e-6
+
+
+def test_examples_are_picked_by_ground_truth_one_per_quadrant_and_a_whole_image():
+    from octopus_rt.training.recipes.demo_report import pick_examples
+
+    def record(i, position, severities, whole=False, subtask="HyD-G-max", photo="coffee"):
+        regions = [{"id": 0, "whole_image": whole, "position": None if whole else position,
+                    "distortions": [{"category": "blur", "subtype": "gaussian", "severity": s} for s in severities[0]]},
+                   *[{"id": k, "whole_image": False, "position": ["left", "top"],
+                      "distortions": [{"category": "noise", "subtype": "poisson", "severity": s} for s in chain]}
+                     for k, chain in enumerate(severities[1:], 1)]]
+        return {"id": f"r{i}", "task": "grounding", "subtask": subtask, "regions": regions, "target_regions": [0],
+                "source": f"{photo}_0.png"}
+
+    records = [record(0, ["right", "bottom"], [[2]]),  # severity too low
+               record(1, ["right", "bottom"], [[4], [3]]),  # two distorted regions
+               record(2, ["right", "bottom"], [[4]], subtask="SiD-G-max"),  # not "most degraded"
+               record(3, ["right", "bottom"], [[3]]),
+               record(4, ["right", "bottom"], [[5]], photo="rocket"),  # a later one of the same quadrant
+               record(5, ["left", "top"], [[3]], photo="rocket"),
+               record(6, ["left", "bottom"], [[4]], photo="chelsea"),
+               record(7, None, [[2]], whole=True, photo="coins"),
+               record(8, ["right", "top"], [[5]], photo="coffee")]  # only photo left for top right
+    picked = pick_examples(records)
+    assert [(kind, r["id"]) for kind, r in picked] == [("top left", "r5"), ("top right", "r8"), ("bottom left", "r6"),
+                                                       ("bottom right", "r3"), ("whole image", "r7")]

@@ -54,9 +54,9 @@ class DemoRecipe:
     easy_lmm_steps: int = 0  # LLaVA steps on the easy images, before the full mix
 
 
-FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=3000, vision_time=20 * 60,
+FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=3000, vision_time=60 * 60,
                   lmm_steps=2400, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1500,
-                  sam_time=12 * 60, eval_val_records=300, eval_test_records=None, examples=5, wallpapers=True,
+                  sam_time=40 * 60, eval_val_records=300, eval_test_records=None, examples=5, wallpapers=True,
                   closed_set_weight=1.0, relative_weight=1.0, distill_steps=1000, easy_seen=800,
                   easy_vision_steps=1000, easy_lmm_steps=800)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,

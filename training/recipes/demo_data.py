@@ -203,7 +203,7 @@ def prepare_photos(work: Path, seed: int = 0, scales=None,
         """The view and its crops as PREFIX_c<i>.png in train_src, each listed under `group`."""
         for c, piece in enumerate([view] + _crops(view, rng, CROP_SCALES if scales is None else scales)):
             filename = f"{prefix}_c{c}.png"
-            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
+            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename, compress_level=1)
             lines.append(f"{filename},{group}")
 
     for name, group in PHOTOS.items():

@@ -54,11 +54,11 @@ class DemoRecipe:
     easy_lmm_steps: int = 0  # LLaVA steps on the easy images, before the full mix
 
 
-FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=3000, vision_time=60 * 60,
-                  lmm_steps=2400, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1500,
+FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=2000, vision_time=60 * 60,
+                  lmm_steps=1800, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1200,
                   sam_time=40 * 60, eval_val_records=300, eval_test_records=None, examples=5, wallpapers=True,
-                  closed_set_weight=1.0, relative_weight=1.0, distill_steps=1000, easy_seen=800,
-                  easy_vision_steps=1000, easy_lmm_steps=800)
+                  closed_set_weight=1.0, relative_weight=1.0, distill_steps=600, easy_seen=800,
+                  easy_vision_steps=600, easy_lmm_steps=600)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=80, eval_test_records=40, examples=2, closed_set_weight=1.0, relative_weight=1.0,

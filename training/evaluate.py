@@ -8,6 +8,10 @@ What is measured (per task and sub-task of the record form, docs/eval.md):
   long-answer keyword precision / recall (distortion names); descriptions: keyword precision / recall;
 - quality: closed-set score over level words -> SRCC / PLCC (raw and after a 4-parameter logistic
   fit) on records with `mos`; multiple-choice accuracy on records with `candidates` / `answer`.
+Every grounding figure is also given per difficulty bucket (training/eval_difficulty.py: one
+distorted region of severity >= 3, one of any severity, "most degraded" among several), and the
+model's position answers as a histogram against the ground truth's (share of each "top left", ...
+answer and of the most frequent one: a model that always gives one answer shows here).
 Baselines in the same table: majority class (from the train split), the same model on a blank image,
 the segmenter prompted at the image centre, at a seeded random point, and at the oracle point (the
 ground-truth mask's pixel farthest from its border) as the ceiling.
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from octopus_rt import vocab
+from octopus_rt.training import eval_difficulty as difficulty
 from octopus_rt.training import eval_metrics as m
 
 __all__ = ["EvalOptions", "Row", "EvalReport", "DEFAULT_TAUS", "evaluate", "sweep_defaults", "retemper",
@@ -231,16 +236,19 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
     rng = np.random.default_rng(options.seed)
     # per (subtask, metric, system) -> values
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    said: dict[str, list[str]] = defaultdict(list)  # system -> position answer phrase per local record
+    buckets: list[str] = []
 
     def put(sub: str, metric: str, system: str, value: float) -> None:
-        values[(sub, metric, system)].append(value)
-        values[("all", metric, system)].append(value)
+        for key in (sub, "all", *buckets):
+            values[(key, metric, system)].append(value)
 
     for record in _progress(records, options.progress, "grounding"):
         target = _target_region(record)
         if target is None or not record.get("answer_mask"):
             continue
         sub = str(record.get("subtask") or "all")
+        buckets[:] = difficulty.difficulty_buckets(record)
         rgb = _load_rgb(data_dir, record["image"])
         gt = _load_mask(data_dir, record["answer_mask"])
         height, width = gt.shape
@@ -266,6 +274,9 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
                 put(sub, "position: horizontal", system, float(got_h == want_h))
                 put(sub, "position: vertical", system, float(got_v == want_v))
                 put(sub, "position: both", system, float(got_h == want_h and got_v == want_v))
+                if system == PIPELINE:
+                    said[PIPELINE].append(difficulty.answer_phrase(got_h, got_v))
+                    said["ground truth"].append(difficulty.answer_phrase(want_h, want_v))
         if options.baselines:
             if majority["sides"] is not None and not is_whole and target.get("position"):
                 want_h, want_v = target["position"]
@@ -281,17 +292,25 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
                            "SAM @ oracle point (ceiling)": m.oracle_point(gt)}
                 for system, point in prompts.items():
                     put(sub, "mIoU", system, m.mask_iou(_segment_at(octopus, rgb, point), gt))
+    for system, phrases in said.items():
+        most = Counter(phrases).most_common(1)[0][0]
+        values[(difficulty.HISTOGRAM, "most frequent answer share", system)] = [float(p == most) for p in phrases]
+        for phrase in difficulty.PHRASES + ("none",) * (system == PIPELINE):
+            values[(difficulty.HISTOGRAM, f"share: {phrase}", system)] = [float(p == phrase) for p in phrases]
     return _rows("grounding", values, options.seed)
 
 
-SYSTEM_ORDER = (PIPELINE, "majority class", "blank image", "SAM @ centre", "SAM @ random point",
+SYSTEM_ORDER = (PIPELINE, "ground truth", "majority class", "blank image", "SAM @ centre", "SAM @ random point",
                 "SAM @ oracle point (ceiling)")
 
 
 def _row_order(sub: str, metric: str, system: str) -> tuple:
-    """Table order: sub-task "all" first, then by name; metric; the model before its baselines."""
+    """Table order: sub-task "all" first, the difficulty buckets, the position-answer histogram, then
+    the sub-tasks by name; metric; the model before its baselines."""
     rank = SYSTEM_ORDER.index(system) if system in SYSTEM_ORDER else len(SYSTEM_ORDER)
-    return (sub not in ("all", "short (all)"), sub, metric, rank, system)
+    ordered = difficulty.BUCKETS + (difficulty.HISTOGRAM,)
+    group = 0 if sub in ("all", "short (all)") else (1 + ordered.index(sub) if sub in ordered else 1 + len(ordered))
+    return (group, sub, metric, rank, system)
 
 
 def _rows(task: str, values: dict[tuple[str, str, str], list[float]], seed: int) -> list[Row]:

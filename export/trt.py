@@ -2,7 +2,7 @@
 
 Engines are onnxruntime TensorRT **EP-context models** (docs/deploy.md explains the choice): for
 each graph, an onnxruntime session with the TensorRT execution provider builds the engine with
-explicit optimisation profiles (runtime/trt_profiles.py) and dumps `<graph>_ctx.onnx`, a one-node
+explicit optimisation profiles (export/trt_profiles.py) and dumps `<graph>_ctx.onnx`, a one-node
 ONNX model whose EPContext node points at the serialized engine file next to it. The runtime
 keeps ONE code path: it opens that ONNX file with onnxruntime like any other graph.
 
@@ -18,7 +18,7 @@ Per graph (vision, sam_encoder, sam_decoder; the decoder with --decoder):
 
 Everything is written into a staging folder and committed as the bundle's `engines` section
 (octopus_rt.bundle.stage_section / commit_section) under a target named by GPU compute capability
-and TensorRT version (e.g. `sm87-trt10.3`); targets built earlier on other machines are kept.
+and TensorRT version (e.g. `sm87-trt10.3.0`); targets built earlier on other machines are kept.
 Without onnxruntime's TensorRT provider, an NVIDIA GPU or the TensorRT libraries the command fails
 before writing anything, with one line naming what is missing.
 
@@ -43,21 +43,12 @@ import numpy as np
 
 from octopus_rt import bundle as bundle_mod
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.export.trt_profiles import TRT_GRAPHS_DEFAULT, dynamic_only, graph_profile, tensorrt_build_options
+from octopus_rt.manifest import ENGINES_FORMAT, GRAPHS, EngineGraph, EnginesSection, EngineTarget, ProfileLimits
+from octopus_rt.memory import default_limits
 from octopus_rt.runtime import providers as providers_mod
-from octopus_rt.runtime.trt_profiles import (
-    DEFAULT_PROVIDERS,
-    ENGINES_FORMAT,
-    GRAPHS,
-    TRT_GRAPHS_DEFAULT,
-    ProfileLimits,
-    cuda_options,
-    default_limits,
-    dynamic_only,
-    graph_profile,
-    graph_record,
-    tensorrt_build_options,
-    tensorrt_load_options,
-)
+from octopus_rt.runtime.device_info import DeviceInfo
+from octopus_rt.runtime.provider_plan import DEFAULT_PROVIDERS, cuda_options, graph_record, tensorrt_load_options
 
 __all__ = [
     "TrtBuildOptions",
@@ -90,7 +81,7 @@ class TensorRTUnavailable(providers_mod.ProviderUnavailable):
 
 @dataclass
 class TrtBuildOptions:
-    """Options of `octopus-rt export trt`. max_* default to the manifest (trt_profiles.default_limits).
+    """Options of `octopus-rt export trt`. max_* default to the manifest (memory.default_limits).
 
     workspace_gib: TensorRT builder workspace; graphs: which graphs to build (decoder is opt-in:
     the decode loop runs on the CUDA provider by default, see docs/deploy.md).
@@ -140,8 +131,8 @@ class ParityResult:
 
 @dataclass
 class TrtBuildResult:
-    name: str
-    target: dict[str, Any]
+    name: str  # the target's name, "sm87-trt10.3.0"
+    target: EngineTarget  # as committed to the manifest's engines.targets[name]
     manifest: dict[str, Any]
 
 
@@ -203,13 +194,13 @@ def _run_reporting(make: Callable[[], _Session], feeds: Mapping[str, np.ndarray]
     return session, outputs, messages
 
 
-def require_tensorrt(env: Any) -> str:
+def require_tensorrt(env: DeviceInfo) -> str:
     """Engine target name for this machine, or TensorRTUnavailable naming what is missing.
 
-    `env` is a runtime.doctor.Environment (probed, or built by a test)."""
+    `env`: runtime/device_info.DeviceInfo (probed, or built by a test)."""
     if env.onnxruntime is None:
         raise TensorRTUnavailable("onnxruntime is not installed; install onnxruntime-gpu with TensorRT (docs/deploy.md)")
-    if "TensorrtExecutionProvider" in getattr(env, "unusable", {}):
+    if "TensorrtExecutionProvider" in env.unusable:
         raise TensorRTUnavailable(f"onnxruntime's TensorRT provider cannot run here: {env.unusable['TensorrtExecutionProvider']}")
     if "TensorrtExecutionProvider" not in env.providers:
         raise TensorRTUnavailable(
@@ -219,9 +210,9 @@ def require_tensorrt(env: Any) -> str:
     if env.compute_capability is None:
         raise TensorRTUnavailable("no NVIDIA GPU found (nvidia-smi / Jetson probes); build engines on the machine that runs them")
     if env.tensorrt is None:
-        found = getattr(env, "tensorrt_library", None) or "no libnvinfer found"
+        found = env.tensorrt_library or "no libnvinfer found"
         raise TensorRTUnavailable(f"TensorRT libraries not found ({found}); install the TensorRT docs/deploy.md pairs with your onnxruntime-gpu")
-    return env.device_info().engine_name
+    return env.engine_name
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -393,7 +384,7 @@ def _build_graph(
     target_dir: Path,
     factory: SessionFactory,
     log: Callable[[str], None],
-) -> dict[str, Any]:
+) -> EngineGraph:
     record = graph_record(manifest, graph)
     source = bundle_mod.section_path(bundle_dir, manifest[GRAPHS[graph][0]], record["file"])
     full = graph_profile(manifest, graph, limits)
@@ -469,28 +460,28 @@ def _build_graph(
         f"{k} cos {v['cosine']:.5f}" for k, v in parity.outputs.items()))
     if not parity.ok:
         raise OctopusError(f"{graph}: the TensorRT engine disagrees with the CPU path: " + "; ".join(parity.failures))
-    return {
-        "file": f"{target_dir.name}/{ctx_file.name}",
-        "source": f"{GRAPHS[graph][0]}/{record['file']}",
-        "source_sha256": _source_sha(manifest, graph),
-        "profile": {n: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for n, r in profile.items()},
-        "layer_norm_fp32_fallback": bool(trt["trt_layer_norm_fp32_fallback"]),
-        "build_seconds": round(seconds, 1),
-        "parity": parity.to_dict(),
-    }
+    return EngineGraph(
+        file=f"{target_dir.name}/{ctx_file.name}",
+        source=f"{GRAPHS[graph][0]}/{record['file']}",
+        source_sha256=_source_sha(manifest, graph),
+        profile={n: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for n, r in profile.items()},
+        layer_norm_fp32_fallback=bool(trt["trt_layer_norm_fp32_fallback"]),
+        build_seconds=round(seconds, 1),
+        parity=parity.to_dict(),
+    )
 
 
 def build_engines(
     bundle_dir: str | os.PathLike[str],
     options: TrtBuildOptions | None = None,
     *,
-    env: Any = None,
+    env: DeviceInfo | None = None,
     session_factory: SessionFactory | None = None,
     log: Callable[[str], None] = lambda _line: None,
 ) -> TrtBuildResult:
     """Build, verify and commit this machine's engines into the bundle's `engines` section.
 
-    env: a runtime.doctor.Environment (default: probed now); session_factory: creates sessions
+    env: a runtime.device_info.DeviceInfo (default: probed now); session_factory: creates sessions
     (default OrtSessionFactory; tests substitute one). Raises TensorRTUnavailable before writing
     anything when TensorRT cannot run here, OctopusError when a build or parity check fails (the
     bundle is then unchanged).
@@ -506,9 +497,9 @@ def build_engines(
         raise InputError(f"the bundle has none of the graphs {', '.join(options.graphs)} (export lmm / sam first)")
     limits = default_limits(manifest, max_batch=options.max_batch, max_seq=options.max_seq, max_past=options.max_past)
     if env is None:
-        from octopus_rt.runtime.doctor import probe_environment
+        from octopus_rt.runtime.device_info import probe_device
 
-        env = probe_environment()
+        env = probe_device()
     name = require_tensorrt(env)
     factory = session_factory or OrtSessionFactory()
 
@@ -520,30 +511,30 @@ def build_engines(
         log(f"building engines {name} for {env.gpu_name} (TensorRT {env.tensorrt}, onnxruntime {env.onnxruntime}); "
             f"limits {limits.to_dict()}")
         built = {g: _build_graph(bundle_dir, manifest, g, limits, options, target_dir, factory, log) for g in graphs}
-        target = {
-            "compute_capability": env.compute_capability,
-            "gpu_name": env.gpu_name,
-            "jetson": env.jetson,
-            "tensorrt": env.tensorrt,
-            "cuda": env.cuda,
-            "driver": env.driver,
-            "onnxruntime": env.onnxruntime,
-            "precision": options.precision,
-            "limits": limits.to_dict(),
-            "workspace_bytes": options.workspace_bytes,
-            "builder_optimization_level": options.builder_optimization_level,
-            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "graphs": built,
-        }
-        previous = manifest.get("engines") if isinstance(manifest.get("engines"), dict) else {}
-        targets = {t: previous["targets"][t] for t in kept}
+        target = EngineTarget(
+            graphs=built,
+            precision=options.precision,
+            tensorrt=env.tensorrt,
+            compute_capability=env.compute_capability,
+            gpu_name=env.gpu_name,
+            jetson=env.jetson,
+            cuda=env.cuda,
+            driver=env.driver,
+            onnxruntime=env.onnxruntime,
+            limits=limits,
+            workspace_bytes=options.workspace_bytes,
+            builder_optimization_level=options.builder_optimization_level,
+            built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        previous = EnginesSection.from_dict(manifest["engines"], "engines") if kept else None
+        targets = {t: previous.targets[t] for t in kept} if previous else {}
         targets[name] = target
-        section = {
-            "format": ENGINES_FORMAT,
-            "versions": {**bundle_mod.package_versions("octopus-rt"), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
-            "targets": targets,
-        }
-        new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section)
+        section = EnginesSection(
+            format=ENGINES_FORMAT,
+            versions={**bundle_mod.package_versions("octopus-rt"), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
+            targets=targets,
+        )
+        new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section.to_dict())
     providers = dict(DEFAULT_PROVIDERS, **new_manifest.get("defaults", {}).get("providers", {}))
     providers.update({g: "tensorrt" for g in built})
     new_manifest = bundle_mod.update_defaults(bundle_dir, {"providers": providers})

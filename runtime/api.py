@@ -30,6 +30,7 @@ from octopus_rt.manifest import parse_manifest
 from octopus_rt.runtime import closed_set
 from octopus_rt.runtime.backends import Backend
 from octopus_rt.runtime.cache import ImageCache, ImageEntry
+from octopus_rt.runtime.device_info import DeviceInfo, probe_device
 from octopus_rt.runtime.generate import Decoder, KVState
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
 from octopus_rt.runtime.preprocess import VisionPreprocess
@@ -78,6 +79,8 @@ class Octopus:
     cache_images: how many images' features / prefix KV cache / SAM embedding to keep (LRU).
     max_pixels: refuse larger images before decoding them (None: no limit).
     profile_dir: when set, onnxruntime writes per-node profiles there (see `end_profiling`).
+    device_info: what runtime/device_info.probe_device found on this machine; None: probed here when
+    the device resolves to a GPU (the device is resolved at construction; a CPU run probes nothing).
 
     Load-time checks (one-line `BundleError`): folder and manifest present, the manifest valid
     (`bundle.validate_manifest`: format version, paths inside the bundle, an `lmm` section with every
@@ -93,6 +96,7 @@ class Octopus:
         cache_images: int = 4,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         profile_dir: str | os.PathLike[str] | None = None,
+        device_info: DeviceInfo | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = read_manifest(self.bundle_dir, runnable=True)  # fields checked by the schema
@@ -108,7 +112,11 @@ class Octopus:
         self.defaults = self.spec.defaults
         self.max_pixels = max_pixels
         self.backend = Backend(device=device, threads=threads, profile_dir=Path(profile_dir) if profile_dir else None,
-                               bundle_dir=self.bundle_dir, manifest=self.manifest)
+                               bundle_dir=self.bundle_dir, manifest=self.manifest, device_info=device_info)
+        if device_info is None and self.backend.choice.name != "cpu":
+            # The GPU facts the provider plan needs (nvidia-smi, libnvinfer), probed once, here; TensorRT
+            # is probed (a tiny engine build) only when the bundle has engines to run.
+            self.backend.device_info = probe_device(probe_devices=("cuda", "tensorrt") if self.spec.engines else ("cuda",))
         self.cache = ImageCache(cache_images)
         self._tokenizer = None
         self._decoder: Decoder | None = None

@@ -33,6 +33,7 @@ from octopus_rt.runtime import native_libs
 
 __all__ = [
     "PROVIDERS",
+    "DEVICES",
     "DEVICE_OF",
     "ProviderUnavailable",
     "ort",
@@ -45,13 +46,15 @@ __all__ = [
     "PROBE_FILE",
 ]
 
-# The one table of device name -> onnxruntime provider name.
+# The one table of device name -> onnxruntime provider name (the names: manifest.DEVICE_NAMES).
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
 DEVICE_OF = {name: device for device, name in PROVIDERS.items()}
+# What a user may ask for (Octopus(device=...), --device): "auto" picks among the rest.
+DEVICES: tuple[str, ...] = ("auto", *PROVIDERS)
 PROBE_FILE = "probe.onnx"
 _HINTS = (
     ("libcuda.so", "no NVIDIA driver is installed"),

@@ -27,7 +27,6 @@ from octopus_rt.runtime import providers as providers_mod
 from octopus_rt.runtime.device_info import DeviceInfo
 from octopus_rt.runtime.provider_plan import GraphPlan, plan_graph, requested_provider
 from octopus_rt.runtime.providers import DEVICES, PROVIDERS
-from octopus_rt.runtime.providers import ort as _ort
 
 __all__ = ["DeviceChoice", "resolve_device", "Graph", "Backend"]
 
@@ -66,7 +65,7 @@ def resolve_device(
     if device not in DEVICES:
         raise OctopusError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if available is None:
-        available = _ort().get_available_providers()
+        available = providers_mod.ort().get_available_providers()
     available = tuple(available)
     if device == "auto":
         if PROVIDERS["cuda"] not in available:
@@ -108,10 +107,10 @@ class Graph:
 
     def to_device(self, array: np.ndarray) -> Any:
         """numpy array -> OrtValue on this graph's device."""
-        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+        return providers_mod.ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
     def run(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:
-        ort = _ort()
+        ort = providers_mod.ort()
         binding = self.session.io_binding()
         for name, value in inputs.items():
             if isinstance(value, np.ndarray):
@@ -177,7 +176,7 @@ class Backend:
         if name in self._graphs:
             return self._graphs[name]
         start = time.perf_counter()
-        ort = _ort()
+        ort = providers_mod.ort()
         choice = self.choice
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -14,13 +14,14 @@ from typing import Any, Optional
 
 import typer
 
-__all__ = ["register", "resolve_bundle", "DEMO_BUNDLE_ENV"]
+__all__ = ["register", "resolve_bundle", "demo_bundle", "DEMO_BUNDLE_ENV"]
 
 DEMO_BUNDLE_ENV = "OCTOPUS_BUNDLE"
 _DEVICE_HELP = "auto (CUDA if available, else CPU) | cpu | cuda | tensorrt."
 
 
-def _demo_bundle() -> Path:
+def demo_bundle() -> Path:
+    """Where the built-in demo bundle is installed (it may be absent)."""
     import octopus_rt
 
     return Path(octopus_rt.__file__).resolve().parent / "demo" / "bundle"
@@ -35,7 +36,7 @@ def resolve_bundle(bundle: Optional[Path]) -> Path:
     env = os.environ.get(DEMO_BUNDLE_ENV)
     if env:
         return Path(env)
-    demo = _demo_bundle()
+    demo = demo_bundle()
     if (demo / "manifest.json").is_file():
         return demo
     raise BundleError(

@@ -43,6 +43,7 @@ __all__ = [
     "logged_messages",
     "create_session",
     "probe",
+    "forget_probes",
     "PROBE_FILE",
 ]
 
@@ -206,6 +207,12 @@ def create_session(model: Any, providers: Sequence[Any], sess_options: Any = Non
 
 
 _probes: dict[str, str | None] = {}
+
+
+def forget_probes() -> None:
+    """Drop the per-process probe results, so the next `probe` runs again (e.g. after a driver or
+    library change in a long-lived process, or between tests)."""
+    _probes.clear()
 
 
 def probe(device: str) -> str | None:

@@ -39,8 +39,10 @@ _TRT_RAISED = ("/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_probes(monkeypatch):
-    monkeypatch.setattr(providers, "_probes", {})
+def _fresh_probes():
+    providers.forget_probes()
+    yield
+    providers.forget_probes()
 
 
 def test_probe_model_is_the_documented_one():
@@ -175,7 +177,6 @@ def test_backend_gpu_request_fails_with_one_line(monkeypatch, tiny_sam_bundle):
     fake, _ = _fake_ort(lambda names, kwargs: _FakeSession(["CPUExecutionProvider"]))
     fake.GraphOptimizationLevel = types.SimpleNamespace(ORT_ENABLE_ALL=99, ORT_ENABLE_BASIC=1, ORT_DISABLE_ALL=0)
     monkeypatch.setattr(providers, "ort", lambda: fake)
-    monkeypatch.setattr("octopus_rt.runtime.backends._ort", lambda: fake)
     monkeypatch.setattr(native_libs, "library_load_error", lambda device, capi=None: "libcuda.so.1: cannot open shared object file")
     backend = Backend(device="cuda")
     with pytest.raises(OctopusError, match=r"sam_encoder graph .*CUDAExecutionProvider.*libcuda\.so\.1.*no NVIDIA driver"):

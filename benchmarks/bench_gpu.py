@@ -167,7 +167,7 @@ def stage_inputs(manifest: dict[str, Any], past: int) -> dict[str, dict[str, Any
     """numpy inputs per stage (fp32 / int64 as the bundle contract says)."""
     import numpy as np
 
-    from octopus_rt.export.trt import parity_inputs
+    from octopus_rt.export.trt_parity import parity_inputs
     from octopus_rt.export.trt_profiles import graph_profile
     from octopus_rt.manifest import ProfileLimits
 

@@ -322,7 +322,7 @@ class EngineGraph(Schema):
     profile: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # {input: {min, opt, max}}
     layer_norm_fp32_fallback: bool = False
     build_seconds: float | None = None
-    parity: dict[str, Any] | None = None  # export/trt.ParityResult.to_dict()
+    parity: dict[str, Any] | None = None  # export/trt_parity.ParityResult.to_dict()
 
 
 @dataclass(frozen=True)

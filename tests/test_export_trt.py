@@ -120,7 +120,7 @@ def test_build_parity_failure_leaves_the_bundle_unchanged(tiny_sam_bundle, tmp_p
 
 
 def test_compare_outputs_thresholds():
-    from octopus_rt.export.trt import compare_outputs
+    from octopus_rt.export.trt_parity import compare_outputs
 
     rng = np.random.default_rng(0)
     masks = rng.standard_normal((1, 4, 32, 32)).astype(np.float32)
@@ -146,7 +146,7 @@ def test_compare_outputs_thresholds():
 
 
 def test_parity_inputs_follow_the_contract():
-    from octopus_rt.export.trt import parity_inputs
+    from octopus_rt.export.trt_parity import parity_inputs
 
     manifest = phi3_manifest()
     limits = ProfileLimits(max_batch=1, max_seq=8, max_past=8, opt_seq=3, opt_past=5)
@@ -195,7 +195,8 @@ def test_profile_shapes_are_valid_inputs_of_the_exported_decoder(tiny_lmm_bundle
     """Every corner of the decoder profile (min, opt, max) is a shape the exported graph accepts,
     and the outputs have the shapes the contract promises (present = P + S)."""
     from octopus_rt.bundle import read_manifest, section_path
-    from octopus_rt.export.trt import OrtSessionFactory, parity_inputs
+    from octopus_rt.export.trt import OrtSessionFactory
+    from octopus_rt.export.trt_parity import parity_inputs
 
     bundle = tiny_lmm_bundle("phi3_clip")
     manifest = read_manifest(bundle)

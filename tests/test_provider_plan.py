@@ -134,3 +134,15 @@ def test_octopus_probes_the_machine_only_for_a_gpu_device(runtime_bundle, monkey
     monkeypatch.setattr(backends, "resolve_device", lambda device: resolve(device, TRT, lambda d: None))
     assert api.Octopus(runtime_bundle, device="auto").device == "cuda"
     assert probed == [{"probe_devices": ("cuda",)}]  # no engines in the bundle: TensorRT is not probed
+
+
+def test_one_device_table():
+    """The device names a manifest may record are the keys of the one device -> provider table, and
+    --device / Octopus(device=) accept those plus "auto"."""
+    from octopus_rt.manifest import DEVICE_NAMES
+    from octopus_rt.runtime.providers import DEVICES, PROVIDERS
+
+    assert set(DEVICE_NAMES) == set(PROVIDERS) and DEVICES == ("auto", *PROVIDERS)
+    assert set(PROVIDERS.values()) == {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    with pytest.raises(InputError, match="device must be one of auto, cpu, cuda, tensorrt"):
+        plan_graph("/b", phi3_manifest(), "vision", DeviceInfo(), requested="gpu")

@@ -184,7 +184,7 @@ def test_full_disk_never_leaves_a_corrupt_latest_checkpoint(base_dir, small_quad
     from octopus_rt.training import checkpoint
     from octopus_rt.training.train import train
 
-    real_save = checkpoint._save
+    real_save = checkpoint.save_file
     calls = {"n": 0}
 
     def flaky_save(obj, path):
@@ -195,14 +195,14 @@ def test_full_disk_never_leaves_a_corrupt_latest_checkpoint(base_dir, small_quad
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(checkpoint, "_save", flaky_save)
+    monkeypatch.setattr(checkpoint, "save_file", flaky_save)
     options = _options(base_dir, small_quad, tmp_path / "out", max_steps=6, batch_size=2, lr=1e-3, save_every=2)
     with pytest.raises(OctopusError, match=r"step 4 .*No space left.*step-00000002"):
         train(options)
     names = sorted(p.name for p in (options.work_dir / "checkpoints").iterdir())
     assert names == ["step-00000002"] and not (tmp_path / "out").exists()
     assert checkpoint.latest_checkpoint(options.work_dir).name == "step-00000002"
-    monkeypatch.setattr(checkpoint, "_save", real_save)
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
     resumed = train(_options(base_dir, small_quad, tmp_path / "out", max_steps=6, batch_size=2, lr=1e-3,
                              save_every=2, resume=True))
     assert resumed.steps == [3, 4, 5, 6] and (tmp_path / "out" / "model.safetensors").is_file()

@@ -24,7 +24,7 @@ import numpy as np
 from octopus_rt.errors import InputError
 from octopus_rt.training.data.records import POSITION_MARGIN
 
-__all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "list_sources", "dhash", "group_sources"]
+__all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "make_sample", "list_sources", "dhash", "group_sources"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 32
@@ -238,7 +238,7 @@ def _user_regions(labels_dir: str | None, source_path: str, shape: tuple[int, in
     return [m for m, _ in regions], [names.get(str(v)) for _, v in regions]
 
 
-def _make_sample(task: tuple) -> int:
+def make_sample(task: tuple) -> int:
     """Worker body: one distorted image, its masks, and its records in ``.work/s<index>.json``
     (written last, atomically: the marker --resume trusts). Returns the sample index."""
     import cv2
@@ -405,7 +405,7 @@ def _run(src: Path, out: Path, sources: list[Path], options: SynthOptions, user_
         if not (options.resume and (out / ".work" / f"s{i:06d}.json").exists()):
             path = usable[i % len(usable)][0]
             todo.append((i, str(path), path.name, str(out), plain))
-    for _ in _map(_make_sample, todo, options.workers, options.progress, "synth"):
+    for _ in _map(make_sample, todo, options.workers, options.progress, "synth"):
         pass  # each sample's records are in its part file; gathered below in sample order
     counts = {split: 0 for split in ("train", "val", "test")}
     handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") for split in counts}

@@ -6,7 +6,9 @@ horizontal side of the target right 41 % of the time (teacher forced; vertical 7
 probe found the distorted half 66 % (horizontal) / 74 % (vertical) of the time on the same images. The
 language model had learnt which side of each photo's content is usually the answer, not to read the
 side off the image tokens. A mirrored twin has the same content with the opposite answer, so that
-shortcut stops paying; the labels stay exact because they move with the pixels.
+shortcut stops paying; the labels stay exact because they move with the pixels. Measured (issue 16
+round 2, docs/demo.md): with h / v / hv twins the horizontal answer became a constant ("left" for
+every held-out question) instead of a reading, so the FULL recipe leaves them off (`DemoRecipe.lmm_flips`).
 
 Frames: a record's image and masks are H x W; a horizontal mirror maps column x to W - 1 - x, so a
 bbox [x0, y0, x1, y1] (x1 exclusive) becomes [W - x1, y0, W - x0, y1] and a centre x becomes W - x;

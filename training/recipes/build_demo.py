@@ -52,6 +52,9 @@ class DemoRecipe:
     easy_seen: int = 0  # curriculum: images with one distorted region of severity >= 3 (0: no curriculum)
     easy_vision_steps: int = 0  # vision pretraining steps on the easy images, before the full mix
     easy_lmm_steps: int = 0  # LLaVA steps on the easy images, before the full mix
+    # Mirrored twins of the LLaVA training records (demo_augment.FLIPS). Off in FULL: measured in issue 16
+    # round 2 (docs/demo.md), they turned the horizontal answer into a constant, not into a reading.
+    lmm_flips: tuple[str, ...] = ()
 
 
 FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=2000, vision_time=60 * 60,
@@ -80,11 +83,12 @@ def _say(text: str) -> None:
     print(f"[build_demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
+def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int, flips: tuple[str, ...] = ()) -> Path:
     """A dataset folder for LLaVA training: all grounding and referring records, a seeded `share` of
     the (long) description records; val likewise. data_dir's sub-folders are hard-linked file by file
     (copied across file systems), so record paths stay valid: training refuses record paths that leave
-    the dataset folder, and a symbolic link to data_dir would."""
+    the dataset folder, and a symbolic link to data_dir would. `flips`: mirrored twins of the kept
+    train records (demo_augment), written after the originals (the trainer shuffles)."""
     import numpy as np
 
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
@@ -104,6 +108,10 @@ def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
     for split in ("train", "val"):
         records = read_jsonl(data_dir / f"{split}.jsonl")
         keep = [r for r in records if r["task"] in ("grounding", "referring") or rng.random() < share]
+        if split == "train" and flips:
+            from octopus_rt.training.recipes.demo_augment import add_mirrored_twins
+
+            keep = keep + add_mirrored_twins(out, keep, flips)
         write_jsonl(keep, out / f"{split}.jsonl")
     return out
 
@@ -266,7 +274,8 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
         for name, source, steps in phases:
             out = work / name
             if not (out / "config.json").exists():
-                lmm_data = _lmm_dataset(source, work / f"lmm_{name}", recipe.description_share, seed)
+                lmm_data = _lmm_dataset(source, work / f"lmm_{name}", recipe.description_share, seed,
+                                        recipe.lmm_flips)
                 shutil.rmtree(work / f"{name}.train", ignore_errors=True)
                 options = TrainOptions(base_model=start_from, data=[lmm_data], out=out, work_dir=work / f"{name}.train",
                                        lm_tuning="full", lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,

@@ -167,8 +167,9 @@ def stage_inputs(manifest: dict[str, Any], past: int) -> dict[str, dict[str, Any
     """numpy inputs per stage (fp32 / int64 as the bundle contract says)."""
     import numpy as np
 
-    from octopus_rt.export.trt import parity_inputs
-    from octopus_rt.runtime.trt_profiles import ProfileLimits, graph_profile
+    from octopus_rt.export.trt_parity import parity_inputs
+    from octopus_rt.export.trt_profiles import graph_profile
+    from octopus_rt.manifest import ProfileLimits
 
     prompt = int(manifest["lmm"]["vision"]["num_image_tokens"]) + _TEXT_TOKENS
     limits = ProfileLimits(max_batch=1, max_seq=prompt, max_past=past, opt_seq=prompt, opt_past=0)
@@ -229,10 +230,10 @@ def time_ort(bundle: Path, manifest, feeds, cfg: BenchConfig, device, provider: 
     """onnxruntime with IO binding, inputs and outputs on the provider's device.
 
     provider "cpu" / "cuda" / "tensorrt"; the graph files and provider options come from
-    runtime/trt_profiles.plan_graph, exactly as the runtime chooses them."""
+    runtime/provider_plan.plan_graph, exactly as the runtime chooses them."""
     import onnxruntime as ort
 
-    from octopus_rt.runtime.trt_profiles import plan_graph
+    from octopus_rt.runtime.provider_plan import plan_graph
 
     device_type = "cpu" if provider == "cpu" else "cuda"
     graph_of = {"vision": "vision", "prefill": "decoder", "decode": "decoder",
@@ -363,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from octopus_rt.bundle import read_manifest
-    from octopus_rt.runtime.doctor import probe_environment
+    from octopus_rt.runtime.device_info import probe_device
 
     torch.manual_seed(0)
     budget = Budget(args.budget_s)
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= cfg.layers <= 4:
         raise SystemExit("--layers must be 1..4")
     on_gpu = torch.cuda.is_available()
-    env = probe_environment()
+    env = probe_device()
     report: dict[str, Any] = {
         "config": {"layers_built": cfg.layers, "layers_extrapolated": cfg.text["layers"], "text": cfg.text,
                    "vision": cfg.vision, "sam": cfg.sam_type, "tiny": args.tiny, "repeats": cfg.repeats},
@@ -392,7 +393,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     manifest = read_manifest(bundle)
     past = int(manifest["lmm"]["vision"]["num_image_tokens"]) + _TEXT_TOKENS + 32
     feeds = stage_inputs(manifest, past)
-    device = env.device_info()
+    device = env
 
     def attempt(name: str, fn: Callable[[], dict[str, float]], need_s: float) -> None:
         try:
@@ -412,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         attempt("torch_eager_fp32_cpu", lambda: time_torch(model_dir, checkpoint, cfg, feeds, "cpu", "float32"), 0)
         attempt("ort_cpu", lambda: time_ort(bundle, manifest, feeds, cfg, device, "cpu"), 0)
 
-    if "CUDAExecutionProvider" in device.providers:
+    if device.can_run("cuda"):
         attempt("ort_cuda", lambda: time_ort(bundle, manifest, feeds, cfg, device, "cuda"), 20)
     else:
         report["backends"]["ort_cuda"] = {"skipped": "onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu)"}
@@ -427,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result = build_engines(bundle, TrtBuildOptions(fp16=True, max_seq=past, max_past=past, graphs=("vision", "decoder", "sam_encoder", "sam_decoder"),
                                                        workspace_gib=args.workspace), env=env, log=_log)
         report["tensorrt_build_seconds"] = round(time.monotonic() - build_start, 1)
-        report["tensorrt_parity"] = {g: r["parity"] for g, r in result.target["graphs"].items()}
+        report["tensorrt_parity"] = {g: r.parity for g, r in result.target.graphs.items()}
         manifest = read_manifest(bundle)
         attempt("tensorrt_fp16", lambda: time_ort(bundle, manifest, feeds, cfg, device, "tensorrt"), 10)
     except (TensorRTUnavailable, TimeoutError) as exc:

@@ -31,7 +31,7 @@ from octopus_rt.errors import InputError
 from octopus_rt.export.phi3v_config import Phi3VSpec, read_phi3v_spec
 from octopus_rt.export.phi3v_model import Phi3VForCausalLM
 
-__all__ = ["load_phi3v", "save_official_layout", "official_key", "module_key", "checkpoint_shards"]
+__all__ = ["load_phi3v", "save_official_layout", "official_key", "module_key", "checkpoint_shards", "copy_side_files"]
 
 VISION = "model.vision_embed_tokens."
 CLIP = VISION + "img_processor.vision_model."
@@ -206,7 +206,7 @@ def save_official_layout(
         (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     _write_configs(model.spec, out_dir, target)
     if source_dir is not None:
-        _copy_side_files(Path(source_dir), out_dir)
+        copy_side_files(Path(source_dir), out_dir)
     return out_dir
 
 
@@ -218,7 +218,7 @@ def _write_configs(spec: Phi3VSpec, out_dir: Path, dtype: torch.dtype) -> None:
         (out_dir / "preprocessor_config.json").write_text(json.dumps(spec.preprocessor, indent=2) + "\n", encoding="utf-8")
 
 
-def _copy_side_files(source: Path, out_dir: Path) -> None:
+def copy_side_files(source: Path, out_dir: Path) -> None:
     """Top-level regular files of source that are not weights and not written above (no symlinks)."""
     for path in sorted(source.iterdir()):
         if path.is_symlink() or not path.is_file() or path.name in _WRITTEN_BY_US:

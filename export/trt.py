@@ -2,23 +2,23 @@
 
 Engines are onnxruntime TensorRT **EP-context models** (docs/deploy.md explains the choice): for
 each graph, an onnxruntime session with the TensorRT execution provider builds the engine with
-explicit optimisation profiles (runtime/trt_profiles.py) and dumps `<graph>_ctx.onnx`, a one-node
+explicit optimisation profiles (export/trt_profiles.py) and dumps `<graph>_ctx.onnx`, a one-node
 ONNX model whose EPContext node points at the serialized engine file next to it. The runtime
 keeps ONE code path: it opens that ONNX file with onnxruntime like any other graph.
 
 Per graph (vision, sam_encoder, sam_decoder; the decoder with --decoder):
 
 1. CPU reference: the bundle's ONNX graph on onnxruntime's CPU provider, on seeded inputs at the
-   profile's opt shapes (`parity_inputs`), also giving the graph's declared input shapes.
+   profile's opt shapes (export/trt_parity.parity_inputs), also giving the graph's declared input shapes.
 2. Build: a session with TensorrtExecutionProvider (fp16, engine cache, timing cache shared by all
    graphs and carried over from the previous build, profiles for the dynamic inputs, EP-context
    dump, LayerNorm kept in fp32 for the SAM encoder under fp16) runs once, which builds the engine.
 3. Parity: the dumped context model, loaded as the runtime loads it, against the CPU reference
-   (`compare_outputs`: cosine similarity, max relative error, mask IoU, top-1 agreement).
+   (export/trt_parity.compare_outputs: cosine similarity, max relative error, mask IoU, top-1 agreement).
 
 Everything is written into a staging folder and committed as the bundle's `engines` section
 (octopus_rt.bundle.stage_section / commit_section) under a target named by GPU compute capability
-and TensorRT version (e.g. `sm87-trt10.3`); targets built earlier on other machines are kept.
+and TensorRT version (e.g. `sm87-trt10.3.0`); targets built earlier on other machines are kept.
 Without onnxruntime's TensorRT provider, an NVIDIA GPU or the TensorRT libraries the command fails
 before writing anything, with one line naming what is missing.
 
@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,43 +43,26 @@ import numpy as np
 
 from octopus_rt import bundle as bundle_mod
 from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.export.trt_parity import compare_outputs, parity_inputs
+from octopus_rt.export.trt_profiles import TRT_GRAPHS_DEFAULT, dynamic_only, graph_profile, tensorrt_build_options
+from octopus_rt.manifest import ENGINES_FORMAT, GRAPHS, EngineGraph, EnginesSection, EngineTarget, ProfileLimits
+from octopus_rt.memory import default_limits
 from octopus_rt.runtime import providers as providers_mod
-from octopus_rt.runtime.trt_profiles import (
-    DEFAULT_PROVIDERS,
-    ENGINES_FORMAT,
-    GRAPHS,
-    TRT_GRAPHS_DEFAULT,
-    ProfileLimits,
-    cuda_options,
-    default_limits,
-    dynamic_only,
-    graph_profile,
-    graph_record,
-    tensorrt_build_options,
-    tensorrt_load_options,
-)
+from octopus_rt.runtime.device_info import DeviceInfo
+from octopus_rt.runtime.provider_plan import DEFAULT_PROVIDERS, cuda_options, graph_record, tensorrt_load_options
 
 __all__ = [
     "TrtBuildOptions",
-    "ParityResult",
     "TrtBuildResult",
     "SessionFactory",
     "OrtSessionFactory",
     "TensorRTUnavailable",
     "require_tensorrt",
-    "parity_inputs",
-    "compare_outputs",
     "build_engines",
 ]
 
-# Parity thresholds against the CPU fp32 path. fp16 engines differ by rounding; a broken engine
-# (wrong profile, overflow to inf/NaN, a mis-parsed op) is far outside these.
-_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
-_MAX_REL_ERR = {"fp32": 1e-3, "fp16": 5e-2}
-_MIN_MASK_IOU = {"fp32": 0.995, "fp16": 0.97}
 _TIMING_DIR = "timing"
 _CACHE_DIR = "cache"
-_PARITY_SEED = 0
 
 SessionFactory = Callable[[Path, list, bool], Any]
 
@@ -90,7 +73,7 @@ class TensorRTUnavailable(providers_mod.ProviderUnavailable):
 
 @dataclass
 class TrtBuildOptions:
-    """Options of `octopus-rt export trt`. max_* default to the manifest (trt_profiles.default_limits).
+    """Options of `octopus-rt export trt`. max_* default to the manifest (memory.default_limits).
 
     workspace_gib: TensorRT builder workspace; graphs: which graphs to build (decoder is opt-in:
     the decode loop runs on the CUDA provider by default, see docs/deploy.md).
@@ -124,24 +107,9 @@ class TrtBuildOptions:
 
 
 @dataclass
-class ParityResult:
-    """Per-output agreement of an engine with the CPU path; `failures` lists what broke a threshold."""
-
-    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"outputs": self.outputs, "ok": self.ok, "failures": list(self.failures)}
-
-
-@dataclass
 class TrtBuildResult:
-    name: str
-    target: dict[str, Any]
+    name: str  # the target's name, "sm87-trt10.3.0"
+    target: EngineTarget  # as committed to the manifest's engines.targets[name]
     manifest: dict[str, Any]
 
 
@@ -203,13 +171,13 @@ def _run_reporting(make: Callable[[], _Session], feeds: Mapping[str, np.ndarray]
     return session, outputs, messages
 
 
-def require_tensorrt(env: Any) -> str:
+def require_tensorrt(env: DeviceInfo) -> str:
     """Engine target name for this machine, or TensorRTUnavailable naming what is missing.
 
-    `env` is a runtime.doctor.Environment (probed, or built by a test)."""
+    `env`: runtime/device_info.DeviceInfo (probed, or built by a test)."""
     if env.onnxruntime is None:
         raise TensorRTUnavailable("onnxruntime is not installed; install onnxruntime-gpu with TensorRT (docs/deploy.md)")
-    if "TensorrtExecutionProvider" in getattr(env, "unusable", {}):
+    if "TensorrtExecutionProvider" in env.unusable:
         raise TensorRTUnavailable(f"onnxruntime's TensorRT provider cannot run here: {env.unusable['TensorrtExecutionProvider']}")
     if "TensorrtExecutionProvider" not in env.providers:
         raise TensorRTUnavailable(
@@ -219,113 +187,9 @@ def require_tensorrt(env: Any) -> str:
     if env.compute_capability is None:
         raise TensorRTUnavailable("no NVIDIA GPU found (nvidia-smi / Jetson probes); build engines on the machine that runs them")
     if env.tensorrt is None:
-        found = getattr(env, "tensorrt_library", None) or "no libnvinfer found"
+        found = env.tensorrt_library or "no libnvinfer found"
         raise TensorRTUnavailable(f"TensorRT libraries not found ({found}); install the TensorRT docs/deploy.md pairs with your onnxruntime-gpu")
-    return env.device_info().engine_name
-
-
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
-
-def parity_inputs(
-    manifest: Mapping[str, Any],
-    graph: str,
-    shapes: Mapping[str, Sequence[int]],
-    types: Mapping[str, str] | None = None,
-    *,
-    embeddings: np.ndarray | None = None,
-    seed: int = _PARITY_SEED,
-) -> dict[str, np.ndarray]:
-    """Seeded, realistic inputs of `graph` at `shapes` ({input name: shape}).
-
-    types: onnxruntime type strings ("tensor(float)", ...) per input, default float32/int64 as the
-    bundle contract says. Decoder: inputs_embeds are rows of the embedding table when given (real
-    magnitudes), attention_mask ones, position_ids P..P+S-1. SAM decoder: one point inside the image
-    plus the padding point (label -1), no mask input.
-    """
-    rng = np.random.default_rng(seed)
-    types = types or {}
-    feeds: dict[str, np.ndarray] = {}
-    past = 0
-    for name, shape in shapes.items():
-        if name.startswith("past_key_values."):
-            past = int(shape[2])
-    for name, shape in shapes.items():
-        shape = tuple(int(d) for d in shape)
-        dtype = _NP_TYPES.get(types.get(name, ""), np.int64 if name in ("attention_mask", "position_ids") else np.float32)
-        if name == "attention_mask":
-            value = np.ones(shape)
-        elif name == "position_ids":
-            value = np.broadcast_to(np.arange(past, past + shape[1]), shape)
-        elif name == "inputs_embeds" and embeddings is not None:
-            ids = rng.integers(0, embeddings.shape[0], size=shape[:2])
-            value = np.asarray(embeddings[ids.reshape(-1)], dtype=np.float32).reshape(shape)
-        elif name == "point_coords":
-            size = int(manifest["sam"]["encoder"]["input_size"])
-            value = rng.uniform(0.1 * size, 0.9 * size, size=shape)
-        elif name == "point_labels":
-            value = np.ones(shape)
-            value[..., -1] = -1  # SAM's padding point, as the runtime appends it
-        elif name in ("mask_input", "has_mask_input"):
-            value = np.zeros(shape)
-        else:
-            value = rng.standard_normal(shape)
-        feeds[name] = np.ascontiguousarray(value, dtype=dtype)
-    return feeds
-
-
-def compare_outputs(
-    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], precision: str
-) -> ParityResult:
-    """Agreement of `candidate` with `reference`, output by output.
-
-    For every output: cosine similarity and max |a-b| / max |a| (thresholds per precision); for
-    "low_res_masks": IoU of the masks (logit > 0); for "logits": whether the argmax agrees.
-    """
-    result = ParityResult()
-    for name, ref in reference.items():
-        if name not in candidate:
-            result.failures.append(f"{name}: missing from the engine's outputs")
-            continue
-        ref64 = np.asarray(ref, dtype=np.float64)
-        got64 = np.asarray(candidate[name], dtype=np.float64)
-        if ref64.shape != got64.shape:
-            result.failures.append(f"{name}: shape {got64.shape} != {ref64.shape}")
-            continue
-        if not np.all(np.isfinite(got64)):
-            result.failures.append(f"{name}: non-finite values (fp16 overflow?)")
-            continue
-        a, b = ref64.ravel(), got64.ravel()
-        denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-        cosine = float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
-        scale = float(np.max(np.abs(a))) if a.size else 0.0
-        rel = float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(b), initial=0.0))
-        stats: dict[str, float] = {"cosine": cosine, "max_rel_err": rel}
-        if cosine < _MIN_COSINE[precision]:
-            result.failures.append(f"{name}: cosine {cosine:.5f} < {_MIN_COSINE[precision]}")
-        if rel > _MAX_REL_ERR[precision]:
-            result.failures.append(f"{name}: max relative error {rel:.3g} > {_MAX_REL_ERR[precision]}")
-        if name == "low_res_masks":
-            ma, mb = ref64 > 0, got64 > 0
-            union = np.logical_or(ma, mb).sum()
-            iou = float(np.logical_and(ma, mb).sum() / union) if union else 1.0
-            stats["mask_iou"] = iou
-            if iou < _MIN_MASK_IOU[precision]:
-                result.failures.append(f"{name}: mask IoU {iou:.4f} < {_MIN_MASK_IOU[precision]}")
-        if name == "logits" and ref64.ndim >= 2:
-            top1 = got64.argmax(-1)
-            stats["top1_agreement"] = float(np.mean(ref64.argmax(-1) == top1))
-            # fp16 may swap near-tied tokens (untrained test models have many): the engine's
-            # top-1 must then still be among the reference's top 5; fp32 must agree exactly.
-            k = 1 if precision == "fp32" else 5
-            top_k = np.argsort(-ref64, axis=-1)[..., :k]
-            inside = float(np.mean(np.any(top_k == top1[..., None], axis=-1)))
-            stats[f"top1_in_ref_top{k}"] = inside
-            if inside < 1.0:
-                result.failures.append(f"{name}: the top-1 token is outside the reference's top {k} ({inside:.2f})")
-        result.outputs[name] = stats
-    return result
+    return env.engine_name
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -393,7 +257,7 @@ def _build_graph(
     target_dir: Path,
     factory: SessionFactory,
     log: Callable[[str], None],
-) -> dict[str, Any]:
+) -> EngineGraph:
     record = graph_record(manifest, graph)
     source = bundle_mod.section_path(bundle_dir, manifest[GRAPHS[graph][0]], record["file"])
     full = graph_profile(manifest, graph, limits)
@@ -469,28 +333,28 @@ def _build_graph(
         f"{k} cos {v['cosine']:.5f}" for k, v in parity.outputs.items()))
     if not parity.ok:
         raise OctopusError(f"{graph}: the TensorRT engine disagrees with the CPU path: " + "; ".join(parity.failures))
-    return {
-        "file": f"{target_dir.name}/{ctx_file.name}",
-        "source": f"{GRAPHS[graph][0]}/{record['file']}",
-        "source_sha256": _source_sha(manifest, graph),
-        "profile": {n: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for n, r in profile.items()},
-        "layer_norm_fp32_fallback": bool(trt["trt_layer_norm_fp32_fallback"]),
-        "build_seconds": round(seconds, 1),
-        "parity": parity.to_dict(),
-    }
+    return EngineGraph(
+        file=f"{target_dir.name}/{ctx_file.name}",
+        source=f"{GRAPHS[graph][0]}/{record['file']}",
+        source_sha256=_source_sha(manifest, graph),
+        profile={n: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for n, r in profile.items()},
+        layer_norm_fp32_fallback=bool(trt["trt_layer_norm_fp32_fallback"]),
+        build_seconds=round(seconds, 1),
+        parity=parity.to_dict(),
+    )
 
 
 def build_engines(
     bundle_dir: str | os.PathLike[str],
     options: TrtBuildOptions | None = None,
     *,
-    env: Any = None,
+    env: DeviceInfo | None = None,
     session_factory: SessionFactory | None = None,
     log: Callable[[str], None] = lambda _line: None,
 ) -> TrtBuildResult:
     """Build, verify and commit this machine's engines into the bundle's `engines` section.
 
-    env: a runtime.doctor.Environment (default: probed now); session_factory: creates sessions
+    env: a runtime.device_info.DeviceInfo (default: probed now); session_factory: creates sessions
     (default OrtSessionFactory; tests substitute one). Raises TensorRTUnavailable before writing
     anything when TensorRT cannot run here, OctopusError when a build or parity check fails (the
     bundle is then unchanged).
@@ -506,9 +370,9 @@ def build_engines(
         raise InputError(f"the bundle has none of the graphs {', '.join(options.graphs)} (export lmm / sam first)")
     limits = default_limits(manifest, max_batch=options.max_batch, max_seq=options.max_seq, max_past=options.max_past)
     if env is None:
-        from octopus_rt.runtime.doctor import probe_environment
+        from octopus_rt.runtime.device_info import probe_device
 
-        env = probe_environment()
+        env = probe_device()
     name = require_tensorrt(env)
     factory = session_factory or OrtSessionFactory()
 
@@ -520,30 +384,30 @@ def build_engines(
         log(f"building engines {name} for {env.gpu_name} (TensorRT {env.tensorrt}, onnxruntime {env.onnxruntime}); "
             f"limits {limits.to_dict()}")
         built = {g: _build_graph(bundle_dir, manifest, g, limits, options, target_dir, factory, log) for g in graphs}
-        target = {
-            "compute_capability": env.compute_capability,
-            "gpu_name": env.gpu_name,
-            "jetson": env.jetson,
-            "tensorrt": env.tensorrt,
-            "cuda": env.cuda,
-            "driver": env.driver,
-            "onnxruntime": env.onnxruntime,
-            "precision": options.precision,
-            "limits": limits.to_dict(),
-            "workspace_bytes": options.workspace_bytes,
-            "builder_optimization_level": options.builder_optimization_level,
-            "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "graphs": built,
-        }
-        previous = manifest.get("engines") if isinstance(manifest.get("engines"), dict) else {}
-        targets = {t: previous["targets"][t] for t in kept}
+        target = EngineTarget(
+            graphs=built,
+            precision=options.precision,
+            tensorrt=env.tensorrt,
+            compute_capability=env.compute_capability,
+            gpu_name=env.gpu_name,
+            jetson=env.jetson,
+            cuda=env.cuda,
+            driver=env.driver,
+            onnxruntime=env.onnxruntime,
+            limits=limits,
+            workspace_bytes=options.workspace_bytes,
+            builder_optimization_level=options.builder_optimization_level,
+            built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        previous = EnginesSection.from_dict(manifest["engines"], "engines") if kept else None
+        targets = {t: previous.targets[t] for t in kept} if previous else {}
         targets[name] = target
-        section = {
-            "format": ENGINES_FORMAT,
-            "versions": {**bundle_mod.package_versions("octopus-rt"), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
-            "targets": targets,
-        }
-        new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section)
+        section = EnginesSection(
+            format=ENGINES_FORMAT,
+            versions={**bundle_mod.package_versions("octopus-rt"), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
+            targets=targets,
+        )
+        new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section.to_dict())
     providers = dict(DEFAULT_PROVIDERS, **new_manifest.get("defaults", {}).get("providers", {}))
     providers.update({g: "tensorrt" for g in built})
     new_manifest = bundle_mod.update_defaults(bundle_dir, {"providers": providers})

@@ -28,7 +28,7 @@ def register(export_app: typer.Typer) -> None:
         """Build TensorRT engines (onnxruntime EP-context models) for THIS machine's GPU, verify them
         against the CPU path, and record them in the bundle's `engines` section."""
         from octopus_rt.export.trt import TrtBuildOptions, build_engines
-        from octopus_rt.runtime.trt_profiles import TRT_GRAPHS_DEFAULT
+        from octopus_rt.export.trt_profiles import TRT_GRAPHS_DEFAULT
 
         options = TrtBuildOptions(
             fp16=fp16, max_batch=max_batch, max_seq=max_seq, max_past=max_past, workspace_gib=workspace,
@@ -36,5 +36,5 @@ def register(export_app: typer.Typer) -> None:
             builder_optimization_level=opt_level,
         )
         result = build_engines(bundle, options, log=lambda line: typer.echo(line, err=True))
-        graphs = ", ".join(result.target["graphs"])
+        graphs = ", ".join(result.target.graphs)
         typer.echo(f"OK {bundle}: engines {result.name} ({graphs}) built and verified against the CPU path")

@@ -13,21 +13,24 @@ Rules of the schema:
   refuses a bundle for what it does not use;
 - fields marked `omit_if_none` are left out of `to_dict()` while None (`dir`, `files`, `written`:
   `bundle.commit_section` fills them in; `sam.source.config` exists for custom SAMs only).
-The `engines` section (TensorRT) is read as a plain dict until its owner types it.
+The field machinery (reading with checks, writing) is octopus_rt/schema.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from octopus_rt import vocab
-from octopus_rt.errors import BundleError
+from octopus_rt.errors import InputError
+from octopus_rt.schema import ManifestError, Schema, optional
 
 __all__ = [
+    "GRAPHS",
+    "Device",
+    "DEVICE_NAMES",
+    "ENGINES_FORMAT",
     "FileRecord",
     "LmmSource",
     "VisionGraph",
@@ -47,14 +50,29 @@ __all__ = [
     "SamDecoderGraph",
     "SamPreprocessSpec",
     "SamSection",
+    "ProfileLimits",
+    "EngineGraph",
+    "EngineTarget",
+    "EnginesSection",
     "Defaults",
     "Manifest",
     "ManifestError",
     "parse_manifest",
 ]
 
-T = TypeVar("T", bound="Schema")
-
+# Graph key -> (section, key inside the section): where each ONNX graph's record lives.
+GRAPHS: dict[str, tuple[str, str]] = {
+    "vision": ("lmm", "vision"),
+    "decoder": ("lmm", "decoder"),
+    "sam_encoder": ("sam", "encoder"),
+    "sam_decoder": ("sam", "decoder"),
+}
+# What a bundle may ask a graph to run on (defaults.providers); runtime/providers.py maps each to
+# onnxruntime's provider name.
+Device = Literal["cpu", "cuda", "tensorrt"]
+DEVICE_NAMES: tuple[str, ...] = typing.get_args(Device)
+# Value of engines.format: onnxruntime TensorRT EP-context models (docs/deploy.md explains why).
+ENGINES_FORMAT = "onnxruntime-tensorrt-ep-context"
 # lmm.architecture: how the runtime turns an image + question into decoder inputs
 # (runtime/image_stage.py): "llava" (one resized image, a fixed number of image tokens) or "phi3v"
 # (Phi-3(.5)-Vision's HD crops, a per-image number of tokens, lmm.hd).
@@ -62,104 +80,6 @@ ARCHITECTURES = ("llava", "phi3v")
 # lmm.decoder.form: the decoder graph's I/O contract. "flat_kv" = docs/bundle.md "Decoder graph I/O"
 # (inputs_embeds, attention_mask, position_ids, 2L past tensors -> last logits, 2L presents).
 DECODER_FORMS = ("flat_kv",)
-
-
-class ManifestError(BundleError):
-    """A manifest field is missing, mistyped or out of its allowed values; `problem` names it
-    ("lmm.decoder.num_layers is missing") without the "bundle manifest: " prefix."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(f"bundle manifest: {problem}")
-        self.problem = problem
-
-
-def _optional(default: Any = None) -> Any:
-    """A field that `to_dict` leaves out while it is None."""
-    return field(default=default, metadata={"omit_if_none": True})
-
-
-class Schema:
-    """Reading (`from_dict`, validating) and writing (`to_dict`) for the dataclasses below."""
-
-    @classmethod
-    def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-        """Validated instance from JSON data; `where` is the field path used in messages ("lmm")."""
-        if not isinstance(data, dict):
-            raise ManifestError(f"{where or cls.__name__} must be an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            path = f"{where}.{f.name}" if where else f.name
-            if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise ManifestError(f"{path} is missing")
-                continue
-            values[f.name] = _read(hints[f.name], data[f.name], path)
-        instance = cls(**values)
-        instance.check(where)
-        return instance
-
-    def check(self, where: str) -> None:
-        """Rules across or inside fields beyond their types (ManifestError); none by default."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is None and f.metadata.get("omit_if_none"):
-                continue
-            out[f.name] = _write(value)
-        return out
-
-
-def _write(value: Any) -> Any:
-    if isinstance(value, Schema):
-        return value.to_dict()
-    if isinstance(value, dict):
-        return {k: _write(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_write(v) for v in value]
-    return value
-
-
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
-
-
-def _read(kind: Any, value: Any, where: str) -> Any:
-    """`value` checked against the type annotation `kind` (and nested schemas built)."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if kind is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # X | None: X's own message names the nested field
-            return _read(options[0], value, where)
-        for option in options:
-            try:
-                return _read(option, value, where)
-            except ManifestError:
-                continue
-        wanted = " or ".join(_NAMES.get(typing.get_origin(a) or a, getattr(a, "__name__", str(a))) for a in options)
-        raise ManifestError(f"{where} must be {wanted}, got {type(value).__name__}")
-    if isinstance(kind, type) and issubclass(kind, Schema):
-        return kind.from_dict(value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ManifestError(f"{where} must be a list, got {type(value).__name__}")
-        return [_read(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ManifestError(f"{where} must be an object, got {type(value).__name__}")
-        return {str(k): _read(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    ok = (type(value) is bool if kind is bool else
-          isinstance(value, (int, float)) and type(value) is not bool if kind is float else
-          isinstance(value, int) and type(value) is not bool if kind is int else
-          isinstance(value, kind))
-    if not ok:
-        raise ManifestError(f"{where} must be {_NAMES.get(kind, kind.__name__)}, got {type(value).__name__}")
-    return value
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -175,9 +95,9 @@ class FileRecord(Schema):
 class Section(Schema):
     """Fields of every section that owns files (docs/bundle.md, "Every section with files has")."""
 
-    dir: str | None = _optional()  # folder relative to the bundle
-    files: dict[str, FileRecord] | None = _optional()
-    written: str | None = _optional()  # UTC ISO time of the commit
+    dir: str | None = optional()  # folder relative to the bundle
+    files: dict[str, FileRecord] | None = optional()
+    written: str | None = optional()  # UTC ISO time of the commit
     versions: dict[str, str] = field(default_factory=dict)  # {package: version} that wrote it
     opset: int | None = None
     ir_version: int | None = None
@@ -344,7 +264,7 @@ class LmmSection(Section):
     closed_set_forms: dict[str, dict[str, list[int]]] | None = None
     whole_image_phrases: list[str] = field(default_factory=lambda: list(vocab.WHOLE_IMAGE_PHRASES))
     score_prompt: ScorePrompt = field(default_factory=ScorePrompt)
-    hd: HDTransformSpec | None = _optional()  # phi3v only
+    hd: HDTransformSpec | None = optional()  # phi3v only
     verification: dict[str, Any] | None = None
 
     def check(self, where: str) -> None:
@@ -364,7 +284,7 @@ class LmmSection(Section):
 class SamSource(Schema):
     checkpoint: str | None = None
     model_type: str = "vit_b"  # vit_b | vit_l | vit_h | custom
-    config: dict[str, Any] | None = _optional()  # custom only
+    config: dict[str, Any] | None = optional()  # custom only
 
 
 @dataclass(frozen=True)
@@ -418,6 +338,84 @@ class SamSection(Section):
         return int(self.preprocess.input_size if self.preprocess.input_size is not None else self.encoder.input_size)
 
 
+# ------------------------------------------------------------------------------ engines
+@dataclass(frozen=True)
+class ProfileLimits(Schema):
+    """Build limits of TensorRT engines: batch B, prefill length S, past length P (tokens); recorded
+    as an engines target's `limits` and read by the memory estimate.
+
+    opt_* are the shapes TensorRT tunes its kernels for; the decoder's opt is a decode step
+    (S = 1, P = opt_past) because generation calls the decoder once per new token.
+    """
+
+    max_batch: int = 1
+    max_seq: int = 832
+    max_past: int = 895
+    opt_batch: int = 1
+    opt_seq: int = 1
+    opt_past: int = 672
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_seq", "max_past", "opt_batch", "opt_seq"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.opt_past < 0:
+            raise InputError(f"opt-past must be >= 0, got {self.opt_past}")
+        if self.opt_batch > self.max_batch or self.opt_seq > self.max_seq or self.opt_past > self.max_past:
+            raise InputError(f"opt shapes must not exceed the max shapes: {self}")
+
+    @property
+    def max_total(self) -> int:
+        """Longest attention span (P + S) any call inside the profile can have."""
+        return self.max_past + self.max_seq
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class EngineGraph(Schema):
+    """One graph's engine: its EP-context model (`file`, in the engines section) and what it was built from."""
+
+    file: str
+    source: str | None = None  # "<section>/<file>" of the ONNX graph it was built from
+    source_sha256: str | None = None  # that file's hash at build time (a re-export makes the engine stale)
+    profile: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # {input: {min, opt, max}}
+    layer_norm_fp32_fallback: bool = False
+    build_seconds: float | None = None
+    parity: dict[str, Any] | None = None  # export/trt_parity.ParityResult.to_dict()
+
+
+@dataclass(frozen=True)
+class EngineTarget(Schema):
+    """Engines built on one machine kind, named by runtime/provider_plan.engine_name ("sm87-trt10.3.0")."""
+
+    graphs: dict[str, EngineGraph]
+    precision: str | None = None  # fp16 | fp32
+    tensorrt: str | None = None  # the libnvinfer version that built them; an engine loads only there
+    compute_capability: str | None = None
+    gpu_name: str | None = None
+    jetson: str | None = None
+    cuda: str | None = None
+    driver: str | None = None
+    onnxruntime: str | None = None
+    limits: ProfileLimits | None = None
+    workspace_bytes: int | None = None
+    builder_optimization_level: int | None = None
+    built: str | None = None  # UTC ISO time
+
+    def check(self, where: str) -> None:
+        unknown = [g for g in self.graphs if g not in GRAPHS]
+        if unknown:
+            raise ManifestError(f"{where}.graphs.{unknown[0]} is not a graph ({', '.join(GRAPHS)})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnginesSection(Section):
+    format: str  # ENGINES_FORMAT
+    targets: dict[str, EngineTarget] = field(default_factory=dict)
+
+
 # ------------------------------------------------------------------------------ manifest
 @dataclass(frozen=True)
 class Defaults(Schema):
@@ -427,16 +425,21 @@ class Defaults(Schema):
     point_mapping: str = "paper"
     max_new_tokens: int = 64
     multimask: bool = True
-    providers: dict[str, str] | None = _optional()  # {graph: "tensorrt" | "cuda" | "cpu"}
+    providers: dict[str, Device] | None = optional()  # {graph: device}, runtime/provider_plan.plan_graph
+
+    def check(self, where: str) -> None:
+        unknown = [g for g in (self.providers or {}) if g not in GRAPHS]
+        if unknown:
+            raise ManifestError(f"{where}.providers.{unknown[0]} is not a graph ({', '.join(GRAPHS)})")
 
 
 @dataclass(frozen=True)
 class Manifest(Schema):
     format: str
     format_version: int
-    lmm: LmmSection | None = _optional()
-    sam: SamSection | None = _optional()
-    engines: dict[str, Any] | None = _optional()
+    lmm: LmmSection | None = optional()
+    sam: SamSection | None = optional()
+    engines: EnginesSection | None = optional()
     defaults: Defaults = field(default_factory=Defaults)
 
 

@@ -9,7 +9,8 @@ need = weights + KV cache + activations + runtime
   the same precision, and only one of the two copies is loaded per graph, so the ONNX sizes stand
   for both.
 - KV cache at the configured maximum length L = max_past + 1 (the present of the last decode step;
-  limits from the engines target's recorded limits, else runtime/trt_profiles.default_limits):
+  limits from the engines target's recorded limits, else `default_limits`, which also gives
+  `octopus-rt export trt` its default engine limits):
   ``2 * layers * kv_heads * head_dim * L * bytes * batch`` (keys and values), bytes from the
   decoder's I/O dtype (float32 = 4: fp16 / int4 graphs keep float32 I/O).
 - activations: the peak of the largest single stage (stages run one after another), estimated
@@ -31,8 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from octopus_rt.errors import InputError
+from octopus_rt.manifest import ProfileLimits
+
 __all__ = [
     "GIB",
+    "TEXT_TOKENS_MARGIN",
     "OS_RESERVE",
     "RUNTIME_OVERHEAD_GPU",
     "RUNTIME_OVERHEAD_CPU",
@@ -42,6 +47,7 @@ __all__ = [
     "BoardFit",
     "dtype_bytes",
     "kv_cache_bytes",
+    "default_limits",
     "estimate_memory",
     "check_boards",
     "format_bytes",
@@ -53,6 +59,9 @@ GIB = 1 << 30
 OS_RESERVE = int(1.5 * GIB)
 RUNTIME_OVERHEAD_GPU = 1 * GIB
 RUNTIME_OVERHEAD_CPU = GIB // 4
+# Prompt text around the image tokens (system text, question, options, chat markup) is far below
+# this; the default prefill limit is num_image_tokens + this margin.
+TEXT_TOKENS_MARGIN = 256
 _SAM_ENCODERS = {  # model_type -> (embed_dim, heads, mlp_ratio)
     "vit_b": (768, 12, 4.0),
     "vit_l": (1024, 16, 4.0),
@@ -177,6 +186,39 @@ def _sam_encoder_peak(sam: Mapping[str, Any]) -> int | None:
     return scores + mlp
 
 
+def default_limits(
+    manifest: Mapping[str, Any],
+    *,
+    max_batch: int | None = None,
+    max_seq: int | None = None,
+    max_past: int | None = None,
+) -> ProfileLimits:
+    """Limits from the manifest, each overridable.
+
+    max_seq  = num_image_tokens + TEXT_TOKENS_MARGIN (the prompt the runtime prefills at once),
+    max_past = max_seq + defaults.max_new_tokens - 1 (the past of the last decode step),
+    both capped by the decoder's max_position_embeddings; opt_past is the midpoint of generation.
+    """
+    lmm = manifest.get("lmm") if isinstance(manifest.get("lmm"), dict) else {}
+    image_tokens = int(lmm.get("vision", {}).get("num_image_tokens") or lmm.get("prompt", {}).get("num_image_tokens") or 0)
+    max_positions = int(lmm.get("decoder", {}).get("max_position_embeddings") or 1 << 30)
+    new_tokens = int(manifest.get("defaults", {}).get("max_new_tokens") or 64)
+    seq = int(max_seq) if max_seq is not None else min(image_tokens + TEXT_TOKENS_MARGIN, max_positions)
+    past = int(max_past) if max_past is not None else min(seq + new_tokens - 1, max_positions - 1)
+    batch = int(max_batch) if max_batch is not None else 1
+    if seq < 1 or past < 1 or batch < 1:
+        raise InputError(f"max-batch, max-seq and max-past must be >= 1 (got {batch}, {seq}, {past})")
+    if seq > max_positions or past >= max_positions:
+        # P + S of one call never exceeds the model's positions; a longer limit is a mistake.
+        raise InputError(
+            f"max-seq {seq} / max-past {past} exceed the decoder's max_position_embeddings {max_positions}"
+        )
+    opt_past = min(past, min(image_tokens + TEXT_TOKENS_MARGIN // 4, seq) + new_tokens // 2)
+    return ProfileLimits(
+        max_batch=batch, max_seq=seq, max_past=past, opt_batch=1, opt_seq=1, opt_past=max(0, opt_past)
+    )
+
+
 def estimate_memory(
     manifest: Mapping[str, Any],
     *,
@@ -187,16 +229,14 @@ def estimate_memory(
     """Memory the bundle needs at the configured maximum length (see the module docstring).
 
     max_len / batch default to the engines target's recorded limits (the first target), else to
-    runtime/trt_profiles.default_limits(manifest): max_len = max_past + 1.
+    default_limits(manifest): max_len = max_past + 1.
     """
-    from octopus_rt.runtime.trt_profiles import ProfileLimits, default_limits
-
     notes: list[str] = []
     limits: ProfileLimits | None = None
     targets = (manifest.get("engines") or {}).get("targets") or {}
     for name, target in sorted(targets.items()):
         if isinstance(target.get("limits"), dict):
-            limits = ProfileLimits(**target["limits"])
+            limits = ProfileLimits.from_dict(target["limits"], f"engines.targets.{name}.limits")
             notes.append(f"limits from engines target {name}")
             break
     lmm = manifest.get("lmm") if isinstance(manifest.get("lmm"), dict) else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,44 +30,17 @@ from octopus_rt.manifest import parse_manifest
 from octopus_rt.runtime import closed_set
 from octopus_rt.runtime.backends import Backend
 from octopus_rt.runtime.cache import ImageCache, ImageEntry
+from octopus_rt.runtime.device_info import DeviceInfo, probe_device
 from octopus_rt.runtime.generate import Decoder, KVState
-from octopus_rt.runtime.image_stage import PromptIds, image_stage_for
+from octopus_rt.runtime.image_stage import image_stage_for
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
+from octopus_rt.runtime.overlay import render_overlay
+from octopus_rt.runtime.profiling import StageTimer, write_chrome_trace
+from octopus_rt.runtime.prompt import PromptIds, check_context, check_text
 from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
 from octopus_rt.runtime.streaming import TextStream
 
 __all__ = ["Octopus"]
-
-
-def _check_text(text: object, what: str) -> None:
-    """InputError unless `text` is a non-blank str that is valid Unicode (no lone surrogates, which a
-    non-UTF-8 command-line argument becomes and which the tokenizer cannot take)."""
-    if not isinstance(text, str):
-        raise InputError(f"{what} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InputError(f"{what} is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError(f"{what} is not valid UTF-8 text (it holds a lone surrogate: bytes in another encoding?)") from None
-
-
-class _Timer:
-    """Collects per-stage wall times in milliseconds (a stage run twice accumulates)."""
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-        self.events: list[tuple[str, float, float]] = []  # (stage, start perf_counter s, duration s)
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            self.ms[name] = self.ms.get(name, 0.0) + elapsed * 1000.0
-            self.events.append((name, start, elapsed))
 
 
 class Octopus:
@@ -80,6 +52,8 @@ class Octopus:
     max_pixels: refuse larger images before decoding them (None: no limit).
     profile_dir: when set, onnxruntime writes per-node profiles there (see `end_profiling`).
     num_crops: Phi-3-Vision bundles only, the HD crop budget (default: the bundle's `lmm.hd.num_crops`).
+    device_info: what runtime/device_info.probe_device found on this machine; None: probed here when
+    the device resolves to a GPU (the device is resolved at construction; a CPU run probes nothing).
 
     Load-time checks (one-line `BundleError`): folder and manifest present, the manifest valid
     (`bundle.validate_manifest`: format version, paths inside the bundle, an `lmm` section with every
@@ -95,6 +69,7 @@ class Octopus:
         cache_images: int = 4,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         profile_dir: str | os.PathLike[str] | None = None,
+        device_info: DeviceInfo | None = None,
         num_crops: int | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
@@ -111,7 +86,11 @@ class Octopus:
         self.defaults = self.spec.defaults
         self.max_pixels = max_pixels
         self.backend = Backend(device=device, threads=threads, profile_dir=Path(profile_dir) if profile_dir else None,
-                               bundle_dir=self.bundle_dir, manifest=self.manifest)
+                               bundle_dir=self.bundle_dir, manifest=self.manifest, device_info=device_info)
+        if device_info is None and self.backend.choice.name != "cpu":
+            # The GPU facts the provider plan needs (nvidia-smi, libnvinfer), probed once, here; TensorRT
+            # is probed (a tiny engine build) only when the bundle has engines to run.
+            self.backend.device_info = probe_device(probe_devices=("cuda", "tensorrt") if self.spec.engines else ("cuda",))
         self.cache = ImageCache(cache_images)
         self._tokenizer = None
         self._decoder: Decoder | None = None
@@ -157,14 +136,18 @@ class Octopus:
             self._decoder = Decoder(graph, table, self.lmm.decoder)
         return self._decoder
 
+    def require_sam(self) -> None:
+        """BundleError (one line) unless the bundle can segment: check it before work that needs masks."""
+        if not self.has_sam:
+            raise BundleError(
+                f"bundle {self.bundle_dir} has no sam section, so it cannot segment; "
+                "run `octopus-rt export sam` into it, or do not ask for a mask"
+            )
+
     @property
     def sam(self):
         if self._sam is None:
-            if not self.has_sam:
-                raise BundleError(
-                    f"bundle {self.bundle_dir} has no sam section, so it cannot segment; "
-                    "run `octopus-rt export sam` into it, or do not ask for a mask"
-                )
+            self.require_sam()
             from octopus_rt.runtime.sam_stage import SamStage
 
             self._sam = SamStage(self.backend, self.bundle_dir, self.spec.sam)
@@ -173,14 +156,9 @@ class Octopus:
     # ------------------------------------------------------------------------------ shared steps
     def _prompt_ids(self, question: str, answer_prefix: str, image_size: tuple[int, int]) -> PromptIds:
         """The prompt's token ids (runtime/image_stage.py) for an image of (width, height)."""
-        prompt = self.image_stage.prompt(self.tokenizer, question, answer_prefix, image_size)
-        if len(prompt.ids) >= self.context:
-            raise InputError(
-                f"question too long: the prompt is {len(prompt.ids)} tokens and the model's context is {self.context}"
-            )
-        return prompt
+        return check_context(self.image_stage.prompt(self.tokenizer, question, answer_prefix, image_size), self.context)
 
-    def _entry(self, pending: PendingImage, timer: _Timer) -> tuple[ImageEntry, np.ndarray | None]:
+    def _entry(self, pending: PendingImage, timer: StageTimer) -> tuple[ImageEntry, np.ndarray | None]:
         """The image's cache entry (created, decoding the image, on a miss) and the RGB image if decoded."""
         entry = self.cache.get(pending.key)
         rgb = None
@@ -190,7 +168,7 @@ class Octopus:
             entry = self.cache.put(pending.key, ImageEntry(size=(int(rgb.shape[1]), int(rgb.shape[0]))))
         return entry, rgb
 
-    def _features(self, entry: ImageEntry, pending: PendingImage, rgb, timer: _Timer, cached: list[str]) -> np.ndarray:
+    def _features(self, entry: ImageEntry, pending: PendingImage, rgb, timer: StageTimer, cached: list[str]) -> np.ndarray:
         """Image-token embeddings T x hidden (cached per image and image-stage recipe)."""
         if entry.features is not None and entry.features_key == self.image_stage.key:
             cached.append("vision")
@@ -203,12 +181,12 @@ class Octopus:
         return entry.features
 
     def _prefill(
-        self, pending: PendingImage, question: str, answer_prefix: str, timer: _Timer, cached: list[str]
+        self, pending: PendingImage, question: str, answer_prefix: str, timer: StageTimer, cached: list[str]
     ) -> tuple[np.ndarray, KVState, ImageEntry, np.ndarray | None, int]:
         """Prefill the prompt: the shared prefix (cached per image) then the rest. Returns the last
         position's logits (V,), the cache after the prompt, the image's cache entry, the RGB image
         when it had to be decoded, and the prompt's length in tokens."""
-        _check_text(question, "question")
+        check_text(question, "question")
         entry, rgb = self._entry(pending, timer)
         prompt = self._prompt_ids(question, answer_prefix, entry.size)
         split = prompt.split
@@ -239,43 +217,39 @@ class Octopus:
         point_mapping: str | None = None,
         multimask: bool | None = None,
         segment: bool | None = None,
+        overlay: bool | None = None,
         on_token: Callable[[str], None] | None = None,
         options: AskOptions | None = None,
     ) -> Answer:
         """Answer `question` about `image`, ground it to a point and (with a SAM section) a mask.
 
         Options may come as keywords or as one `AskOptions`; keywords win. None takes the manifest's
-        `defaults`. `segment=False` skips SAM even when the bundle has it. `on_token` streams the
-        answer's text as it is decoded (contract in `AskOptions`).
-        Raises InputError (bad image / question / option) or BundleError (bundle problems).
+        `defaults`. `segment=False` skips SAM even when the bundle has it; `overlay=True` also
+        renders `Answer.overlay`. `on_token` streams the answer's text as it is decoded (contract in
+        `AskOptions`). Raises InputError (bad image / question / option) or BundleError (bundle problems).
         """
-        if options is not None:
-            max_new_tokens = options.max_new_tokens if max_new_tokens is None else max_new_tokens
-            tau = options.tau if tau is None else tau
-            point_mapping = options.point_mapping if point_mapping is None else point_mapping
-            multimask = options.multimask if multimask is None else multimask
-            segment = options.segment if segment is None else segment
-            on_token = options.on_token if on_token is None else on_token
-        segment = True if segment is None else bool(segment)
-        tau = float(self.defaults.tau if tau is None else tau)
+        opts = (options or AskOptions()).merged(
+            max_new_tokens=max_new_tokens, tau=tau, point_mapping=point_mapping, multimask=multimask,
+            segment=segment, overlay=overlay, on_token=on_token)
+        tau = float(self.defaults.tau if opts.tau is None else opts.tau)
         if not tau > 0:
             raise InputError(f"tau must be > 0, got {tau}")
-        mapping = point_mapping or self.defaults.point_mapping
+        mapping = opts.point_mapping or self.defaults.point_mapping
         if mapping not in closed_set.POINT_MAPPINGS:
             raise InputError(f"unknown point mapping {mapping!r}; choose one of {', '.join(closed_set.POINT_MAPPINGS)}")
-        limit = int(self.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        limit = int(self.defaults.max_new_tokens if opts.max_new_tokens is None else opts.max_new_tokens)
         if limit < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {limit}")
-        multimask = bool(self.defaults.multimask if multimask is None else multimask)
+        multimask = bool(self.defaults.multimask if opts.multimask is None else opts.multimask)
 
-        timer, cached = _Timer(), []
+        timer, cached = StageTimer(), []
         start = time.perf_counter()
         load_before = self.backend.load_ms
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
         logits, state, entry, rgb, prompt_tokens = self._prefill(pending, question, "", timer, cached)
         limit = min(limit, self.context - prompt_tokens)
-        stream = TextStream(self.tokenizer, on_token) if on_token is not None else None
+        stream = TextStream(self.tokenizer, opts.on_token) if opts.on_token is not None else None
         push = None if stream is None else stream.push
         with timer.stage("decode"):
             result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids, push)
@@ -289,9 +263,16 @@ class Octopus:
         mask, mask_iou = None, None
         if whole:
             mask, mask_iou = np.ones((height, width), dtype=bool), 1.0
-        elif segment and point is not None and self.has_sam:
+        elif opts.segment and point is not None and self.has_sam:
             segmented = self._segment(entry, pending, rgb, point, multimask, timer, cached)
             mask, mask_iou = segmented.mask, segmented.iou
+        picture = None
+        if opts.overlay:
+            if rgb is None:  # a cache hit skipped decoding; the overlay needs the pixels
+                with timer.stage("decode_image"):
+                    rgb = pending.decode()
+            with timer.stage("overlay"):
+                picture = render_overlay(rgb, mask, point, text)
         timings = dict(timer.ms)
         if self.backend.load_ms > load_before:
             # Lazy session creation happened inside this call (first use of a graph); it is part of
@@ -314,6 +295,7 @@ class Octopus:
             timings_ms=timings,
             cached=tuple(cached),
             prompt_tokens=prompt_tokens,
+            overlay=picture,
         )
 
     def ask_batch(
@@ -360,7 +342,7 @@ class Octopus:
     ) -> MaskResult:
         """SAM's mask for a given point (x, y) in original pixels, without asking anything (e.g. an
         oracle point in evaluation). Shares the per-image cache (SAM embedding) with `ask`."""
-        timer = _Timer()
+        timer = StageTimer()
         multimask = bool(self.defaults.multimask if multimask is None else multimask)
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
@@ -374,7 +356,7 @@ class Octopus:
                           timings_ms=dict(timer.ms))
 
     def _next_token_probs(self, image: ImageInput, question: str, answer_prefix: str, words: Sequence[str], tau: float):
-        timer, cached = _Timer(), []
+        timer, cached = StageTimer(), []
         start = time.perf_counter()
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
@@ -402,16 +384,21 @@ class Octopus:
         if not 1 <= len(options) <= len(vocab.OPTION_LETTERS):
             raise InputError(f"multiple choice takes 1 to {len(vocab.OPTION_LETTERS)} options, got {len(options)}")
         for option in options:
-            _check_text(option, "option")
-        _check_text(question, "question")
+            check_text(option, "option")
+        check_text(question, "question")
         letters = vocab.OPTION_LETTERS[: len(options)]
         probs, timings = self._next_token_probs(image, vocab.format_mcq_question(question, options), "", letters, 1.0)
         index = int(np.argmax([probs[letter] for letter in letters]))
         return ChoiceResult(letter=letters[index], index=index, option=options[index], probs=probs, timings_ms=timings)
 
-    def end_profiling(self) -> list[Path]:
-        """Stop onnxruntime profiling (profile_dir set) and return the profile files written."""
-        return self.backend.end_profiling()
+    def end_profiling(self, path: str | os.PathLike[str] | None = None) -> list[Path]:
+        """Stop onnxruntime profiling (`profile_dir` set) and return the profile files written. With
+        `path`, also write one Chrome trace there: those files' per-node events and the stage spans of
+        the last `ask` on their own track (runtime/profiling.py)."""
+        files = self.backend.end_profiling()
+        if path is not None:
+            write_chrome_trace(path, files, self.last_stage_events)
+        return files
 
     @property
     def last_step_ms(self) -> list[float]:

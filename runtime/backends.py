@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from octopus_rt.errors import OctopusError
+from octopus_rt.manifest import GRAPHS
 from octopus_rt.runtime import providers as providers_mod
-from octopus_rt.runtime.providers import PROVIDERS as _PROVIDER
-from octopus_rt.runtime.providers import ort as _ort
+from octopus_rt.runtime.device_info import DeviceInfo
+from octopus_rt.runtime.provider_plan import GraphPlan, plan_graph, requested_provider
+from octopus_rt.runtime.providers import DEVICES, PROVIDERS
 
-__all__ = ["DEVICES", "DeviceChoice", "resolve_device", "Graph", "Backend"]
+__all__ = ["DeviceChoice", "resolve_device", "Graph", "Backend"]
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -64,16 +65,16 @@ def resolve_device(
     if device not in DEVICES:
         raise OctopusError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if available is None:
-        available = _ort().get_available_providers()
+        available = providers_mod.ort().get_available_providers()
     available = tuple(available)
     if device == "auto":
-        if _PROVIDER["cuda"] not in available:
-            return DeviceChoice("cpu", (_PROVIDER["cpu"],), "cpu", "auto: no GPU provider in this onnxruntime")
+        if PROVIDERS["cuda"] not in available:
+            return DeviceChoice("cpu", (PROVIDERS["cpu"],), "cpu", "auto: no GPU provider in this onnxruntime")
         why_not = (probe or providers_mod.probe)("cuda")
         if why_not is None:
-            return DeviceChoice("cuda", (_PROVIDER["cuda"], _PROVIDER["cpu"]), "cuda", "auto: a CUDA session runs here")
-        return DeviceChoice("cpu", (_PROVIDER["cpu"],), "cpu", f"auto: CUDA is listed but cannot run ({why_not})")
-    wanted = _PROVIDER[device]
+            return DeviceChoice("cuda", (PROVIDERS["cuda"], PROVIDERS["cpu"]), "cuda", "auto: a CUDA session runs here")
+        return DeviceChoice("cpu", (PROVIDERS["cpu"],), "cpu", f"auto: CUDA is listed but cannot run ({why_not})")
+    wanted = PROVIDERS[device]
     if wanted not in available:
         hint = " (install octopus-rt[gpu], which brings onnxruntime-gpu, instead of [cpu])" if device != "cpu" else ""
         raise OctopusError(
@@ -81,10 +82,10 @@ def resolve_device(
             f"(available: {', '.join(available) or 'none'}){hint}"
         )
     if device == "tensorrt":
-        providers = (wanted, _PROVIDER["cuda"], _PROVIDER["cpu"])
+        providers = (wanted, PROVIDERS["cuda"], PROVIDERS["cpu"])
         return DeviceChoice("tensorrt", tuple(p for p in providers if p in available), "cuda", "requested")
     if device == "cuda":
-        return DeviceChoice("cuda", (wanted, _PROVIDER["cpu"]), "cuda", "requested")
+        return DeviceChoice("cuda", (wanted, PROVIDERS["cpu"]), "cuda", "requested")
     return DeviceChoice("cpu", (wanted,), "cpu", "requested")
 
 
@@ -106,10 +107,10 @@ class Graph:
 
     def to_device(self, array: np.ndarray) -> Any:
         """numpy array -> OrtValue on this graph's device."""
-        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+        return providers_mod.ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
     def run(self, inputs: Mapping[str, Any], outputs: Sequence[str] | None = None) -> list[Any]:
-        ort = _ort()
+        ort = providers_mod.ort()
         binding = self.session.io_binding()
         for name, value in inputs.items():
             if isinstance(value, np.ndarray):
@@ -138,22 +139,21 @@ class Backend:
 
     `profile_dir`: when set, every session writes onnxruntime's per-node profile (Chrome trace JSON)
     there; `end_profiling()` stops it and returns the files.
-    `per_graph`: optional {graph name: device name} override (e.g. keep SAM's encoder on "cpu").
-    `spin`: let idle onnxruntime worker threads busy-wait (lower latency on an otherwise idle machine).
+    With `bundle_dir`, `manifest` and `device_info` (runtime/device_info.DeviceInfo: what the caller
+    probed, e.g. `Octopus` on a GPU device) all given, GPU devices take each graph's file and provider
+    options from runtime/provider_plan.plan_graph: the bundle's TensorRT EP-context engines where they
+    match this machine (vision, SAM), CUDA with tuned options for the decoder loop (docs/deploy.md).
+    Without them a graph runs on the resolved device's providers. The backend never probes the
+    machine itself.
     """
 
     device: str = "auto"
     threads: int | None = None
     profile_dir: Path | None = None
-    per_graph: dict[str, str] = field(default_factory=dict)
-    spin: bool = False
-    # With both set, GPU devices take each graph's file and provider options from
-    # runtime/trt_profiles.plan_graph: the bundle's TensorRT EP-context engines where they match this
-    # machine (vision, SAM), CUDA with tuned options for the decoder loop (docs/deploy.md).
     bundle_dir: Path | None = None
     manifest: dict[str, Any] | None = None
-    plans: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
-    _device_info: Any = field(default=None, init=False, repr=False)
+    device_info: DeviceInfo | None = None
+    plans: dict[str, GraphPlan] = field(default_factory=dict, init=False, repr=False)
     _choice: DeviceChoice | None = field(default=None, init=False, repr=False)
     _graphs: dict[str, Graph] = field(default_factory=dict, init=False, repr=False)
     load_ms: float = field(default=0.0, init=False)
@@ -161,8 +161,14 @@ class Backend:
 
     @property
     def choice(self) -> DeviceChoice:
+        """The resolved device; from `device_info` when given (its listed providers and probe
+        results), else from onnxruntime and a probe here."""
         if self._choice is None:
-            self._choice = resolve_device(self.device)
+            info = self.device_info
+            if info is None:
+                self._choice = resolve_device(self.device)
+            else:
+                self._choice = resolve_device(self.device, info.providers, lambda d: info.unusable.get(PROVIDERS[d]))
         return self._choice
 
     def graph(self, name: str, path: str | os.PathLike[str]) -> Graph:
@@ -170,8 +176,8 @@ class Backend:
         if name in self._graphs:
             return self._graphs[name]
         start = time.perf_counter()
-        ort = _ort()
-        choice = resolve_device(self.per_graph[name]) if name in self.per_graph else self.choice
+        ort = providers_mod.ort()
+        choice = self.choice
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if name == "decoder" and choice.name == "cpu":
@@ -183,18 +189,17 @@ class Backend:
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
-        if not self.spin:
-            # Idle worker threads otherwise busy-wait after each run; with several sessions (vision,
-            # decoder, SAM) and Python work in between, that steals the cores the next stage needs
-            # (measured on a shared 2-core machine: numpy/Pillow stages ran 5-10x slower).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        # Idle worker threads otherwise busy-wait after each run; with several sessions (vision,
+        # decoder, SAM) and Python work in between, that steals the cores the next stage needs
+        # (measured on a shared 2-core machine: numpy/Pillow stages ran 5-10x slower).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.profile_dir is not None:
             Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(self.profile_dir) / name)
         providers: list[Any] = list(choice.providers)
-        plan = self._plan(name, choice.name)
+        plan = self.plan(name)
         if plan is not None:
             path, providers = plan.file, plan.providers
             if plan.disable_graph_optimizations:  # an EP-context model must stay one node
@@ -213,20 +218,16 @@ class Backend:
         self.load_ms += (time.perf_counter() - start) * 1000.0
         return graph
 
-    def _plan(self, name: str, device: str) -> Any:
-        """trt_profiles.GraphPlan for graph `name` on a GPU device, or None (CPU, or no manifest)."""
-        from octopus_rt.runtime.trt_profiles import GRAPHS, plan_graph, requested_provider
-
-        if device == "cpu" or self.manifest is None or self.bundle_dir is None or name not in GRAPHS:
+    def plan(self, name: str) -> GraphPlan | None:
+        """The provider plan of graph `name` (provider_plan.plan_graph), or None: a CPU device, or no
+        bundle / device information to plan with. Raises InputError when the device asked for
+        cannot run the graph (e.g. tensorrt without engines for this machine)."""
+        device = self.choice.name
+        if device == "cpu" or self.manifest is None or self.bundle_dir is None or self.device_info is None \
+                or name not in GRAPHS:
             return None
-        if self._device_info is None:
-            from octopus_rt.runtime.doctor import probe_environment
-
-            # TensorRT is probed (a tiny engine build) only when the bundle has engines to run.
-            devices = ("cuda", "tensorrt") if self.manifest.get("engines") else ("cuda",)
-            self._device_info = probe_environment(probe_devices=devices).device_info()
-        requested = "auto" if self.device == "auto" and name not in self.per_graph else device
-        plan = plan_graph(self.bundle_dir, self.manifest, name, self._device_info,
+        requested = "auto" if self.device == "auto" else device
+        plan = plan_graph(self.bundle_dir, self.manifest, name, self.device_info,
                           requested=requested_provider(self.manifest, name, requested))
         self.plans[name] = plan
         return plan

@@ -1,4 +1,4 @@
-"""`octopus-rt infer` and `octopus-rt infer-batch`: parse, call the `Octopus` API, print.
+"""`octopus-rt infer` and `octopus-rt infer-batch`: parse, call the API (`Octopus`, runtime/batch.py), print.
 
 Imports only typer and the standard library at module level; numpy, onnxruntime and the runtime are
 imported inside the commands (cold start of `octopus-rt infer` matters).
@@ -10,17 +10,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-__all__ = ["register", "resolve_bundle", "DEMO_BUNDLE_ENV"]
+__all__ = ["register", "resolve_bundle", "demo_bundle", "DEMO_BUNDLE_ENV"]
 
 DEMO_BUNDLE_ENV = "OCTOPUS_BUNDLE"
 _DEVICE_HELP = "auto (CUDA if available, else CPU) | cpu | cuda | tensorrt."
 
 
-def _demo_bundle() -> Path:
+def demo_bundle() -> Path:
+    """Where the built-in demo bundle is installed (it may be absent)."""
     import octopus_rt
 
     return Path(octopus_rt.__file__).resolve().parent / "demo" / "bundle"
@@ -35,7 +36,7 @@ def resolve_bundle(bundle: Optional[Path]) -> Path:
     env = os.environ.get(DEMO_BUNDLE_ENV)
     if env:
         return Path(env)
-    demo = _demo_bundle()
+    demo = demo_bundle()
     if (demo / "manifest.json").is_file():
         return demo
     raise BundleError(
@@ -71,32 +72,6 @@ def _human(answer, mask_path: Optional[str], overlay_path: Optional[str], device
     return "\n".join(lines)
 
 
-def _write_profile(path: Path, model, profile_dir: Path) -> None:
-    """onnxruntime's per-node Chrome traces of every session, plus our stage spans on their own track."""
-    events: list[dict[str, Any]] = []
-    for file in model.end_profiling():
-        try:
-            events.extend(json.loads(Path(file).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError):
-            continue
-    spans = model.last_stage_events
-    origin = min((start for _, start, _ in spans), default=0.0)
-    for name, start, duration in spans:
-        events.append(
-            {
-                "name": name,
-                "cat": "octopus_stage",
-                "ph": "X",
-                "pid": "octopus-rt stages",
-                "tid": 0,
-                "ts": round((start - origin) * 1e6, 3),
-                "dur": round(duration * 1e6, 3),
-            }
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(events), encoding="utf-8")
-
-
 def infer(
     image: Path = typer.Argument(..., help="Image file (JPEG, PNG, WebP, TIFF, ...)."),
     question: str = typer.Argument(..., help="Question about the image's quality."),
@@ -115,7 +90,6 @@ def infer(
     """Answer a question about an image, ground it to a point and a mask."""
     import tempfile
 
-    from octopus_rt.bundle import BundleError
     from octopus_rt.errors import InputError
     from octopus_rt.runtime.cli_files import check_output_file
 
@@ -129,22 +103,12 @@ def infer(
         raise InputError("--mask, --overlay and --profile must be different files")
     with tempfile.TemporaryDirectory(prefix="octopus-profile-") as tmp:
         model = _load(bundle, device, threads, Path(tmp) if profile else None)
-        if mask is not None and not model.has_sam:
-            raise BundleError(
-                f"--mask needs a bundle with a sam section; {model.bundle_dir} has no sam section "
-                "(run `octopus-rt export sam` into it)"
-            )
-        answer = model.ask(
-            image,
-            question,
-            max_new_tokens=max_new_tokens,
-            tau=tau,
-            point_mapping=point_mapping,
-            multimask=multimask,
-            segment=bool(mask or overlay),
-        )
+        if mask is not None:
+            model.require_sam()
+        answer = model.ask(image, question, max_new_tokens=max_new_tokens, tau=tau, point_mapping=point_mapping,
+                           multimask=multimask, segment=bool(mask or overlay), overlay=overlay is not None)
         if profile:
-            _write_profile(profile, model, Path(tmp))
+            model.end_profiling(profile)
     mask_path = None
     if mask is not None and answer.mask is not None:
         from octopus_rt.runtime.overlay import mask_to_png
@@ -153,11 +117,8 @@ def infer(
         mask_to_png(answer.mask).save(mask)
         mask_path = str(mask)
     if overlay is not None:
-        from octopus_rt.runtime.images import load_image
-        from octopus_rt.runtime.overlay import render_overlay
-
         overlay.parent.mkdir(parents=True, exist_ok=True)
-        render_overlay(load_image(image, max_pixels=None).rgb, answer.mask, answer.point, answer.text).save(overlay)
+        answer.overlay.save(overlay)
     if as_json:
         record = answer.to_json(mask_path)
         record.update({"overlay": str(overlay) if overlay else None, "device": model.device, "bundle": str(model.bundle_dir)})
@@ -166,35 +127,6 @@ def infer(
         typer.echo(json.dumps(record))
     else:
         typer.echo(_human(answer, mask_path, str(overlay) if overlay else None, model.device, mask is not None))
-
-
-def _run_item(model, record: dict[str, Any], masks: Optional[Path], item_id: str, options: dict[str, Any]) -> dict[str, Any]:
-    from octopus_rt.errors import InputError
-    from octopus_rt.runtime.cli_files import mask_name
-
-    image = record.get("image")
-    if not isinstance(image, str) or not image:
-        raise InputError("record has no \"image\" path")
-    task = record.get("task") or ("choose" if "options" in record else "ask")
-    if task == "score":
-        result = model.score(image)
-        return {"score": result.score, "probs": result.probs, "timings_ms": result.timings_ms}
-    question = record.get("question")
-    if not isinstance(question, str):
-        raise InputError("record has no \"question\" string (or pass --question)")
-    if task == "choose":
-        result = model.choose(image, question, record.get("options") or [])
-        return {"letter": result.letter, "option": result.option, "probs": result.probs, "timings_ms": result.timings_ms}
-    if task != "ask":
-        raise InputError(f"unknown task {task!r}; use ask, score or choose")
-    answer = model.ask(image, question, segment=masks is not None and model.has_sam, **options)
-    mask_path = None
-    if masks is not None and answer.mask is not None:
-        from octopus_rt.runtime.overlay import mask_to_png
-
-        mask_path = str(masks / mask_name(item_id))
-        mask_to_png(answer.mask).save(mask_path)
-    return answer.to_json(mask_path)
 
 
 def infer_batch(
@@ -210,51 +142,18 @@ def infer_batch(
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Answer many questions; one output line per input, errors recorded per line; resumable."""
-    from octopus_rt.errors import InputError, OctopusError
-    from octopus_rt.runtime.cli_files import BatchOutput, read_batch, refuse_duplicate_ids
+    from octopus_rt.runtime.batch import BatchRun
+    from octopus_rt.runtime.results import AskOptions
 
-    items = read_batch(source, question)
-    refuse_duplicate_ids(items, source)
-    if source.is_file() and (out.resolve() == source.resolve() or (out.exists() and os.path.samefile(out, source))):
-        raise InputError(f"--out {out} is the batch input; choose another file")
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a JSONL file name")
-    if masks is not None and masks.exists() and not masks.is_dir():
-        raise InputError(f"--masks {masks} is a file; give a folder")
-    options = {"tau": tau, "point_mapping": point_mapping, "max_new_tokens": max_new_tokens}
-    counts = {"done": 0, "errors": 0, "skipped": 0}
-    with BatchOutput(out) as sink:
-        if sink.repaired:
-            typer.echo(f"dropped a cut-off last line ({sink.repaired} bytes) of {out}; its input is redone", err=True)
+    with BatchRun(source, out, question=question, masks=masks) as run:
+        if run.report.repaired:
+            typer.echo(f"dropped a cut-off last line ({run.report.repaired} bytes) of {out}; its input is redone", err=True)
         model = _load(bundle, device, threads)
-        if masks is not None:
-            masks.mkdir(parents=True, exist_ok=True)
-        with typer.progressbar(items, label="infer-batch", file=sys.stderr, show_pos=True) as progress:
-            for item in progress:
-                if item.id in sink.done:
-                    counts["skipped"] += 1
-                    continue
-                result: dict[str, Any] = {"id": item.id}
-                record, error = item.record, item.error
-                if record is not None:
-                    result.update({k: record.get(k) for k in ("image", "question") if k in record})
-                if error is None:
-                    try:
-                        result.update(_run_item(model, record, masks, item.id, options))
-                    except OctopusError as exc:
-                        error = str(exc)
-                    except Exception as exc:  # noqa: BLE001 - one bad line must not end the batch
-                        error = f"{type(exc).__name__}: {exc}"
-                if error is not None:
-                    result["error"] = error
-                    if item.line is not None:
-                        result["line"] = item.line
-                    counts["errors"] += 1
-                else:
-                    counts["done"] += 1
-                sink.write(result)
-    typer.echo(f"{counts['done']} answered, {counts['errors']} errors, {counts['skipped']} already in {out}", err=True)
-    if counts["errors"]:
+        options = AskOptions(tau=tau, point_mapping=point_mapping, max_new_tokens=max_new_tokens)
+        with typer.progressbar(run.items, label="infer-batch", file=sys.stderr, show_pos=True) as progress:
+            report = run.run(model, options, progress)
+    typer.echo(f"{report.done} answered, {report.errors} errors, {report.skipped} already in {out}", err=True)
+    if report.errors:
         raise typer.Exit(code=1)
 
 

@@ -26,9 +26,10 @@ def register(app: typer.Typer) -> None:
         import json
 
         from octopus_rt.errors import OctopusError
-        from octopus_rt.runtime.doctor import diagnose, probe_environment
+        from octopus_rt.runtime.device_info import probe_device
+        from octopus_rt.runtime.doctor import diagnose
 
-        env = probe_environment()
+        env = probe_device()
         report = diagnose(env, bundle, device)
         if json_out:
             typer.echo(json.dumps({"environment": env.to_dict(), "plans": report.plans, "ok": report.ok,

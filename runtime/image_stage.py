@@ -25,7 +25,6 @@ recipe never reuses another's tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,28 +32,9 @@ import numpy as np
 
 from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.manifest import HDTransformSpec, LmmSection, PromptSpec, VisionGraph, VisionPreprocessSpec
+from octopus_rt.runtime.prompt import PromptIds, locate_image_tokens, template_prompt_ids
 
-__all__ = ["PromptIds", "ImageStage", "LlavaImageStage", "Phi3VImageStage", "image_stage_for"]
-
-
-@dataclass(frozen=True)
-class PromptIds:
-    """One prompt's token ids.
-
-    ids: int64 (S,); image positions hold the manifest's image_token_id (negative for Phi-3-V).
-    split: length of the image prefix (everything up to the last image token), which depends on the
-    image only and whose KV cache is shared by further questions about it.
-    image_positions: int64 (T,), positions receiving the image tokens, in order.
-    """
-
-    ids: np.ndarray
-    split: int
-    image_positions: np.ndarray
-
-    @property
-    def lookup_ids(self) -> np.ndarray:
-        """Ids for the embedding table: placeholders (negative ids) clamped to 0, as Phi-3-V does."""
-        return np.maximum(self.ids, 0)
+__all__ = ["ImageStage", "LlavaImageStage", "Phi3VImageStage", "image_stage_for"]
 
 
 class ImageStage(Protocol):
@@ -63,16 +43,6 @@ class ImageStage(Protocol):
     def prompt(self, tokenizer: Any, question: str, answer_prefix: str, image_size: tuple[int, int]) -> PromptIds: ...
 
     def image_tokens(self, rgb: np.ndarray, timer: Any) -> np.ndarray: ...
-
-
-def _positions(ids: np.ndarray, image_token_id: int, expected: int) -> PromptIds:
-    where = np.flatnonzero(ids == image_token_id)
-    if len(where) != expected:
-        raise OctopusError(
-            f"prompt has {len(where)} image tokens, the bundle expects {expected} "
-            "(does the question contain the image token text?)"
-        )
-    return PromptIds(ids, int(where[-1]) + 1, where.astype(np.int64))
 
 
 class LlavaImageStage:
@@ -87,10 +57,7 @@ class LlavaImageStage:
         self.key = ("llava",)
 
     def prompt(self, tokenizer, question: str, answer_prefix: str, image_size: tuple[int, int]) -> PromptIds:
-        p = self.lmm.prompt
-        ids = np.asarray(tokenizer.encode(p.render(question) + answer_prefix, add_special_tokens=p.add_special_tokens).ids,
-                         dtype=np.int64)
-        return _positions(ids, p.image_token_id, p.num_image_tokens)
+        return template_prompt_ids(tokenizer, self.lmm.prompt, question, answer_prefix)
 
     def image_tokens(self, rgb: np.ndarray, timer) -> np.ndarray:
         """N x hidden projected image features of one H x W x 3 uint8 RGB image."""
@@ -166,7 +133,7 @@ class Phi3VImageStage:
             raise InputError("the question must not contain image tags such as <|image_1|>")
         count = self.num_image_tokens(image_size)
         built = phi3v_prompt_ids(tokenizer, p.render(question) + answer_prefix, [count], p.add_special_tokens)
-        return _positions(built.input_ids, p.image_token_id, count)
+        return locate_image_tokens(built.input_ids, p.image_token_id, count)
 
     def image_tokens(self, rgb: np.ndarray, timer) -> np.ndarray:
         """T x hidden image-token embeddings of one H x W x 3 uint8 RGB image (T from its crop grid).

@@ -33,6 +33,7 @@ from octopus_rt.runtime import native_libs
 
 __all__ = [
     "PROVIDERS",
+    "DEVICES",
     "DEVICE_OF",
     "ProviderUnavailable",
     "ort",
@@ -42,16 +43,19 @@ __all__ = [
     "logged_messages",
     "create_session",
     "probe",
+    "forget_probes",
     "PROBE_FILE",
 ]
 
-# The one table of device name -> onnxruntime provider name.
+# The one table of device name -> onnxruntime provider name (the names: manifest.DEVICE_NAMES).
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
 DEVICE_OF = {name: device for device, name in PROVIDERS.items()}
+# What a user may ask for (Octopus(device=...), --device): "auto" picks among the rest.
+DEVICES: tuple[str, ...] = ("auto", *PROVIDERS)
 PROBE_FILE = "probe.onnx"
 _HINTS = (
     ("libcuda.so", "no NVIDIA driver is installed"),
@@ -203,6 +207,12 @@ def create_session(model: Any, providers: Sequence[Any], sess_options: Any = Non
 
 
 _probes: dict[str, str | None] = {}
+
+
+def forget_probes() -> None:
+    """Drop the per-process probe results, so the next `probe` runs again (e.g. after a driver or
+    library change in a long-lived process, or between tests)."""
+    _probes.clear()
 
 
 def probe(device: str) -> str | None:

@@ -6,6 +6,7 @@ origin at the top left corner, x to the right, y down. Masks are H x W bool arra
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,10 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Answer", "ScoreResult", "ChoiceResult", "MaskResult", "AskOptions"]
+
+
+def _timings(timings_ms: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 3) for k, v in timings_ms.items()}
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class AskOptions:
     point_mapping: "paper" (eq. 4) or "quadrant" (see runtime/closed_set.point_from_probs).
     multimask: keep SAM's best-IoU mask of its multimask outputs (True) or its single-mask output.
     segment: run the SAM stage when the bundle has one (False: answer and point only).
+    overlay: also render `Answer.overlay` (the image with mask, point and answer), from the RGB the
+        call decoded (decoded for it only when the per-image cache let the call skip decoding).
     on_token: streaming hook, called on the calling thread during decoding with the text each
         generated token adds to the answer ("" when it adds none yet: a stop token, a partial UTF-8
         character); a last call may follow decoding with text held back until then. The deltas
@@ -36,7 +43,12 @@ class AskOptions:
     point_mapping: str | None = None
     multimask: bool | None = None
     segment: bool = True
+    overlay: bool = False
     on_token: Callable[[str], None] | None = None
+
+    def merged(self, **keywords: Any) -> "AskOptions":
+        """These options with every keyword that is not None put in their place."""
+        return dataclasses.replace(self, **{k: v for k, v in keywords.items() if v is not None})
 
 
 @dataclass
@@ -53,6 +65,8 @@ class Answer:
     timings_ms: wall time per stage in milliseconds (stages skipped thanks to the cache are absent).
     cached: which per-image results came from the cache ("vision", "prefix", "sam_embedding").
     prompt_tokens: length of the prompt in tokens (image tokens included), for usage accounting.
+    overlay: the image with mask, point and answer drawn (runtime/overlay.py) when asked for
+        (`AskOptions.overlay`), else None.
     """
 
     text: str
@@ -66,6 +80,7 @@ class Answer:
     timings_ms: dict[str, float] = field(default_factory=dict)
     cached: tuple[str, ...] = ()
     prompt_tokens: int = 0
+    overlay: Any = field(default=None, repr=False)  # PIL.Image.Image | None
 
     def to_json(self, mask_path: str | None = None) -> dict[str, Any]:
         """JSON-ready dict (the schema of `octopus-rt infer --json`, documented in docs/runtime.md)."""
@@ -80,7 +95,7 @@ class Answer:
             "mask_iou": None if self.mask_iou is None else float(self.mask_iou),
             "mask_area": None if self.mask is None else float(self.mask.mean()),
             "image_size": [int(width), int(height)],
-            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+            "timings_ms": _timings(self.timings_ms),
             "cached": list(self.cached),
         }
 
@@ -93,6 +108,11 @@ class ScoreResult:
     score: float
     probs: dict[str, float]
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (`infer-batch` score lines, the server's /v1/score)."""
+        return {"score": float(self.score), "probs": {k: float(v) for k, v in self.probs.items()},
+                "timings_ms": _timings(self.timings_ms)}
 
 
 @dataclass
@@ -108,6 +128,11 @@ class ChoiceResult:
     option: str
     probs: dict[str, float]
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (`infer-batch` multiple-choice lines, the server's /v1/choose)."""
+        return {"letter": self.letter, "index": int(self.index), "option": self.option,
+                "probs": {k: float(v) for k, v in self.probs.items()}, "timings_ms": _timings(self.timings_ms)}
 
 
 @dataclass

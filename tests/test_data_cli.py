@@ -94,7 +94,7 @@ def test_resume_finishes_interrupted_run_identically(tmp_path, monkeypatch):
     full = tmp_path / "full"
     synth_mod.synthesize(src, full, options)
 
-    real = synth_mod._make_sample
+    real = synth_mod.make_sample
     calls = {"n": 0}
 
     def flaky(task):
@@ -104,10 +104,10 @@ def test_resume_finishes_interrupted_run_identically(tmp_path, monkeypatch):
         return real(task)
 
     partial = tmp_path / "partial"
-    monkeypatch.setattr(synth_mod, "_make_sample", flaky)
+    monkeypatch.setattr(synth_mod, "make_sample", flaky)
     with pytest.raises(KeyboardInterrupt):
         synth_mod.synthesize(src, partial, options)
-    monkeypatch.setattr(synth_mod, "_make_sample", real)
+    monkeypatch.setattr(synth_mod, "make_sample", real)
     assert len(list((partial / ".work").glob("s0*.json"))) == 2
     with pytest.raises(synth_mod.InputError):  # refuses without --resume
         synth_mod.synthesize(src, partial, options)

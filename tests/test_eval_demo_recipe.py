@@ -10,7 +10,7 @@ from octopus_rt.training.recipes import demo_data
 
 
 def test_held_out_photos_never_reach_training(tmp_path):
-    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path, seed=0, crops_per_photo=1)
+    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path, seed=0, scales=((1, 0.55, 0.85),))
     train_names = {p.name.split("_")[0] for p in train_src.iterdir()}
     heldout_names = {p.name.rsplit("_", 1)[0] for p in heldout_src.iterdir()}
     assert heldout_names == set(demo_data.HELD_OUT)
@@ -21,6 +21,25 @@ def test_held_out_photos_never_reach_training(tmp_path):
     motorcycle = {g for f, g in lines.items() if f.startswith("stereo_motorcycle")}
     assert motorcycle == {"motorcycle"} and len([f for f in lines if f.startswith("stereo_motorcycle")]) == 4
     assert train_names  # something to train on
+
+
+def test_curriculum_data_is_easy_and_split_like_the_full_mix(tmp_path, monkeypatch):
+    from octopus_rt.training.data.records import read_records
+
+    monkeypatch.setattr(demo_data, "CROP_SCALES", ((1, 0.55, 0.85),))  # ~30 sources: 40 images reach them all
+    demo_data.build_dataset(tmp_path, seed=0, num_seen=40, num_heldout=2, size=64, workers=1, progress=False,
+                            num_easy=40)
+    full, easy = read_records(tmp_path / "data"), read_records(tmp_path / "data_easy")
+    assert not easy["test"] and easy["train"] and easy["val"]
+    meta = json.loads((tmp_path / "data_easy" / "seen" / "dataset.json").read_text())
+    assert (meta["max_regions"], meta["min_severity"]) == (1, 3)
+    for record in easy["train"] + easy["val"]:
+        distorted = [r for r in record["regions"] if r["distortions"]]
+        assert len(distorted) == 1 and all(d["severity"] >= 3 for d in distorted[0]["distortions"])
+        assert not record["source"].startswith(demo_data.HELD_OUT)
+    split_of = {r["source"]: split for split in ("train", "val") for r in full[split]}
+    for split in ("train", "val"):  # a photo's crops are on the same side in both datasets
+        assert all(split_of.get(r["source"], split) == split for r in easy[split])
 
 
 def test_merge_puts_heldout_only_in_test(tmp_path):
@@ -81,13 +100,28 @@ def test_wallpaper_photos_join_training_in_their_own_groups(tmp_path, monkeypatc
     photo = tmp_path / "Meadow_by_Someone.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(photo)
     monkeypatch.setattr(demo_data, "WALLPAPERS", {str(photo): "CC0-1.0"})
-    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path / "work", seed=0, crops_per_photo=2,
+    train_src, heldout_src, groups = demo_data.prepare_photos(tmp_path / "work", seed=0, scales=((2, 0.55, 0.85),),
                                                               wallpapers=True)
     lines = dict(line.split(",") for line in groups.read_text().split())
     wallpaper_files = {f: g for f, g in lines.items() if f.startswith("wp_")}
     assert len(wallpaper_files) == 3 and set(wallpaper_files.values()) == {"wp_meadow"}
     assert all((train_src / f).is_file() for f in wallpaper_files)
     assert not any(p.name.startswith("wp_") for p in heldout_src.iterdir())
+
+
+def test_crops_at_several_scales_and_package_photo_names(tmp_path):
+    import numpy as np
+
+    image = np.zeros((800, 1000, 3), np.uint8)
+    crops = demo_data._crops(image, np.random.default_rng(0), ((2, 0.6, 0.8), (2, 0.2, 0.3), (1, 0.05, 0.08)))
+    sides = sorted(c.shape[1] / 1000 for c in crops)
+    assert len(crops) == 4  # the 5-8 % crop is under 96 px and skipped
+    assert all(0.2 <= s < 0.3 for s in sides[:2]) and all(0.6 <= s < 0.8 for s in sides[2:])
+    plasma = "/usr/share/wallpapers/Path/contents/images/1920x1080.jpg"
+    assert demo_data._photo_name(plasma) == "wp_path"
+    assert demo_data._photo_group("/x/aero3.jpg") == demo_data._photo_group("/x/aero1.jpg") == "wp_aero1"
+    names = [demo_data._photo_name(p) for p in demo_data.WALLPAPERS]
+    assert len(names) == len(set(names)) and len(names) >= 70
 
 
 def test_missing_wallpapers_fail_with_the_install_command(tmp_path, monkeypatch):
@@ -144,3 +178,29 @@ def test_feature_probe_finds_the_noisy_quadrant_on_unseen_images(tmp_path):
 
     flat = patch_statistics(Image.new("RGB", (100, 60), (120, 60, 30)))
     assert flat.shape == (64, 26) and abs(flat[0, 0] - 120 / 255) < 1e-6 and abs(flat[:, 13:]).max() < 1e-6
+
+
+def test_examples_are_picked_by_ground_truth_one_per_quadrant_and_a_whole_image():
+    from octopus_rt.training.recipes.demo_report import pick_examples
+
+    def record(i, position, severities, whole=False, subtask="HyD-G-max", photo="coffee"):
+        regions = [{"id": 0, "whole_image": whole, "position": None if whole else position,
+                    "distortions": [{"category": "blur", "subtype": "gaussian", "severity": s} for s in severities[0]]},
+                   *[{"id": k, "whole_image": False, "position": ["left", "top"],
+                      "distortions": [{"category": "noise", "subtype": "poisson", "severity": s} for s in chain]}
+                     for k, chain in enumerate(severities[1:], 1)]]
+        return {"id": f"r{i}", "task": "grounding", "subtask": subtask, "regions": regions, "target_regions": [0],
+                "source": f"{photo}_0.png"}
+
+    records = [record(0, ["right", "bottom"], [[2]]),  # severity too low
+               record(1, ["right", "bottom"], [[4], [3]]),  # two distorted regions
+               record(2, ["right", "bottom"], [[4]], subtask="SiD-G-max"),  # not "most degraded"
+               record(3, ["right", "bottom"], [[3]]),
+               record(4, ["right", "bottom"], [[5]], photo="rocket"),  # a later one of the same quadrant
+               record(5, ["left", "top"], [[3]], photo="rocket"),
+               record(6, ["left", "bottom"], [[4]], photo="chelsea"),
+               record(7, None, [[2]], whole=True, photo="coins"),
+               record(8, ["right", "top"], [[5]], photo="coffee")]  # only photo left for top right
+    picked = pick_examples(records)
+    assert [(kind, r["id"]) for kind, r in picked] == [("top left", "r5"), ("top right", "r8"), ("bottom left", "r6"),
+                                                       ("bottom right", "r3"), ("whole image", "r7")]

@@ -19,8 +19,10 @@ import pytest
 
 from octopus_rt.errors import OctopusError
 from octopus_rt.runtime import native_libs, providers
-from octopus_rt.runtime import trt_profiles as tp
-from octopus_rt.runtime.doctor import Environment, diagnose, probe_environment
+from octopus_rt.manifest import ENGINES_FORMAT
+from octopus_rt.runtime.device_info import DeviceInfo, probe_device
+from octopus_rt.runtime.doctor import diagnose
+from octopus_rt.runtime.provider_plan import find_engine_target, plan_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 _GPU = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -37,8 +39,10 @@ _TRT_RAISED = ("/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_probes(monkeypatch):
-    monkeypatch.setattr(providers, "_probes", {})
+def _fresh_probes():
+    providers.forget_probes()
+    yield
+    providers.forget_probes()
 
 
 def test_probe_model_is_the_documented_one():
@@ -173,7 +177,6 @@ def test_backend_gpu_request_fails_with_one_line(monkeypatch, tiny_sam_bundle):
     fake, _ = _fake_ort(lambda names, kwargs: _FakeSession(["CPUExecutionProvider"]))
     fake.GraphOptimizationLevel = types.SimpleNamespace(ORT_ENABLE_ALL=99, ORT_ENABLE_BASIC=1, ORT_DISABLE_ALL=0)
     monkeypatch.setattr(providers, "ort", lambda: fake)
-    monkeypatch.setattr("octopus_rt.runtime.backends._ort", lambda: fake)
     monkeypatch.setattr(native_libs, "library_load_error", lambda device, capi=None: "libcuda.so.1: cannot open shared object file")
     backend = Backend(device="cuda")
     with pytest.raises(OctopusError, match=r"sam_encoder graph .*CUDAExecutionProvider.*libcuda\.so\.1.*no NVIDIA driver"):
@@ -253,7 +256,7 @@ def test_doctor_reports_the_libnvinfer_the_provider_needs(tmp_path):
     assert found.describe().startswith(f"10.1.61 (libnvinfer.so.10 from {libs})")
 
 
-def test_probe_environment_marks_listed_but_unusable_providers(monkeypatch):
+def test_probe_device_marks_listed_but_unusable_providers(monkeypatch):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(_GPU))
@@ -263,9 +266,9 @@ def test_probe_environment_marks_listed_but_unusable_providers(monkeypatch):
         asked.append(device)
         return f"{device}: libcuda.so.1: cannot open shared object file"
 
-    env = probe_environment(run=lambda cmd: None, root="/nonexistent", tensorrt=False, probe=probe)
+    env = probe_device(run=lambda cmd: None, root="/nonexistent", tensorrt=False, probe=probe)
     assert asked == ["cuda", "tensorrt"] and set(env.unusable) == {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-    assert env.device_info().providers == ("CPUExecutionProvider",)
+    assert not env.can_run("cuda") and not env.can_run("tensorrt") and env.can_run("cpu")
     report = diagnose(env, None, device="cuda")
     assert not report.ok and report.reason == "cuda: libcuda.so.1: cannot open shared object file"
     assert any(line.startswith("  unusable   CUDAExecutionProvider: cuda: libcuda.so.1") for line in report.lines)
@@ -274,10 +277,10 @@ def test_probe_environment_marks_listed_but_unusable_providers(monkeypatch):
 
 def test_plan_names_the_probe_reason():
     manifest = {"lmm": {"dir": "lmm-0", "files": {"d.onnx": {"sha256": "x"}}, "decoder": {"file": "d.onnx"}}}
-    device = tp.DeviceInfo(providers=("CPUExecutionProvider",), unusable={"CUDAExecutionProvider": "libcuda.so.1 missing"})
+    device = DeviceInfo(providers=("CPUExecutionProvider",), unusable={"CUDAExecutionProvider": "libcuda.so.1 missing"})
     with pytest.raises(OctopusError, match="cannot run decoder on CUDA: libcuda.so.1 missing"):
-        tp.plan_graph("/b", manifest, "decoder", device, requested="cuda")
-    assert "libcuda.so.1 missing" in tp.plan_graph("/b", manifest, "decoder", device).reason
+        plan_graph("/b", manifest, "decoder", device, requested="cuda")
+    assert "libcuda.so.1 missing" in plan_graph("/b", manifest, "decoder", device).reason
 
 
 # ---------------------------------------------------------------- version-exact engines
@@ -287,25 +290,28 @@ def _engines(name: str, built_with: str | None) -> dict:
     record = {"precision": "fp16", "graphs": {}}
     if built_with is not None:
         record["tensorrt"] = built_with
-    return {"engines": {"format": tp.ENGINES_FORMAT, "dir": "e", "targets": {name: record}}}
+    return {"engines": {"format": ENGINES_FORMAT, "dir": "e", "targets": {name: record}}}
 
 
 def test_engines_are_reused_only_by_the_exact_tensorrt_version():
-    orin = tp.DeviceInfo(providers=_GPU, compute_capability="8.7", tensorrt="10.3.0")
+    orin = DeviceInfo(providers=_GPU, compute_capability="8.7", tensorrt="10.3.0")
     assert orin.engine_name == "sm87-trt10.3.0"
-    assert tp.find_engine_target(_engines("sm87-trt10.3.0", "10.3.0"), orin)[0] == "sm87-trt10.3.0"
-    patched = tp.DeviceInfo(providers=_GPU, compute_capability="8.7", tensorrt="10.3.1")
-    name, record, why = tp.find_engine_target(_engines("sm87-trt10.3.0", "10.3.0"), patched)
+    assert find_engine_target(_engines("sm87-trt10.3.0", "10.3.0"), orin)[0] == "sm87-trt10.3.0"
+    patched = DeviceInfo(providers=_GPU, compute_capability="8.7", tensorrt="10.3.1")
+    name, record, why = find_engine_target(_engines("sm87-trt10.3.0", "10.3.0"), patched)
     assert name is None and record is None
     assert "built with TensorRT 10.3.0, but this machine loads TensorRT 10.3.1" in why and "export trt" in why
     # Targets named by major.minor (bundles built before the full version) are checked by their record.
-    assert tp.find_engine_target(_engines("sm87-trt10.3", "10.3.0.30"), orin)[0] == "sm87-trt10.3"
-    assert tp.find_engine_target(_engines("sm87-trt10.3", "10.3.0"), patched)[0] is None
-    assert tp.find_engine_target(_engines("sm87-trt10.3", None), orin)[0] is None  # version unknown: not trusted
-    assert "this machine needs sm90-trt10.3.0" in tp.find_engine_target(
-        _engines("sm87-trt10.3.0", "10.3.0"), tp.DeviceInfo(providers=_GPU, compute_capability="9.0", tensorrt="10.3.0"))[2]
-    assert tp.parse_engine_name("sm87-trt10.3") == ("8.7", "10.3")
-    assert tp.parse_engine_name("sm120-trt10.16.1") == ("12.0", "10.16.1")
+    assert find_engine_target(_engines("sm87-trt10.3", "10.3.0.30"), orin)[0] == "sm87-trt10.3"
+    assert find_engine_target(_engines("sm87-trt10.3", "10.3.0"), patched)[0] is None
+    assert find_engine_target(_engines("sm87-trt10.3", None), orin)[0] is None  # version unknown: not trusted
+    assert "this machine needs sm90-trt10.3.0" in find_engine_target(
+        _engines("sm87-trt10.3.0", "10.3.0"), DeviceInfo(providers=_GPU, compute_capability="9.0", tensorrt="10.3.0"))[2]
+    # Compute capabilities with a two-digit major: sm120 is not sm12 + 0 of another GPU.
+    blackwell = DeviceInfo(providers=_GPU, compute_capability="12.0", tensorrt="10.16.1")
+    assert find_engine_target(_engines("sm120-trt10.16", "10.16.1"), blackwell)[0] == "sm120-trt10.16"
+    assert "built with TensorRT 10.16.0" in find_engine_target(_engines("sm120-trt10.16.0", "10.16.0"), blackwell)[2]
+    assert "needs sm120-trt10.16.1" in find_engine_target(_engines("sm12-trt10.16.1", "10.16.1"), blackwell)[2]
 
 
 # ---------------------------------------------------------------- export trt
@@ -346,7 +352,7 @@ class _BuildFake:
 
 
 def _env():
-    return Environment("3.11", "Linux x86_64", onnxruntime="1.26.0", providers=_GPU, gpu_name="L4",
+    return DeviceInfo("3.11", "Linux x86_64", onnxruntime="1.26.0", providers=_GPU, gpu_name="L4",
                        compute_capability="8.9", tensorrt="10.16.1", system_memory_bytes=64 << 30)
 
 

@@ -112,7 +112,7 @@ def test_infer_bad_inputs_fail_with_one_line(runtime_bundle, tiny_lmm_bundle, ru
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (message, err)
     # No --bundle, no $OCTOPUS_BUNDLE, no demo bundle installed: says what to do.
     monkeypatch.delenv("OCTOPUS_BUNDLE", raising=False)
-    monkeypatch.setattr("octopus_rt.runtime.cli._demo_bundle", lambda: tmp_path / "demo" / "bundle")
+    monkeypatch.setattr("octopus_rt.runtime.cli.demo_bundle", lambda: tmp_path / "demo" / "bundle")
     code, _, err = _run(capsys, "infer", image, QUESTION)
     assert code == 2 and "pass --bundle DIR or set OCTOPUS_BUNDLE" in err
     monkeypatch.setenv("OCTOPUS_BUNDLE", str(runtime_bundle))

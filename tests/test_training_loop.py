@@ -108,10 +108,10 @@ def _reference_run(base_dir, data, steps, lr, global_batch):
     from octopus_rt.training.collate import Collator
     from octopus_rt.training.lora import apply_tuning
     from octopus_rt.training.dataset import MixedDataset, load_image, read_split
-    from octopus_rt.training.train import load_base_model
+    from octopus_rt.training.architectures import load_llava
 
     torch.manual_seed(0)
-    model, processor = load_base_model(base_dir)
+    model, processor = load_llava(base_dir)
     model, _ = apply_tuning(model, "lora", rank=16, alpha=32, dropout=0.0)
     model.train()
     collator = Collator(processor)
@@ -184,7 +184,7 @@ def test_full_disk_never_leaves_a_corrupt_latest_checkpoint(base_dir, small_quad
     from octopus_rt.training import checkpoint
     from octopus_rt.training.train import train
 
-    real_save = checkpoint._save
+    real_save = checkpoint.save_file
     calls = {"n": 0}
 
     def flaky_save(obj, path):
@@ -195,14 +195,14 @@ def test_full_disk_never_leaves_a_corrupt_latest_checkpoint(base_dir, small_quad
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(checkpoint, "_save", flaky_save)
+    monkeypatch.setattr(checkpoint, "save_file", flaky_save)
     options = _options(base_dir, small_quad, tmp_path / "out", max_steps=6, batch_size=2, lr=1e-3, save_every=2)
     with pytest.raises(OctopusError, match=r"step 4 .*No space left.*step-00000002"):
         train(options)
     names = sorted(p.name for p in (options.work_dir / "checkpoints").iterdir())
     assert names == ["step-00000002"] and not (tmp_path / "out").exists()
     assert checkpoint.latest_checkpoint(options.work_dir).name == "step-00000002"
-    monkeypatch.setattr(checkpoint, "_save", real_save)
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
     resumed = train(_options(base_dir, small_quad, tmp_path / "out", max_steps=6, batch_size=2, lr=1e-3,
                              save_every=2, resume=True))
     assert resumed.steps == [3, 4, 5, 6] and (tmp_path / "out" / "model.safetensors").is_file()
@@ -265,9 +265,9 @@ def test_full_training_with_an_auxiliary_loss_hook(base_dir, small_quad, tmp_pat
     with torch.no_grad():  # train() switches autograd on itself (an export in the same process turns it off)
         result = train(_options(base_dir, small_quad, tmp_path / "a", **common), loss_hook=hook)
     assert seen == [2, 2] and result.trainable_parameters == result.total_parameters
-    from octopus_rt.training.train import load_base_model
+    from octopus_rt.training.architectures import load_llava
 
-    initial = load_base_model(base_dir)[0].model.multi_modal_projector.linear_1.bias.detach()
+    initial = load_llava(base_dir)[0].model.multi_modal_projector.linear_1.bias.detach()
     moved = result.model.model.multi_modal_projector.linear_1.bias.detach() - initial
     np.testing.assert_allclose(moved.numpy(), -1e-3, rtol=1e-3)
 

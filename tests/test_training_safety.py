@@ -88,18 +88,18 @@ def _rotated_photo(path: Path) -> Path:
 
 
 def test_evaluation_and_training_see_images_oriented_like_the_runtime(tmp_path):
-    from octopus_rt.training import evaluate
     from octopus_rt.training.dataset import TrainRecord, load_image
+    from octopus_rt.training.eval_data import load_record_rgb
 
     photo = _rotated_photo(tmp_path / "data" / "images" / "p.png")
     with Image.open(photo) as image:
         viewed = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))  # Pillow, independently
     assert viewed.shape == (40, 24, 3)
-    np.testing.assert_array_equal(evaluate._load_rgb(tmp_path / "data", "images/p.png"), viewed)
+    np.testing.assert_array_equal(load_record_rgb(tmp_path / "data", "images/p.png"), viewed)
     record = TrainRecord("r", photo, [], "", "", "train.jsonl:1")
     np.testing.assert_array_equal(np.asarray(load_image(record)), viewed)
     with pytest.raises(InputError, match="'..'"):
-        evaluate._load_rgb(tmp_path / "data", "../data/images/p.png")
+        load_record_rgb(tmp_path / "data", "../data/images/p.png")
 
 
 def test_training_records_may_not_leave_the_dataset(tmp_path):

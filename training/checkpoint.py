@@ -23,7 +23,7 @@ import numpy as np
 
 from octopus_rt.errors import OctopusError
 
-__all__ = ["CheckpointState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoint_dir"]
+__all__ = ["CheckpointState", "save_checkpoint", "save_file", "load_checkpoint", "latest_checkpoint", "checkpoint_dir"]
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -57,7 +57,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save(obj, path: Path) -> None:
+def save_file(obj, path: Path) -> None:
+    """`torch.save` of one checkpoint file, flushed and fsynced (the unit a full disk interrupts)."""
     import torch
 
     with open(path, "wb") as handle:
@@ -129,13 +130,13 @@ def save_checkpoint(work_dir: Path, state: CheckpointState, *, rank: int, world_
     if not all_ok(error is None):
         return _fail(work_dir, partial, step, error)
     try:
-        _save(rng_state(), partial / f"rng-rank{rank}.pt")
+        save_file(rng_state(), partial / f"rng-rank{rank}.pt")
         if rank == 0:
-            _save(state.trainable, partial / "trainable.pt")
-            _save(state.optimizer, partial / "optimizer.pt")
-            _save(state.scheduler, partial / "scheduler.pt")
+            save_file(state.trainable, partial / "trainable.pt")
+            save_file(state.optimizer, partial / "optimizer.pt")
+            save_file(state.scheduler, partial / "scheduler.pt")
             if state.scaler is not None:
-                _save(state.scaler, partial / "scaler.pt")
+                save_file(state.scaler, partial / "scaler.pt")
     except OSError as exc:
         error = exc
     if not all_ok(error is None):

@@ -1,4 +1,4 @@
-"""`octopus-rt train` and `octopus-rt eval`. Heavy imports happen inside the commands."""
+"""`octopus-rt train` and `octopus-rt merge`. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import typer
 
 
 def _train_command(
-    base_model: Path = typer.Argument(..., help="transformers LlavaForConditionalGeneration directory to start from."),
+    base_model: Path = typer.Argument(..., help="Model directory to start from: a transformers "
+                                      "LlavaForConditionalGeneration or an official-layout Phi-3(.5)-Vision."),
     data: list[str] = typer.Option(..., "--data", help="Dataset folder with train.jsonl (+ val.jsonl), optionally "
                                    "PATH:WEIGHT to mix several; repeat for more."),
     out: Path = typer.Option(..., "--out", help="Directory to create for the merged model (must not exist)."),
@@ -20,9 +21,12 @@ def _train_command(
     lr: float = typer.Option(1e-4, "--lr", help="Peak AdamW learning rate (cosine decay)."),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warm-up steps before the cosine decay."),
     lm_tuning: str = typer.Option("lora", "--lm-tuning", help="Language model: lora | full | frozen."),
-    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank."),
-    lora_alpha: float = typer.Option(32.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA input."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default: 16 for LLaVA, 64 for "
+                                            "Phi-3.5-Vision as in the Phi-3CookBook)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha, scale = alpha / rank "
+                                               "(default: 32 for LLaVA, 128 for Phi-3.5-Vision)."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="Dropout on the LoRA input "
+                                                 "(default: 0.05 for LLaVA, 0 for Phi-3.5-Vision)."),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Freeze the vision tower and projector "
                                        "(default: fully fine-tuned, as in the paper)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
@@ -38,8 +42,9 @@ def _train_command(
     seed: int = typer.Option(0, "--seed", help="Seed of LoRA init, data order and dropout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs still go to log.jsonl)."),
 ) -> None:
-    """Fine-tune a LLaVA model on quality data (LoRA on the language model, full vision tuning) and
-    write the merged model, ready for `octopus-rt export lmm`. Runs unchanged under torchrun / accelerate."""
+    """Fine-tune a LLaVA or Phi-3.5-Vision model on quality data (LoRA on the language model, full vision
+    tuning) and write the merged model in the base's own format, ready for `octopus-rt export lmm`.
+    Runs unchanged under torchrun / accelerate."""
     from octopus_rt.training.options import TrainOptions, parse_data_arg
     from octopus_rt.training.train import train
 
@@ -57,6 +62,23 @@ def _train_command(
                    f"{result.tokens_per_s:.0f} tokens/s, {result.samples_per_s:.2f} samples/s; logs in {result.work_dir})")
 
 
+def _merge_command(
+    base_model: Path = typer.Argument(..., help="Official-layout Phi-3(.5)-Vision directory the adapter was trained on."),
+    adapter: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Directory to create for the merged checkpoint (must not exist)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights' dtype: float32 | bfloat16 | float16 (float32 keeps "
+                              "LoRA deltas that bf16 would round away)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Fold a PEFT LoRA adapter into a Phi-3(.5)-Vision checkpoint and write it in the official layout
+    (same key names and config), ready for `octopus-rt export lmm`. Reads only JSON and safetensors."""
+    from octopus_rt.training.phi3v_merge import merge_adapter
+
+    written, changed = merge_adapter(base_model, adapter, out, dtype=dtype, progress=not no_progress)
+    typer.echo(f"merged checkpoint written to {written} ({changed} tensors updated, {dtype})")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the training and evaluation commands to the root app."""
+    """Add the training commands to the root app."""
     app.command("train")(_train_command)
+    app.command("merge")(_merge_command)

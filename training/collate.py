@@ -90,8 +90,9 @@ class Collator:
         """The single-turn inference prompt (what the runtime builds), image placeholder unexpanded."""
         return self.render([Turn("user", question)], generation_prompt=True)
 
-    def encode(self, turns: list[Turn]) -> EncodedText:
-        """Token ids and answer-only labels of a conversation (see the module docstring)."""
+    def encode(self, turns: list[Turn], image=None) -> EncodedText:
+        """Token ids and answer-only labels of a conversation (see the module docstring). `image` is
+        unused: a LLaVA image always takes num_image_tokens placeholders."""
         full = self.render(turns, generation_prompt=False)
         spans = []
         for k, turn in enumerate(turns):
@@ -158,3 +159,15 @@ class Collator:
 
     def collate_records(self, records: list[TrainRecord], images: list) -> dict:
         return self.batch([self.encode(r.turns) for r in records], images)
+
+    def generate(self, model, turns: list[Turn], image, max_new_tokens: int) -> str:
+        """Greedy answer of `model` (LLaVA, LoRA-wrapped or not) to `turns` (ending with a user turn)
+        about `image`, decoded without special tokens."""
+        import torch
+
+        device = next(model.parameters()).device
+        ids = torch.from_numpy(self.encode_prompt(turns)).unsqueeze(0).to(device)
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   pixel_values=self.pixel_values([image]).to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)

@@ -8,6 +8,10 @@ What is measured (per task and sub-task of the record form, docs/eval.md):
   long-answer keyword precision / recall (distortion names); descriptions: keyword precision / recall;
 - quality: closed-set score over level words -> SRCC / PLCC (raw and after a 4-parameter logistic
   fit) on records with `mos`; multiple-choice accuracy on records with `candidates` / `answer`.
+Every grounding figure is also given per difficulty bucket (training/eval_difficulty.py: one
+distorted region of severity >= 3, one of any severity, "most degraded" among several), and the
+model's position answers as a histogram against the ground truth's (share of each "top left", ...
+answer and of the most frequent one: a model that always gives one answer shows here).
 Baselines in the same table: majority class (from the train split), the same model on a blank image,
 the segmenter prompted at the image centre, at a seeded random point, and at the oracle point (the
 ground-truth mask's pixel farthest from its border) as the ceiling.
@@ -20,7 +24,6 @@ language model runs once per record and only the SAM decoder runs per (tau, mapp
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,17 @@ from typing import Any
 import numpy as np
 
 from octopus_rt import vocab
+from octopus_rt.training import eval_difficulty as difficulty
 from octopus_rt.training import eval_metrics as m
+from octopus_rt.training.eval_data import (
+    load_record_mask,
+    load_record_rgb,
+    load_split,
+    progress,
+    question_of,
+    reference_of,
+    target_region,
+)
 
 __all__ = ["EvalOptions", "Row", "EvalReport", "DEFAULT_TAUS", "evaluate", "sweep_defaults", "retemper",
            "load_split"]
@@ -95,44 +108,6 @@ class EvalReport:
         return None
 
 
-def load_split(data_dir: Path, split: str, max_records: int | None = None) -> list[dict]:
-    """Records of DATA_DIR/{split}.jsonl in file order (at most max_records)."""
-    from octopus_rt.errors import InputError
-
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise InputError(f"no {split} split in {data_dir} (expected {path})")
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise InputError(f"{path}:{number}: not a JSON record ({exc})") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{path}:{number}: not a JSON object")
-                records.append(record)
-                if max_records is not None and len(records) >= max_records:
-                    break
-    return records
-
-
-def _question(record: dict) -> str:
-    text = record["conversations"][0]["value"]
-    return text.replace("<image>\n", "").replace("<image>", "").strip()
-
-
-def _reference(record: dict) -> str:
-    return record["conversations"][1]["value"]
-
-
-def _target_region(record: dict) -> dict | None:
-    targets = record.get("target_regions") or []
-    by_id = {r["id"]: r for r in record.get("regions") or []}
-    return by_id.get(targets[0]) if len(targets) == 1 else None
-
-
 def retemper(p_first: float, tau: float) -> float:
     """Probability of an axis' first word (left / top) at temperature tau, from its value at tau = 1,
     through the runtime's closed-set softmax over the log-probabilities."""
@@ -159,29 +134,6 @@ def _segment_at(octopus, rgb: np.ndarray, point: tuple[float, float]) -> np.ndar
     return octopus.segment(rgb, point).mask if octopus.has_sam else None
 
 
-def _load_rgb(data_dir: Path, rel: Any) -> np.ndarray:
-    """A record's image exactly as the runtime decodes a file (EXIF orientation applied, same mode
-    conversion and pixel limit); the path must stay inside the dataset folder."""
-    from octopus_rt.paths import resolve_inside
-    from octopus_rt.runtime.images import load_image
-
-    return load_image(resolve_inside(data_dir, rel, "record image")).rgb
-
-
-def _load_mask(data_dir: Path, rel: Any) -> np.ndarray:
-    from PIL import Image
-
-    from octopus_rt.errors import InputError
-    from octopus_rt.paths import resolve_inside
-
-    path = resolve_inside(data_dir, rel, "record mask")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L")) >= 128
-    except OSError as exc:
-        raise InputError(f"cannot read mask {path}: {exc}") from None
-
-
 def _axis_guess(probs: dict | None, words: tuple[str, str]) -> str | None:
     if not probs or words[0] not in probs:
         return None
@@ -194,16 +146,6 @@ def _answer_mask(answer: Any, shape: tuple[int, int]) -> np.ndarray:
     return np.zeros(shape, dtype=bool) if answer.mask is None else np.asarray(answer.mask, dtype=bool)
 
 
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
-
-
 def _majority(train: list[dict]) -> dict[str, Any]:
     """Majority-class answers from the train split: grounding side pair, whole vs local, distortion set."""
     sides: Counter = Counter()
@@ -211,14 +153,14 @@ def _majority(train: list[dict]) -> dict[str, Any]:
     names: Counter = Counter()
     for record in train:
         if record.get("task") == "grounding":
-            target = _target_region(record)
+            target = target_region(record)
             if target is None:
                 continue
             whole[bool(target.get("whole_image"))] += 1
             if target.get("position"):
                 sides[tuple(target["position"])] += 1
         elif record.get("task") == "referring" and str(record.get("subtask", "")).startswith("short"):
-            names[frozenset(m.distortion_keywords(_reference(record)))] += 1
+            names[frozenset(m.distortion_keywords(reference_of(record)))] += 1
     return {"sides": sides.most_common(1)[0][0] if sides else None,
             "whole": whole.most_common(1)[0][0] if whole else False,
             "names": set(names.most_common(1)[0][0]) if names else set()}
@@ -231,21 +173,24 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
     rng = np.random.default_rng(options.seed)
     # per (subtask, metric, system) -> values
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    said: dict[str, list[str]] = defaultdict(list)  # system -> position answer phrase per local record
+    buckets: list[str] = []
 
     def put(sub: str, metric: str, system: str, value: float) -> None:
-        values[(sub, metric, system)].append(value)
-        values[("all", metric, system)].append(value)
+        for key in (sub, "all", *buckets):
+            values[(key, metric, system)].append(value)
 
-    for record in _progress(records, options.progress, "grounding"):
-        target = _target_region(record)
+    for record in progress(records, options.progress, "grounding"):
+        target = target_region(record)
         if target is None or not record.get("answer_mask"):
             continue
         sub = str(record.get("subtask") or "all")
-        rgb = _load_rgb(data_dir, record["image"])
-        gt = _load_mask(data_dir, record["answer_mask"])
+        buckets[:] = difficulty.difficulty_buckets(record)
+        rgb = load_record_rgb(data_dir, record["image"])
+        gt = load_record_mask(data_dir, record["answer_mask"])
         height, width = gt.shape
         is_whole = bool(target.get("whole_image"))
-        question = _question(record)
+        question = question_of(record)
         systems: dict[str, Any] = {PIPELINE: _ask(octopus, rgb, question, tau, mapping)}
         if options.baselines:
             systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), question, tau, mapping, segment=False)
@@ -266,6 +211,9 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
                 put(sub, "position: horizontal", system, float(got_h == want_h))
                 put(sub, "position: vertical", system, float(got_v == want_v))
                 put(sub, "position: both", system, float(got_h == want_h and got_v == want_v))
+                if system == PIPELINE:
+                    said[PIPELINE].append(difficulty.answer_phrase(got_h, got_v))
+                    said["ground truth"].append(difficulty.answer_phrase(want_h, want_v))
         if options.baselines:
             if majority["sides"] is not None and not is_whole and target.get("position"):
                 want_h, want_v = target["position"]
@@ -281,17 +229,25 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
                            "SAM @ oracle point (ceiling)": m.oracle_point(gt)}
                 for system, point in prompts.items():
                     put(sub, "mIoU", system, m.mask_iou(_segment_at(octopus, rgb, point), gt))
+    for system, phrases in said.items():
+        most = Counter(phrases).most_common(1)[0][0]
+        values[(difficulty.HISTOGRAM, "most frequent answer share", system)] = [float(p == most) for p in phrases]
+        for phrase in difficulty.PHRASES + ("none",) * (system == PIPELINE):
+            values[(difficulty.HISTOGRAM, f"share: {phrase}", system)] = [float(p == phrase) for p in phrases]
     return _rows("grounding", values, options.seed)
 
 
-SYSTEM_ORDER = (PIPELINE, "majority class", "blank image", "SAM @ centre", "SAM @ random point",
+SYSTEM_ORDER = (PIPELINE, "ground truth", "majority class", "blank image", "SAM @ centre", "SAM @ random point",
                 "SAM @ oracle point (ceiling)")
 
 
 def _row_order(sub: str, metric: str, system: str) -> tuple:
-    """Table order: sub-task "all" first, then by name; metric; the model before its baselines."""
+    """Table order: sub-task "all" first, the difficulty buckets, the position-answer histogram, then
+    the sub-tasks by name; metric; the model before its baselines."""
     rank = SYSTEM_ORDER.index(system) if system in SYSTEM_ORDER else len(SYSTEM_ORDER)
-    return (sub not in ("all", "short (all)"), sub, metric, rank, system)
+    ordered = difficulty.BUCKETS + (difficulty.HISTOGRAM,)
+    group = 0 if sub in ("all", "short (all)") else (1 + ordered.index(sub) if sub in ordered else 1 + len(ordered))
+    return (group, sub, metric, rank, system)
 
 
 def _rows(task: str, values: dict[tuple[str, str, str], list[float]], seed: int) -> list[Row]:
@@ -309,16 +265,16 @@ def _text_tasks(octopus, options: EvalOptions, records: list[dict], tau: float, 
     data_dir = Path(options.data_dir)
     out: list[Row] = []
     by_task: dict[str, dict[tuple[str, str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
-    for record in _progress(records, options.progress, "text tasks"):
+    for record in progress(records, options.progress, "text tasks"):
         task = record.get("task")
         if task not in ("referring", "global_description", "local_description"):
             continue
         sub = str(record.get("subtask") or "all")
-        reference = m.distortion_keywords(_reference(record))
-        rgb = _load_rgb(data_dir, record["image"])
-        systems = {PIPELINE: _ask(octopus, rgb, _question(record), tau, mapping, segment=False).text}
+        reference = m.distortion_keywords(reference_of(record))
+        rgb = load_record_rgb(data_dir, record["image"])
+        systems = {PIPELINE: _ask(octopus, rgb, question_of(record), tau, mapping, segment=False).text}
         if options.baselines:
-            systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), _question(record), tau, mapping,
+            systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), question_of(record), tau, mapping,
                                            segment=False).text
         table = by_task[task]
         for system, text in systems.items():
@@ -360,9 +316,9 @@ def _quality(octopus, options: EvalOptions, records: list[dict]) -> tuple[list[R
     """SRCC / PLCC of the closed-set level score against `mos`; MCQ accuracy on `candidates`."""
     data_dir = Path(options.data_dir)
     preds, mos, hits = [], [], []
-    for record in _progress(records, options.progress, "quality"):
+    for record in progress(records, options.progress, "quality"):
         if record.get("mos") is not None:
-            preds.append(octopus.score(_load_rgb(data_dir, record["image"])).score)
+            preds.append(octopus.score(load_record_rgb(data_dir, record["image"])).score)
             mos.append(float(record["mos"]))
         if record.get("candidates") and record.get("answer") is not None:
             want = _mcq_answer_index(record)
@@ -370,8 +326,8 @@ def _quality(octopus, options: EvalOptions, records: list[dict]) -> tuple[list[R
                 continue
             # The record's human turn holds the Q-Bench layout already (question + options); `choose`
             # lays the options out itself, so it gets the bare question.
-            question = record.get("question") or _question(record).split(vocab.MCQ_INSTRUCTION)[0].strip()
-            choice = octopus.choose(_load_rgb(data_dir, record["image"]), question, list(record["candidates"]))
+            question = record.get("question") or question_of(record).split(vocab.MCQ_INSTRUCTION)[0].strip()
+            choice = octopus.choose(load_record_rgb(data_dir, record["image"]), question, list(record["candidates"]))
             hits.append((str(record.get("subtask") or "all"), choice.index == want))
     rows, notes = [], []
     if preds:
@@ -426,7 +382,7 @@ def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS,
     from octopus_rt.runtime.closed_set import POINT_MAPPINGS, point_from_probs
 
     records = [r for r in load_split(options.data_dir, "val", options.max_records) if r.get("task") == "grounding"]
-    records = [r for r in records if _target_region(r) is not None and r.get("answer_mask")]
+    records = [r for r in records if target_region(r) is not None and r.get("answer_mask")]
     if not records:
         raise InputError(f"the val split of {options.data_dir} has no grounding records to sweep tau on")
     octopus = _open_bundle(options.bundle, options.threads)
@@ -434,11 +390,11 @@ def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS,
         raise InputError(f"{options.bundle} has no sam section: the sweep measures mIoU and needs a segmenter")
     data_dir = Path(options.data_dir)
     ious = {mapping: [[] for _ in taus] for mapping in POINT_MAPPINGS}
-    for record in _progress(records, options.progress, "sweep"):
-        rgb = _load_rgb(data_dir, record["image"])
-        gt = _load_mask(data_dir, record["answer_mask"])
+    for record in progress(records, options.progress, "sweep"):
+        rgb = load_record_rgb(data_dir, record["image"])
+        gt = load_record_mask(data_dir, record["answer_mask"])
         height, width = gt.shape
-        answer = _ask(octopus, rgb, _question(record), 1.0, "paper", segment=False)
+        answer = _ask(octopus, rgb, question_of(record), 1.0, "paper", segment=False)
         for mapping in POINT_MAPPINGS:
             for i, tau in enumerate(taus):
                 if answer.whole_image:

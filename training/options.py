@@ -1,7 +1,8 @@
 """Options of `octopus-rt train` as one dataclass, with validation that raises one-line InputErrors.
 
 The defaults are the paper's recipe (section 5.1): LoRA on the language model, full fine-tuning of the
-vision tower and projector, AdamW at lr 1e-4 with a cosine schedule, 1 epoch, batch size 2.
+vision tower and projector, AdamW at lr 1e-4 with a cosine schedule, 1 epoch, batch size 2. LoRA rank,
+alpha and dropout left as None take the model family's defaults (training/architectures.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def parse_data_arg(text: str) -> DataSource:
 class TrainOptions:
     """Everything one training run needs. `validate()` checks it before any heavy work starts.
 
-    Paths: `base_model` is a transformers LlavaForConditionalGeneration directory; `out` is the merged
+    Paths: `base_model` is a transformers LlavaForConditionalGeneration directory or an official-layout
+    Phi-3(.5)-Vision directory (training/architectures.py); `out` is the merged
     model directory to create (must not exist); `work_dir` holds checkpoints, logs and the run's
     options (default: `<out>.train` next to `out`).
     Batching: one optimizer step sees batch_size * grad_accum * world_size samples (the global batch);
@@ -69,9 +71,9 @@ class TrainOptions:
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 0.0  # 0 disables clipping
     lm_tuning: str = "lora"  # lora | full | frozen (language model)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    lora_rank: int | None = None  # None: the family's default (LLaVA 16, Phi-3.5-Vision 64)
+    lora_alpha: float | None = None  # None: LLaVA 32, Phi-3.5-Vision 128
+    lora_dropout: float | None = None  # None: LLaVA 0.05, Phi-3.5-Vision 0
     freeze_vision: bool = False  # paper table 4: freezing the vision tower and projector hurts
     max_steps: int | None = None
     save_every: int = 0  # 0: only the final state
@@ -118,11 +120,11 @@ class TrainOptions:
         if self.lm_tuning not in LM_TUNING:
             raise InputError(f"language model tuning must be one of {', '.join(LM_TUNING)}, got {self.lm_tuning!r}")
         if self.lm_tuning == "lora":
-            if self.lora_rank < 1:
+            if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
                 raise InputError(f"--lora-rank must be >= 1, got {self.lora_rank}")
-            if not self.lora_alpha > 0:
+            if self.lora_alpha is not None and not self.lora_alpha > 0:
                 raise InputError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lm_tuning == "frozen" and self.freeze_vision:
             raise InputError("nothing to train: the language model is frozen and --freeze-vision is set")

@@ -7,6 +7,10 @@ batch; each process counts its tokens first, the counts are all-reduced, every m
 loss is divided by that global count, and gradients are all-reduced (summed) after accumulation.
 So accumulation and several processes give the same update as one large batch.
 
+The model family (LLaVA, Phi-3.5-Vision) is an `Architecture` (training/architectures.py) picked from
+the base model's config.json: it loads the model and its collator, chooses what trains and writes
+the merged result; everything else here is shared.
+
 Extension points for recipes (the demo model): `lm_tuning="full"` trains a small model from its
 initial weights, and `loss_hook(model, batch, outputs, records) -> scalar tensor` adds an auxiliary
 loss per micro-batch (weighted 1 / (grad_accum * world_size), i.e. averaged over the global batch).
@@ -26,7 +30,7 @@ import numpy as np
 from octopus_rt.errors import InputError
 from octopus_rt.training.options import TrainOptions
 
-__all__ = ["TrainResult", "train", "run_validation", "load_base_model", "read_datasets", "resolve_precision"]
+__all__ = ["TrainResult", "train", "run_validation", "model_inputs", "read_datasets", "resolve_precision"]
 
 
 @dataclass
@@ -59,28 +63,6 @@ def resolve_precision(precision: str, device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
     return precision
-
-
-def load_base_model(base_model: Path):
-    """(model float32 on CPU, processor) from a LlavaForConditionalGeneration directory, after checking
-    the architecture. Raises InputError for a missing or unsupported directory."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-
-    from octopus_rt.training.lora import check_architecture
-
-    base_model = Path(base_model)
-    if not (base_model / "config.json").is_file():
-        raise InputError(f"{base_model} is not a model directory (no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(base_model)
-    except (ValueError, KeyError, OSError) as exc:
-        raise InputError(f"cannot read the config of {base_model}: {exc}") from None
-    check_architecture(config)
-    import torch
-
-    model = LlavaForConditionalGeneration.from_pretrained(base_model, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(base_model)
-    return model, processor
 
 
 def read_datasets(options: TrainOptions, log: Callable[[str], None]):
@@ -130,6 +112,11 @@ def _load_images(records, on_error: str, log):
             continue
         kept.append(record)
     return kept, images
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword inputs of a collated batch: every key but the labels."""
+    return {key: value for key, value in batch.items() if key != "labels"}
 
 
 def _answer_loss_sum(logits, labels):
@@ -188,8 +175,7 @@ def run_validation(model, collator, records, *, dist=None, batch_size: int = 4, 
                 continue
             batch = {k: v.to(device) for k, v in collator.collate_records(chunk, images).items()}
             with _autocast(device, precision):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=batch["pixel_values"]).logits
+                logits = model(**model_inputs(batch)).logits
             loss_sum += float(_answer_loss_sum(logits, batch["labels"]))
             tokens += int((batch["labels"][:, 1:] >= 0).sum())
             # Positional accuracy is a grounding metric: other tasks may restate a region the question named.
@@ -200,12 +186,7 @@ def run_validation(model, collator, records, *, dist=None, batch_size: int = 4, 
             for record, image in zip(chunk, images):
                 if record.task != "referring":
                     continue
-                ids = torch.from_numpy(collator.encode_prompt(record.turns[:1])).unsqueeze(0).to(device)
-                pixel_values = collator.pixel_values([image]).to(device)
-                generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                           pixel_values=pixel_values, max_new_tokens=referring_max_new_tokens,
-                                           do_sample=False)
-                text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+                text = collator.generate(model, record.turns[:1], image, referring_max_new_tokens)
                 ref_n += 1
                 ref_ok += int(distortion_keywords(text) == distortion_keywords(record.turns[1].text))
     model.train(was_training)
@@ -299,8 +280,7 @@ def _accumulate(model, collator, micro, global_tokens: float, device, precision:
                 continue
             batch = {k: v.to(device) for k, v in collator.batch(encoded, images).items()}
             with _autocast(device, precision):
-                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=batch["pixel_values"])
+                outputs = model(**model_inputs(batch))
             summed = _answer_loss_sum(outputs.logits, batch["labels"])
             loss = summed / global_tokens
             if loss_hook is not None:
@@ -317,11 +297,9 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
     """
     import torch
 
+    from octopus_rt.training.architectures import architecture_for, with_lora_defaults
     from octopus_rt.training.checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, save_checkpoint
-    from octopus_rt.training.collate import Collator
     from octopus_rt.training.distributed import init_distributed
-    from octopus_rt.training.lora import apply_tuning
-    from octopus_rt.training.merge import merged_model, save_merged
 
     options.validate()
     dist = init_distributed()
@@ -335,6 +313,8 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
             refused = exc
         if not dist.all_ok(refused is None):
             raise refused or InputError("another process refused the output or work directory")
+        architecture = architecture_for(options.base_model)
+        options = with_lora_defaults(options, architecture.lora_defaults)
         precision = resolve_precision(options.precision, dist.device)
         say = print if dist.is_main else (lambda _text: None)
         dataset, val_records, skipped = read_datasets(options, say)
@@ -346,14 +326,12 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
         total_steps = options.max_steps or max(1, round(options.epochs * steps_per_epoch))
 
         torch.manual_seed(options.seed)
-        model, processor = load_base_model(options.base_model)
+        model, collator = architecture.load(options.base_model)
         if options.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model, summary = apply_tuning(model, options.lm_tuning, rank=options.lora_rank, alpha=options.lora_alpha,
-                                      dropout=options.lora_dropout, freeze_vision=options.freeze_vision)
+            architecture.enable_gradient_checkpointing(model)
+        model, summary = architecture.apply_tuning(model, options)
         model.to(dist.device)
         model.train()
-        collator = Collator(processor)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
@@ -412,7 +390,7 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
                 first = (step - 1) * global_batch + (m * dist.world_size + dist.rank) * options.batch_size
                 records = [dataset.record(sample_key(first + i)) for i in range(options.batch_size)]
                 records, images = _load_images(records, options.on_error, say)
-                micro.append((records, images, [collator.encode(r.turns) for r in records]))
+                micro.append((records, images, [collator.encode(r.turns, image) for r, image in zip(records, images)]))
             local_tokens = sum(e.num_answer_tokens for _, _, enc in micro for e in enc)
             local_inputs = sum(len(e.input_ids) for _, _, enc in micro for e in enc)
             local_samples = sum(len(r) for r, _, _ in micro)
@@ -468,8 +446,7 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
         out = None
         final_model = model
         if options.merge and dist.is_main:
-            final_model = merged_model(model)
-            out = save_merged(final_model, processor, options.out)
+            out, final_model = architecture.write_merged(model, collator, options)
         dist.barrier()
         result = TrainResult(
             out=out if options.merge else None, work_dir=options.work_dir, steps=steps, losses=losses, lrs=lrs,

@@ -359,7 +359,7 @@ def create_app(model: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
         def run(m: Any, rgb: np.ndarray, _values: dict[str, Any]) -> JSONResponse:
             result = m.score(rgb)
             metrics.answer(result)
-            return JSONResponse({"score": result.score, "probs": result.probs, "timings_ms": result.timings_ms})
+            return JSONResponse(result.to_json())
 
         return await call(request, set(), run)
 
@@ -370,8 +370,7 @@ def create_app(model: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
                 raise InputError("options are missing (a list of 1 to 4 strings)")
             result = m.choose(rgb, values["question"], values["options"])
             metrics.answer(result)
-            return JSONResponse({"letter": result.letter, "index": result.index, "option": result.option,
-                                 "probs": result.probs, "timings_ms": result.timings_ms})
+            return JSONResponse(result.to_json())
 
         return await call(request, {"question", "options"}, run)
 

@@ -29,6 +29,10 @@ def synth(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label maps <stem>.png (+ names.json) "
                                           "used as regions instead of proposals."),
     uniform: float = typer.Option(0.2, "--uniform", help="Share of images distorted as a whole."),
+    max_regions: int = typer.Option(3, "--max-regions", help="Most distorted regions per image (1-3); 1 for "
+                                    "the easy end of a curriculum."),
+    min_severity: int = typer.Option(1, "--min-severity", help="Lowest severity of any distortion (1-5); "
+                                     "ordered pairs (severities 1-3) only while it is <= 3."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Build a region-wise distortion dataset with all four task types from a folder of images."""
@@ -40,7 +44,8 @@ def synth(
     options = SynthOptions(num=num, seed=seed, size=size, sam=str(sam) if sam else None, workers=workers,
                            overwrite=overwrite, resume=resume, groups=str(groups) if groups else None,
                            labels=str(labels) if labels else None,
-                           uniform_prob=uniform, progress=not quiet)
+                           uniform_prob=uniform, max_regions=max_regions, min_severity=min_severity,
+                           progress=not quiet)
     report = synthesize(src_dir, out, options)
     counts = ", ".join(f"{k} {v}" for k, v in report.records.items())
     typer.echo(f"wrote {report.samples} images, records: {counts} -> {out}")
@@ -98,7 +103,8 @@ def import_(
 
 @data_app.command()
 def stats(data_dir: Path = typer.Argument(..., help="Dataset folder.")) -> None:
-    """Print counts per split, task, sub-task, distortion and severity."""
+    """Print counts per split, task, sub-task, position answer, distortion and severity, and the share of
+    ambiguous grounding targets."""
     from octopus_rt.training.data.stats import compute_stats, format_stats
 
     typer.echo(format_stats(compute_stats(data_dir)))

@@ -1,7 +1,12 @@
-"""`octopus-rt data stats`: counts per split, task, sub-task, distortion and severity.
+"""`octopus-rt data stats`: counts per split, task, sub-task, distortion and severity, and the
+grounding targets' position answers.
 
 Distortion and severity counts are per distorted region of each distinct image (not per record, so
 an image with six questions is not counted six times); sub-types are counted as category/subtype.
+Position answers are per grounding record with one local target: its eq. 1 phrase ("top left", ...)
+and whether its box centre lies within records.POSITION_MARGIN of a midline (an ambiguous target;
+`data synth` writes none, imported or hand-made data may have some). A skewed answer distribution
+is a bias a model can learn instead of looking (the share of the most frequent answer says how much).
 """
 
 from __future__ import annotations
@@ -25,13 +30,28 @@ class DatasetStats:
     categories: Counter = field(default_factory=Counter)
     subtypes: Counter = field(default_factory=Counter)
     severities: Counter = field(default_factory=Counter)
+    positions: Counter = field(default_factory=Counter)  # "top left", ... per local grounding target
+    ambiguous_targets: int = 0
     images: int = 0
     sources: int = 0
+
+    @property
+    def ambiguous_share(self) -> float:
+        """Share of local grounding targets whose position words are a tie-break (0 when none)."""
+        total = sum(self.positions.values())
+        return self.ambiguous_targets / total if total else 0.0
+
+    @property
+    def top_position_share(self) -> float:
+        """Share of the most frequent position answer among local grounding targets (0 when none)."""
+        total = sum(self.positions.values())
+        return max(self.positions.values()) / total if total else 0.0
 
 
 def compute_stats(data_dir: str | Path) -> DatasetStats:
     """Count the records of `data_dir` (see the module docstring)."""
-    from octopus_rt.training.data.records import read_records
+    from octopus_rt import vocab
+    from octopus_rt.training.data.records import position_ambiguous, read_records
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -48,6 +68,12 @@ def compute_stats(data_dir: str | Path) -> DatasetStats:
             stats.tasks[record["task"]] += 1
             stats.subtasks[f"{record['task']}/{record.get('subtask')}"] += 1
             sources.add(str(record.get("source", record["image"])))
+            target = _local_target(record)
+            if target is not None:
+                stats.positions[vocab.position_phrase(*target["position"])] += 1
+                if record.get("width") and record.get("height") and target.get("center") and position_ambiguous(
+                        target["center"], int(record["width"]), int(record["height"])):
+                    stats.ambiguous_targets += 1
             if record["image"] in seen_images:
                 continue
             seen_images.add(record["image"])
@@ -61,10 +87,26 @@ def compute_stats(data_dir: str | Path) -> DatasetStats:
     return stats
 
 
+def _local_target(record: dict) -> dict | None:
+    """The one target region of a grounding record when it is local (has position words)."""
+    targets = record.get("target_regions") or []
+    if record.get("task") != "grounding" or len(targets) != 1:
+        return None
+    region = {r["id"]: r for r in record.get("regions") or []}.get(targets[0])
+    if region is None or region.get("whole_image") or not region.get("position"):
+        return None
+    return region
+
+
 def format_stats(stats: DatasetStats) -> str:
     """Plain-text report, one "name count" line per entry, sections in a fixed order."""
     lines = [f"images {stats.images}  sources {stats.sources}"]
+    total = sum(stats.positions.values())
+    if total:
+        lines.append(f"grounding position answers {total}: most frequent {100 * stats.top_position_share:.1f}%, "
+                     f"ambiguous targets {stats.ambiguous_targets} ({100 * stats.ambiguous_share:.1f}%)")
     sections = [("split", stats.splits), ("task", stats.tasks), ("task/subtask", stats.subtasks),
+                ("position answer", stats.positions),
                 ("distortion", stats.categories), ("sub-type", stats.subtypes), ("severity", stats.severities)]
     for title, counter in sections:
         if not counter:

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from octopus_rt.errors import InputError
+from octopus_rt.training.data.records import POSITION_MARGIN
 
-__all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "list_sources", "dhash", "group_sources"]
+__all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "make_sample", "list_sources", "dhash", "group_sources"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 32
@@ -33,7 +34,9 @@ MAX_SOURCE_PIXELS = 64_000_000
 # Light levels of these are hard to see (spec): single distortions of them start at severity 2.
 _FAINT_AT_ONE = ("brighten", "darken", "contrast_strengthen", "contrast_weaken", "saturate_strengthen",
                  "saturate_weaken", "quantization", "oversharpen")
-_GENERATED = ("images", "masks", "train.jsonl", "val.jsonl", "test.jsonl", "report.json", ".work")
+_GENERATED = ("images", "masks", "train.jsonl", "val.jsonl", "test.jsonl", "report.json", "dataset.json", ".work")
+# Ordered pairs draw severities 1-3 per step (DQ-495K), so they exist only up to this --min-severity.
+_PAIR_MAX_SEVERITY = 3
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,9 @@ class SynthOptions:
     segment-anything checkpoint for region proposals; `groups`: a file of "filename,group" lines;
     `labels`: a folder of user label maps (<source stem>.png, integer values; optional names.json
     {"value": "name"}) used instead of proposals for the sources that have one;
-    `uniform_prob`: share of whole-image samples; `feather`: composite feather in pixels."""
+    `uniform_prob`: share of whole-image samples; `feather`: composite feather in pixels;
+    `max_regions`: most distorted regions per (non-uniform) image, 1-3; `min_severity`: lowest
+    severity of any distortion, 1-5 (ordered pairs only while it is <= 3)."""
 
     num: int | None = None
     seed: int = 0
@@ -58,6 +63,8 @@ class SynthOptions:
     pair_prob: float = 0.45
     hash_distance: int = 8
     feather: int = 2
+    max_regions: int = 3
+    min_severity: int = 1
     progress: bool = True
 
 
@@ -182,18 +189,20 @@ def _assign_splits(groups: list[int], seed: int) -> dict[int, str]:
 
 
 # ------------------------------------------------------------------------------------ per-sample
-def _sample_chain(rng: np.random.Generator, pair: bool, category: str | None = None) -> list[dict]:
+def _sample_chain(rng: np.random.Generator, pair: bool, category: str | None = None,
+                  min_severity: int = 1) -> list[dict]:
     from octopus_rt.training.data.composite import ORDERED_PAIRS
     from octopus_rt.training.data.distortions import CATEGORIES, subtypes
 
+    pair = pair and min_severity <= _PAIR_MAX_SEVERITY
     if pair:
         cats = ORDERED_PAIRS[int(rng.integers(len(ORDERED_PAIRS)))]
         # 1-3 each (DQ-495K); the faint categories from 2, so their label stays perceivable
-        severities = [int(rng.integers(2 if c in _FAINT_AT_ONE else 1, 4)) for c in cats]
+        severities = [int(rng.integers(max(2 if c in _FAINT_AT_ONE else 1, min_severity), 4)) for c in cats]
     else:
         cat = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         cats = (cat,)
-        low = 2 if cat in _FAINT_AT_ONE else 1
+        low = max(2 if cat in _FAINT_AT_ONE else 1, min_severity)
         severities = [int(rng.integers(low, 6))]
     chain = []
     for cat, severity in zip(cats, severities):
@@ -229,7 +238,7 @@ def _user_regions(labels_dir: str | None, source_path: str, shape: tuple[int, in
     return [m for m, _ in regions], [names.get(str(v)) for _, v in regions]
 
 
-def _make_sample(task: tuple) -> int:
+def make_sample(task: tuple) -> int:
     """Worker body: one distorted image, its masks, and its records in ``.work/s<index>.json``
     (written last, atomically: the marker --resume trusts). Returns the sample index."""
     import cv2
@@ -264,15 +273,17 @@ def _make_sample(task: tuple) -> int:
         rel = f"masks/{sample_id}_whole.png"
         save_mask(full, out / rel)
         region = region_from_mask(0, full, rel, "whole image", whole_image=True)
-        region.distortions = _sample_chain(rng, rng.random() < options["pair_prob"])
+        region.distortions = _sample_chain(rng, rng.random() < options["pair_prob"],
+                                           min_severity=options["min_severity"])
         image = apply_chain(image, full, region.distortions, rng, options["feather"])
         regions.append(region)
     else:
         labels = [name or describe_region(image, m) for name, m in zip(names, masks)]
-        k = int(rng.integers(1, min(3, len(masks)) + 1))
+        most = options["max_regions"]
+        k = int(rng.integers(1, min(most, len(masks)) + 1))
         if coarse:
             # all regions but one: the clean one is then the unique "least degraded" (HyD-G-min)
-            k = len(masks) - 1
+            k = min(len(masks) - 1, most)
         chosen = sorted(int(i) for i in rng.choice(len(masks), size=k, replace=False))
         shared = None
         chains = {}
@@ -280,7 +291,7 @@ def _make_sample(task: tuple) -> int:
             pair = rng.random() < options["pair_prob"]
             # Sometimes reuse one category in several regions, so SiD-G can compare intensities.
             category = shared if (shared is not None and not pair and rng.random() < 0.5) else None
-            chains[i] = _sample_chain(rng, pair, category)
+            chains[i] = _sample_chain(rng, pair, category, options["min_severity"])
             shared = shared or chains[i][0]["category"]
         distorted = image
         for i in chosen:
@@ -349,6 +360,10 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
         raise InputError("--workers must be >= 1")
     if options.size < MIN_SIDE:
         raise InputError(f"--size must be >= {MIN_SIDE}")
+    if not 1 <= options.max_regions <= 3:
+        raise InputError("--max-regions must be 1, 2 or 3")
+    if not 1 <= options.min_severity <= 5:
+        raise InputError("--min-severity must be between 1 and 5")
     if options.sam:
         from octopus_rt.training.data.regions import load_sam
 
@@ -384,13 +399,13 @@ def _run(src: Path, out: Path, sources: list[Path], options: SynthOptions, user_
     num = len(usable) if options.num is None else options.num
     plain = {"seed": options.seed, "size": options.size, "sam": options.sam,
              "uniform_prob": options.uniform_prob, "pair_prob": options.pair_prob, "feather": options.feather,
-             "labels": options.labels}
+             "labels": options.labels, "max_regions": options.max_regions, "min_severity": options.min_severity}
     todo = []
     for i in range(num):
         if not (options.resume and (out / ".work" / f"s{i:06d}.json").exists()):
             path = usable[i % len(usable)][0]
             todo.append((i, str(path), path.name, str(out), plain))
-    for _ in _map(_make_sample, todo, options.workers, options.progress, "synth"):
+    for _ in _map(make_sample, todo, options.workers, options.progress, "synth"):
         pass  # each sample's records are in its part file; gathered below in sample order
     counts = {split: 0 for split in ("train", "val", "test")}
     handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") for split in counts}
@@ -410,5 +425,13 @@ def _run(src: Path, out: Path, sources: list[Path], options: SynthOptions, user_
         "samples": num, "records": report.records, "sources": len(usable),
         "groups": len(set(groups)), "skipped": [{"file": f, "reason": r} for f, r in report.skipped],
     }, indent=1) + "\n", encoding="utf-8")
+    # What a curriculum or a reader needs to know about how the data was made (difficulty knobs).
+    # Rewritten in full: prepare_run's first version (the mark that the folder is ours) plus these.
+    from octopus_rt.training.data.outdir import SYNTH_FORMAT, write_meta
+
+    write_meta(out, {
+        "format": SYNTH_FORMAT, "src": str(src.resolve()), "seed": options.seed, "size": options.size,
+        "uniform_prob": options.uniform_prob, "pair_prob": options.pair_prob, "max_regions": options.max_regions,
+        "min_severity": options.min_severity, "position_margin": POSITION_MARGIN, "records": report.records})
     shutil.rmtree(out / ".work")
     return report

@@ -1,6 +1,8 @@
 """From one distorted image and its regions to question / answer records of the four tasks.
 
-`build_records` writes a record only when its answer is unambiguous: HyD-G needs a unique maximum
+`build_records` writes a record only when its answer is unambiguous: a grounding target's box centre
+must lie clearly off both midlines (records.POSITION_MARGIN; otherwise its position words are a
+tie-break, not a position); HyD-G needs a unique maximum
 (minimum) of cumulative intensity over the regions that tile the image; SiD-G a unique maximum of
 one category's severity (the minimum is taken among the regions that show that distortion, and must
 be unique too); DAO-G a region whose order (or first / last step) no other region shares; referring
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from octopus_rt.training.data import questions as q
-from octopus_rt.training.data.records import Region, conversation
+from octopus_rt.training.data.records import Region, conversation, position_ambiguous
 
 __all__ = ["build_records"]
 
@@ -49,8 +51,12 @@ def build_records(
     image (or there is one whole-image region). Record ids are `<sample_id>-<n>`."""
     records: list[dict] = []
     region_json = [r.to_json() for r in regions]
+    by_id = {r.id: r for r in regions}
 
     def add(task: str, subtask: str | None, question: str, answer: str, targets: list[int], mask: str | None):
+        if task == "grounding" and any(not by_id[t].whole_image and position_ambiguous(
+                by_id[t].center, width, height) for t in targets):
+            return  # ill-posed position words (see the module docstring)
         records.append({
             "id": f"{sample_id}-{len(records)}",
             "image": image_rel,

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["DemoRecipe", "QUICK", "FULL", "DEMO_LLAVA", "build_demo", "headline", "main"]
+__all__ = ["DemoRecipe", "QUICK", "FULL", "DEMO_LLAVA", "build_demo", "main"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,15 +47,25 @@ class DemoRecipe:
     examples: int
     wallpapers: bool = False  # add demo_data.WALLPAPERS (Debian packages) to the training photos
     closed_set_weight: float = 0.0  # weight of the closed-set position-word loss (see closed_set_loss_hook)
+    relative_weight: float = 0.0  # within-image patch softmax in vision pretraining (vision_pretrain)
+    distill_steps: int = 0  # EfficientNet-Lite0 distillation steps before vision pretraining (teacher.py)
+    easy_seen: int = 0  # curriculum: images with one distorted region of severity >= 3 (0: no curriculum)
+    easy_vision_steps: int = 0  # vision pretraining steps on the easy images, before the full mix
+    easy_lmm_steps: int = 0  # LLaVA steps on the easy images, before the full mix
+    # Mirrored twins of the LLaVA training records (demo_augment.FLIPS). Off in FULL: measured in issue 16
+    # round 2 (docs/demo.md), they turned the horizontal answer into a constant, not into a reading.
+    lmm_flips: tuple[str, ...] = ()
 
 
-FULL = DemoRecipe(num_seen=1600, num_heldout=160, size=256, vision_steps=4000, vision_time=20 * 60,
-                  lmm_steps=3000, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1500,
-                  sam_time=12 * 60, eval_val_records=200, eval_test_records=500, examples=4, wallpapers=True,
-                  closed_set_weight=1.0)
-QUICK = DemoRecipe(num_seen=60, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
+FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=2000, vision_time=60 * 60,
+                  lmm_steps=1800, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1200,
+                  sam_time=40 * 60, eval_val_records=300, eval_test_records=None, examples=5, wallpapers=True,
+                  closed_set_weight=1.0, relative_weight=1.0, distill_steps=600, easy_seen=800,
+                  easy_vision_steps=600, easy_lmm_steps=600)
+QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
-                   eval_val_records=20, eval_test_records=30, examples=2, closed_set_weight=1.0)
+                   eval_val_records=80, eval_test_records=40, examples=2, closed_set_weight=1.0, relative_weight=1.0,
+                   easy_seen=20, easy_vision_steps=4, easy_lmm_steps=4)
 
 # The demo LLaVA: SigLIP-style vision tower (square resize, no crop, no CLS: patches map onto the
 # image exactly, so positions are kept) at 256 px with 32 px patches (8 x 8 image tokens: the patch
@@ -73,11 +83,12 @@ def _say(text: str) -> None:
     print(f"[build_demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
+def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int, flips: tuple[str, ...] = ()) -> Path:
     """A dataset folder for LLaVA training: all grounding and referring records, a seeded `share` of
     the (long) description records; val likewise. data_dir's sub-folders are hard-linked file by file
     (copied across file systems), so record paths stay valid: training refuses record paths that leave
-    the dataset folder, and a symbolic link to data_dir would."""
+    the dataset folder, and a symbolic link to data_dir would. `flips`: mirrored twins of the kept
+    train records (demo_augment), written after the originals (the trainer shuffles)."""
     import numpy as np
 
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
@@ -97,11 +108,15 @@ def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int) -> Path:
     for split in ("train", "val"):
         records = read_jsonl(data_dir / f"{split}.jsonl")
         keep = [r for r in records if r["task"] in ("grounding", "referring") or rng.random() < share]
+        if split == "train" and flips:
+            from octopus_rt.training.recipes.demo_augment import add_mirrored_twins
+
+            keep = keep + add_mirrored_twins(out, keep, flips)
         write_jsonl(keep, out / f"{split}.jsonl")
     return out
 
 
-def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5):
+def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5, relative: float = 0.0):
     """loss_hook for the trainer: the dense per-patch loss of vision pretraining, through the frozen
     probe, on the image tokens the LLaVA just computed (keeps the vision features grounded while the
     language model learns to read them)."""
@@ -129,7 +144,7 @@ def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5
             raise RuntimeError("the LLaVA returned no image_hidden_states; the per-patch loss needs them")
         features = features.reshape(len(records), grid * grid, -1)
         target = torch.stack([targets_of(r) for r in records])
-        return weight * _loss(torch, probe(features), target)
+        return weight * _loss(torch, probe(features), target, relative)
 
     return hook
 
@@ -209,7 +224,7 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     t = time.monotonic()
     if not (data_dir / "test.jsonl").exists():
         build_dataset(work, seed=seed, num_seen=recipe.num_seen, num_heldout=recipe.num_heldout, size=recipe.size,
-                      workers=workers, progress=False, wallpapers=recipe.wallpapers)
+                      workers=workers, progress=False, wallpapers=recipe.wallpapers, num_easy=recipe.easy_seen)
     stage("data", time.monotonic() - t, splits=json.loads((data_dir / "demo_splits.json").read_text())["records"])
 
     # 2. Base model + dense vision pretraining.
@@ -219,14 +234,26 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     base = work / "base_model"
     probe_path = work / "vision_probe.pt"
     t = time.monotonic()
+    easy_dir = work / "data_easy"
+    curriculum = recipe.easy_seen > 0 and (easy_dir / "train.jsonl").exists()
     if not probe_path.exists():
         shutil.rmtree(base, ignore_errors=True)
         build_llava(base, TinyLlavaSpec(**DEMO_LLAVA, seed=seed))
+        facts = {}
+        if curriculum and recipe.easy_vision_steps > 0:  # easy images first (and the teacher's prior)
+            easy = pretrain_vision(VisionPretrainOptions(base, easy_dir, steps=recipe.easy_vision_steps,
+                                                         time_limit_s=recipe.vision_time, seed=seed, threads=threads,
+                                                         relative_weight=recipe.relative_weight,
+                                                         distill_steps=recipe.distill_steps))
+            facts.update(easy_steps=easy.steps, distill=easy.distill, easy_val_quadrant_accuracy=easy.val_quadrant_accuracy)
         result = pretrain_vision(VisionPretrainOptions(base, data_dir, steps=recipe.vision_steps,
-                                                       time_limit_s=recipe.vision_time, seed=seed, threads=threads),
+                                                       time_limit_s=recipe.vision_time, seed=seed, threads=threads,
+                                                       relative_weight=recipe.relative_weight,
+                                                       distill_steps=0 if facts else recipe.distill_steps),
                                  probe_out=probe_path)
         stage("vision_pretrain", time.monotonic() - t, steps=result.steps,
-              val_patch_accuracy=result.val_patch_accuracy, val_quadrant_accuracy=result.val_quadrant_accuracy)
+              val_patch_accuracy=result.val_patch_accuracy, val_quadrant_accuracy=result.val_quadrant_accuracy,
+              train_quadrant_accuracy=result.train_quadrant_accuracy, **facts)
 
     # 3. LLaVA instruction tuning with the trainer (+ the per-patch loss through the frozen probe).
     from octopus_rt.training.options import TrainOptions
@@ -235,20 +262,32 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     model_dir = work / "model"
     t = time.monotonic()
     if not (model_dir / "config.json").exists():
-        lmm_data = _lmm_dataset(data_dir, work / "lmm_data", recipe.description_share, seed)
-        shutil.rmtree(work / "model.train", ignore_errors=True)
-        grid = DEMO_LLAVA["image_size"] // DEMO_LLAVA["patch_size"]
-        options = TrainOptions(base_model=base, data=[lmm_data], out=model_dir, work_dir=work / "model.train",
-                               lm_tuning="full", lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,
-                               max_steps=recipe.lmm_steps, warmup_steps=max(1, recipe.lmm_steps // 20),
-                               min_lr_ratio=0.05, max_grad_norm=1.0, eval_max_samples=200, seed=seed,
-                               log_every=20, progress=False, precision="fp32")
         from transformers import AutoTokenizer
 
+        grid = DEMO_LLAVA["image_size"] // DEMO_LLAVA["patch_size"]
         position_hook = (closed_set_loss_hook(AutoTokenizer.from_pretrained(base), recipe.closed_set_weight)
                          if recipe.closed_set_weight > 0 else None)
-        result = train(options, loss_hook=_sum_hooks(_patch_hook(lmm_data, probe_path, grid), position_hook))
-        stage("lmm_train", time.monotonic() - t, steps=len(result.steps), final_loss=result.losses[-1] if result.losses else None)
+        phases = [("model", data_dir, recipe.lmm_steps)]
+        if curriculum and recipe.easy_lmm_steps > 0:  # one clearly distorted region first, then the full mix
+            phases.insert(0, ("model_easy", easy_dir, recipe.easy_lmm_steps))
+        start_from, facts = base, {}
+        for name, source, steps in phases:
+            out = work / name
+            if not (out / "config.json").exists():
+                lmm_data = _lmm_dataset(source, work / f"lmm_{name}", recipe.description_share, seed,
+                                        recipe.lmm_flips)
+                shutil.rmtree(work / f"{name}.train", ignore_errors=True)
+                options = TrainOptions(base_model=start_from, data=[lmm_data], out=out, work_dir=work / f"{name}.train",
+                                       lm_tuning="full", lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,
+                                       max_steps=steps, warmup_steps=max(1, steps // 20),
+                                       min_lr_ratio=0.05, max_grad_norm=1.0, eval_max_samples=200, seed=seed,
+                                       log_every=20, progress=False, precision="fp32")
+                hook = _sum_hooks(_patch_hook(lmm_data, probe_path, grid, relative=recipe.relative_weight),
+                                  position_hook)
+                result = train(options, loss_hook=hook)
+                facts[name] = {"steps": len(result.steps), "final_loss": result.losses[-1] if result.losses else None}
+            start_from = out
+        stage("lmm_train", time.monotonic() - t, **facts)
 
     # 4. Export the language model into a fresh bundle.
     from octopus_rt.export.lmm import export_lmm
@@ -290,99 +329,20 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     (work / "eval_test.json").write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
     (work / "eval_test.md").write_text(format_table(report, markdown=True), encoding="utf-8")
     print(format_table(report), flush=True)
-    stage("eval", time.monotonic() - t, sweep_best=sweep["best"])
+    from octopus_rt.training.recipes.demo_report import bundle_megabytes, headline, install as install_demo
+
+    header = headline(report.to_json(), bundle_megabytes(bundle), (time.monotonic() - began) / 60)
+    (work / "headline.md").write_text(header, encoding="utf-8")
+    stage("eval", time.monotonic() - t, sweep_best=sweep["best"], bundle_mb=round(bundle_megabytes(bundle), 2))
 
     # 7. Install: bundle into the package, examples from held-out photos, sweep plot into docs/.
     if install:
-        _install(work, bundle, data_dir, recipe.examples, seed)
+        install_demo(work, bundle, data_dir, header)
         stage("install", 0.0)
     summary["total_seconds"] = round(time.monotonic() - began, 1)
     (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     _say(f"done in {summary['total_seconds']:.0f}s")
     return summary
-
-
-def headline(report: dict) -> str:
-    """Markdown table of the issue's targets vs the measured figures of an eval JSON (test split)."""
-    def find(task, sub, metric, system="model"):
-        for row in report["rows"]:
-            if (row["task"], row["subtask"], row["metric"], row["system"]) == (task, sub, metric, system):
-                return row
-        return None
-
-    def cell(row) -> str:
-        if row is None or row["value"] is None:
-            return "n/a"
-        low, high = row["ci95"]
-        ci = f" [{100 * low:.1f}, {100 * high:.1f}]" if low is not None else ""
-        return f"{100 * row['value']:.1f}%{ci} (n={row['n']})"
-
-    both = find("grounding", "all", "position: both")
-    model_iou = find("grounding", "all", "mIoU")
-    centre_iou = find("grounding", "all", "mIoU", "SAM @ centre")
-    ratio = (model_iou["value"] / centre_iou["value"]) if model_iou and centre_iou and centre_iou["value"] else None
-    lines = ["| target | measured on the held-out test split (95% CI, n) | baselines |", "|---|---|---|",
-             f"| positional accuracy, both axes >= 80% | {cell(both)} | majority class "
-             f"{cell(find('grounding', 'all', 'position: both', 'majority class'))}; blank image "
-             f"{cell(find('grounding', 'all', 'position: both', 'blank image'))} |",
-             f"| mIoU >= 2x centre-point baseline | {cell(model_iou)}, "
-             f"{'n/a' if ratio is None else f'{ratio:.2f}x'} the centre point | centre {cell(centre_iou)}; random "
-             f"{cell(find('grounding', 'all', 'mIoU', 'SAM @ random point'))}; oracle point "
-             f"{cell(find('grounding', 'all', 'mIoU', 'SAM @ oracle point (ceiling)'))} |",
-             f"| referring short-answer accuracy >= 60% (single distortion) | "
-             f"{cell(find('referring', 'short-single', 'short answer: names exact'))} | majority class "
-             f"{cell(find('referring', 'short-single', 'short answer: names exact', 'majority class'))}; blank image "
-             f"{cell(find('referring', 'short-single', 'short answer: names exact', 'blank image'))} |",
-             f"| whole-image recall >= 90%, whole class | {cell(find('grounding', 'all', 'whole-image recall (whole)'))} "
-             f"| blank image {cell(find('grounding', 'all', 'whole-image recall (whole)', 'blank image'))} |",
-             f"| whole-image recall >= 90%, local class | {cell(find('grounding', 'all', 'whole-image recall (local)'))} "
-             f"| blank image {cell(find('grounding', 'all', 'whole-image recall (local)', 'blank image'))} |"]
-    return "\n".join(lines) + "\n"
-
-
-def _install(work: Path, bundle: Path, data_dir: Path, count: int, seed: int) -> None:
-    """Copy the bundle to octopus_rt/demo/bundle, `count` test images (held-out photos, local
-    distortions, distinct photos first) to examples/, and the sweep plot and table to docs/."""
-    from octopus_rt.training.data.records import read_jsonl
-
-    target = REPO / "octopus_rt" / "demo" / "bundle"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns(".lock", ".staging-*"))
-    examples = REPO / "examples"
-    examples.mkdir(exist_ok=True)
-    for old in examples.glob("example_*.png"):
-        old.unlink()
-    chosen, photos = [], set()
-    for record in read_jsonl(data_dir / "test.jsonl"):
-        if record["task"] != "grounding" or record.get("subtask") != "HyD-G-max":
-            continue
-        target_region = record["regions"][record["target_regions"][0]]
-        photo = record["source"].rsplit("_", 1)[0]
-        if target_region.get("whole_image") or photo in photos:
-            continue
-        photos.add(photo)
-        chosen.append((photo, record))
-        if len(chosen) >= count:
-            break
-    lines = []
-    for photo, record in chosen:
-        name = f"example_{len(lines) + 1}.png"
-        shutil.copyfile(data_dir / record["image"], examples / name)
-        region = record["regions"][record["target_regions"][0]]
-        chain = ", ".join(f"{d['category']}/{d['subtype']} severity {d['severity']}" for d in region["distortions"])
-        lines.append(f"{name}: most degraded region {' '.join(reversed(region['position']))} ({chain})")
-    (examples / "README.txt").write_text(
-        "Images made by the data engine (octopus-rt data synth) from scikit-image sample photos that were\n"
-        "never in the demo model's training data (the held-out photos of docs/demo.md). Ground truth:\n"
-        + "\n".join(lines) + "\n", encoding="utf-8")
-    docs = REPO / "docs"
-    shutil.copyfile(work / "sweep_miou_vs_tau.png", docs / "demo_sweep_miou_vs_tau.png")
-    report = json.loads((work / "eval_test.json").read_text(encoding="utf-8"))
-    (docs / "demo_eval_table.md").write_text(
-        "# Demo bundle: evaluation on the held-out test split\n\n"
-        f"`octopus-rt eval` on {report['split']} (tau {report['tau']:g}, point mapping {report['point_mapping']}, "
-        "chosen on val by `--sweep`). Targets of issue 6:\n\n" + headline(report) + "\nFull table:\n\n"
-        + (work / "eval_test.md").read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,12 @@ PHOTOS: dict[str, str] = {
 }
 # Never in training: the test split and the example images come from these.
 HELD_OUT: tuple[str, ...] = ("coffee", "rocket", "chelsea", "coins")
-# Photographs (not illustrations) among the wallpapers of three Debian packages: file -> licence.
-WALLPAPER_PACKAGES: tuple[str, ...] = ("lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "mate-backgrounds")
+# Photographs (not illustrations, abstract art or logos) from Debian packages: file -> licence, as the
+# packages' copyright files (or, for palapeli-data, each puzzle's .desktop file) state it.
+WALLPAPER_PACKAGES: tuple[str, ...] = ("lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "mate-backgrounds",
+                                       "plasma-workspace-wallpapers", "palapeli-data", "opencv-doc")
+_PLASMA = "/usr/share/wallpapers/{}/contents/images/1920x1080.jpg"
+_OPENCV = "/usr/share/doc/opencv-doc/examples/data/{}"
 WALLPAPERS: dict[str, str] = {
     "/usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg": "CC-BY-SA-4.0",
     "/usr/share/backgrounds/Dragonfly_by_Bolly.jpg": "CC-BY-SA-4.0",
@@ -79,7 +83,29 @@ WALLPAPERS: dict[str, str] = {
     **{f"/usr/share/backgrounds/mate/nature/{name}.jpg": "GPL-2+" for name in (
         "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
         "TwoWings", "Wood", "YellowFlower")},
+    **{_PLASMA.format(name): "GPL-2+" for name in (
+        "BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
+        "OneStandsOut", "Path", "summer_1am")},
+    "/usr/share/wallpapers/ColorfulCups/contents/images/2560x1600.jpg": "GPL-2+",
+    "/usr/share/palapeli/collection/castle-maintenon.jpg": "GFDL",
+    "/usr/share/palapeli/collection/cincinnati-bridge.jpg": "public domain",
+    "/usr/share/palapeli/collection/citrus-fruits.jpg": "public domain",
+    "/usr/share/palapeli/collection/european-honey-bee.jpg": "public domain",
+    "/usr/share/palapeli/collection/panther-chameleon-female.jpg": "GFDL",
+    **{_OPENCV.format(name): "Apache-2.0 AND BSD-3-Clause" for name in (
+        "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png", "board.jpg",
+        "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg",
+        "leuvenA.jpg", "messi5.jpg", "orange.jpg", "rubberwhale1.png", "smarties.png", "squirrel_cls.jpg",
+        "stuff.jpg")},
+    **{f"/usr/share/doc/opencv-doc/examples/{name}": "Apache-2.0 AND BSD-3-Clause" for name in (
+        "alphamat/input_images/plant.jpg", "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg",
+        *(f"text/scenetext0{i}.jpg" for i in range(1, 7)))},
 }
+# Two views of one scene share a group (so they land in one split).
+_SAME_SCENE: dict[str, str] = {"aero3": "aero1"}
+# Crops of each training photo: (count, side fraction range) per scale, for more varied content and
+# object sizes (a 30 % crop of a 1024 px photo still has 300 px, more than the 256 px the data uses).
+CROP_SCALES: tuple[tuple[int, float, float], ...] = ((3, 0.55, 0.85), (3, 0.35, 0.55), (2, 0.2, 0.35))
 # Two-tone colours (dark, light) for grey-scale photos, cycled in PHOTOS order.
 _DUOTONES = (((30, 20, 60), (250, 220, 160)), ((10, 40, 30), (200, 240, 255)), ((60, 20, 10), (240, 250, 200)))
 
@@ -125,18 +151,33 @@ def _load_wallpaper(path: str, longest: int = 1024) -> np.ndarray:
         return np.asarray(image)
 
 
-def _crops(image: np.ndarray, rng: np.random.Generator, count: int) -> list[np.ndarray]:
-    """`count` random crops covering 55-85 % of each side (seeded), for more varied content."""
+def _crops(image: np.ndarray, rng: np.random.Generator, scales=CROP_SCALES) -> list[np.ndarray]:
+    """Random crops (seeded): per (count, low, high) in `scales`, `count` crops whose sides are a
+    fraction low-high of the photo's (crops under 96 px a side are skipped)."""
     h, w = image.shape[:2]
     crops = []
-    for _ in range(count):
-        ch, cw = int(h * rng.uniform(0.55, 0.85)), int(w * rng.uniform(0.55, 0.85))
-        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        crops.append(image[y:y + ch, x:x + cw])
+    for count, low, high in scales:
+        for _ in range(count):
+            ch, cw = int(h * rng.uniform(low, high)), int(w * rng.uniform(low, high))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            if min(ch, cw) >= 96:
+                crops.append(image[y:y + ch, x:x + cw])
     return crops
 
 
-def prepare_photos(work: Path, seed: int = 0, crops_per_photo: int = 3,
+def _photo_name(path: str) -> str:
+    """A short unique name for a package photo: wp_<stem> (plasma: the theme's folder name)."""
+    parts = Path(path).parts
+    stem = parts[-4] if "wallpapers" in parts and parts[-2] == "images" else Path(path).stem
+    return "wp_" + stem.split("_by_")[0].lower().replace("-", "").replace("_", "")
+
+
+def _photo_group(path: str) -> str:
+    stem = _photo_name(path)[3:]
+    return "wp_" + _SAME_SCENE.get(stem, stem)
+
+
+def prepare_photos(work: Path, seed: int = 0, scales=None,
                    wallpapers: bool = False) -> tuple[Path, Path, Path]:
     """Write the source folders: work/src_train (photos + crops), work/src_heldout (whole photos only),
     and work/groups.csv ("filename,group" lines for `data synth --groups`). Returns the three paths.
@@ -160,9 +201,9 @@ def prepare_photos(work: Path, seed: int = 0, crops_per_photo: int = 3,
 
     def add_training_view(view: np.ndarray, prefix: str, group: str) -> None:
         """The view and its crops as PREFIX_c<i>.png in train_src, each listed under `group`."""
-        for c, piece in enumerate([view] + _crops(view, rng, crops_per_photo)):
+        for c, piece in enumerate([view] + _crops(view, rng, CROP_SCALES if scales is None else scales)):
             filename = f"{prefix}_c{c}.png"
-            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename)
+            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename, compress_level=1)
             lines.append(f"{filename},{group}")
 
     for name, group in PHOTOS.items():
@@ -174,8 +215,7 @@ def prepare_photos(work: Path, seed: int = 0, crops_per_photo: int = 3,
         for k, view in enumerate(views):
             add_training_view(view, f"{name}_{k}", group)
     for path in WALLPAPERS if wallpapers else ():
-        stem = "wp_" + Path(path).stem.split("_by_")[0].lower().replace("-", "")
-        add_training_view(_load_wallpaper(path), f"{stem}_0", stem)
+        add_training_view(_load_wallpaper(path), f"{_photo_name(path)}_0", _photo_group(path))
     groups = work / "groups.csv"
     groups.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return train_src, heldout_src, groups
@@ -193,9 +233,10 @@ def _prefixed(record: dict, prefix: str) -> dict:
     return out
 
 
-def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
+def merge_datasets(seen: Path, heldout: Path | None, out: Path) -> dict[str, int]:
     """out/{train,val,test}.jsonl: train = seen's train; val = seen's val + test; test = all of
-    heldout's records. Image and mask files stay where they are (seen/ and heldout/ inside out/)."""
+    heldout's records (none when heldout is None). Image and mask files stay where they are (seen/
+    and heldout/ inside out/)."""
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
 
     def read(folder: Path, split: str) -> list[dict]:
@@ -205,7 +246,8 @@ def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
     splits = {
         "train": [_prefixed(r, seen.name) for r in read(seen, "train")],
         "val": [_prefixed(r, seen.name) for r in read(seen, "val") + read(seen, "test")],
-        "test": [_prefixed(r, heldout.name) for s in ("train", "val", "test") for r in read(heldout, s)],
+        "test": [_prefixed(r, heldout.name) for s in ("train", "val", "test") for r in read(heldout, s)]
+        if heldout is not None else [],
     }
     for split, records in splits.items():
         write_jsonl(records, out / f"{split}.jsonl")
@@ -213,8 +255,11 @@ def merge_datasets(seen: Path, heldout: Path, out: Path) -> dict[str, int]:
 
 
 def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, size: int, workers: int,
-                  progress: bool = True, wallpapers: bool = False) -> DemoData:
-    """Photos -> two `data synth` runs -> the merged dataset in work/data (see module docstring)."""
+                  progress: bool = True, wallpapers: bool = False, num_easy: int = 0) -> DemoData:
+    """Photos -> two `data synth` runs -> the merged dataset in work/data (see module docstring).
+    num_easy > 0: also work/data_easy, the curriculum's first stage: `num_easy` images of the same
+    training photos with one distorted region of severity >= 3 (`--max-regions 1 --min-severity 3`),
+    the same seed and groups, so its train / val split of the photos is the one of work/data."""
     from octopus_rt.training.data.synth import SynthOptions, synthesize
 
     train_src, heldout_src, groups = prepare_photos(work, seed, wallpapers=wallpapers)
@@ -227,6 +272,13 @@ def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, siz
     synthesize(heldout_src, heldout, SynthOptions(num=num_heldout, seed=seed + 1, size=size, workers=workers,
                                                   progress=progress))
     counts = merge_datasets(seen, heldout, data_dir)
+    if num_easy > 0:
+        easy_dir = work / "data_easy"
+        shutil.rmtree(easy_dir, ignore_errors=True)
+        synthesize(train_src, easy_dir / "seen", SynthOptions(num=num_easy, seed=seed, size=size, workers=workers,
+                                                              groups=str(groups), progress=progress, max_regions=1,
+                                                              min_severity=3))
+        counts["easy"] = merge_datasets(easy_dir / "seen", None, easy_dir)
     (data_dir / "demo_splits.json").write_text(json.dumps({
         "records": counts, "held_out_photos": list(HELD_OUT),
         "val_and_seen_photos": sorted(set(PHOTOS) - set(HELD_OUT)),

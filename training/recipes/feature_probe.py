@@ -13,6 +13,11 @@ over the image's patches (distortions are local: a patch is judged against its o
 2-layer transformer over the 64 patch vectors (so it can compare patches) predicts "distorted" per
 patch (target: fraction of the patch inside distorted regions >= 0.5), trained on the train split.
 
+Variants (`--features`, `--objective`), to choose a perception prior and an objective before a long
+run: `teacher` replaces the statistics by the frozen EfficientNet-Lite0 features of teacher.py (472
+per patch, plus minus-median), `both` concatenates them; `relative` adds the within-image softmax
+over patches (vision_pretrain.relative_loss) to the per-patch BCE.
+
 Reported per split, with the same definitions as vision pretraining: patch accuracy, and quadrant
 accuracy (the quadrant with the most predicted distorted mass is the one with the most true mass, on
 images with local distortions; chance 25 %), plus recall on distorted and clean patches.
@@ -77,23 +82,52 @@ def _measure(split: str, predicted: np.ndarray, truth: np.ndarray) -> ProbeResul
                        float((~pred[~true]).mean()) if (~true).any() else None)
 
 
-def run_probe(data_dir: Path, *, steps: int = 2000, max_images: int = 1500, seed: int = 0) -> list[ProbeResult]:
+FEATURES = ("stats", "teacher", "both")
+OBJECTIVES = ("absolute", "relative")
+
+
+def _teacher_statistics(torch, teacher, images) -> np.ndarray:
+    """(N, GRID * GRID, 2 * teacher.FEATURE_DIM): teacher features and their minus-median."""
+    from octopus_rt.training.recipes.teacher import teacher_features
+
+    out = []
+    for i in range(0, len(images), 32):
+        batch = np.stack([np.asarray(im.convert("RGB").resize((SIDE, SIDE)), np.float32) for im in images[i:i + 32]])
+        pixels = torch.from_numpy((batch / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)
+        out.append(teacher_features(torch, teacher, pixels, GRID).numpy())
+    flat = np.concatenate(out)
+    return np.concatenate([flat, flat - np.median(flat, axis=1, keepdims=True)], -1).astype(np.float32)
+
+
+def run_probe(data_dir: Path, *, steps: int = 2000, max_images: int = 1500, seed: int = 0, features: str = "stats",
+              objective: str = "absolute") -> list[ProbeResult]:
     """Train on data_dir's train split, measure on train (up to 300 images), val and test."""
     import torch
 
     from octopus_rt.errors import InputError
-    from octopus_rt.training.recipes.vision_pretrain import _collect
+    from octopus_rt.training.recipes.vision_pretrain import _collect, relative_loss
 
+    if features not in FEATURES or objective not in OBJECTIVES:
+        raise InputError(f"features: one of {FEATURES}; objective: one of {OBJECTIVES}")
     torch.manual_seed(seed)
+    teacher = None
+    if features != "stats":
+        from octopus_rt.training.recipes.teacher import load_teacher
+
+        teacher = load_teacher()
     splits = {}
     for split in ("train", "val", "test"):
         images, targets = _collect(Path(data_dir), split, GRID, max_images if split == "train" else 400, seed)
         if images:
-            features = np.stack([patch_statistics(image) for image in images])
-            splits[split] = (torch.from_numpy(features), targets[..., 0])
+            parts = []
+            if features != "teacher":
+                parts.append(np.stack([patch_statistics(image) for image in images]))
+            if teacher is not None:
+                parts.append(_teacher_statistics(torch, teacher, images))
+            splits[split] = (torch.from_numpy(np.concatenate(parts, -1)), targets[..., 0], targets[..., 1])
     if "train" not in splits:
         raise InputError(f"no training images with region masks in {data_dir}")
-    x_train, y_train = splits["train"]
+    x_train, y_train, mass_train = splits["train"]
     mean, std = x_train.reshape(-1, x_train.shape[-1]).mean(0), x_train.reshape(-1, x_train.shape[-1]).std(0) + 1e-6
     width = 64
     layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
@@ -101,22 +135,25 @@ def run_probe(data_dir: Path, *, steps: int = 2000, max_images: int = 1500, seed
                                 torch.nn.Linear(width, 1))
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     target = torch.from_numpy(y_train.reshape(len(y_train), -1))
+    mass = torch.from_numpy(mass_train.reshape(len(mass_train), -1))
     rng = np.random.default_rng(seed)
     model.train()
     for _ in range(steps):
         idx = torch.from_numpy(rng.integers(0, len(x_train), 32))
         logits = model((x_train[idx] - mean) / std)[..., 0]
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[idx])
+        if objective == "relative":
+            loss = loss + relative_loss(torch, logits, target[idx], mass[idx])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     model.eval()
     results = []
     with torch.no_grad():
-        for split, (features, truth) in splits.items():
+        for split, (values, truth, _) in splits.items():
             if split == "train":
-                features, truth = features[:300], truth[:300]
-            prob = torch.sigmoid(model((features - mean) / std)[..., 0]).reshape(-1, GRID, GRID).numpy()
+                values, truth = values[:300], truth[:300]
+            prob = torch.sigmoid(model((values - mean) / std)[..., 0]).reshape(-1, GRID, GRID).numpy()
             results.append(_measure(split, prob, truth))
     return results
 
@@ -126,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path, help="dataset folder with {train,val,test}.jsonl and region masks")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--features", choices=FEATURES, default="stats", help="per-patch features (teacher: "
+                        "EfficientNet-Lite0, needs the demo extra)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="absolute", help="relative adds the "
+                        "within-image softmax over patches")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    results = run_probe(args.data_dir, steps=args.steps, seed=args.seed)
+    results = run_probe(args.data_dir, steps=args.steps, seed=args.seed, features=args.features,
+                        objective=args.objective)
     print(f"{'split':6} {'images':>6} {'patch':>6} {'quadrant':>8} {'distorted recall':>16} {'clean recall':>12}")
     for r in results:
         quadrant = "n/a" if r.quadrant_accuracy is None else f"{100 * r.quadrant_accuracy:.1f}"

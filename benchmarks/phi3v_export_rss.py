@@ -3,7 +3,7 @@
 Builds (once, `--keep DIR`) the checkpoint of benchmarks/phi3v_load_rss.py with seeded random weights
 (the full official vision tower, 303 M parameters, + the tiny Phi-3 of training/phi3v_factory.py, or a
 larger one with `--text`) and exports it in a fresh process per run, recording the process RSS (VmRSS) and the peak so far
-(ru_maxrss) at every progress step of the exporter, so each phase's share of the peak is visible:
+(VmHWM) at every progress step of the exporter, so each phase's share of the peak is visible:
 load, PyTorch reference, ONNX export, conversion, onnxruntime verification. `--external` lowers the
 external-data threshold to 0 so every graph takes the path the 15 GB Phi-3.5 decoder takes (weights
 streamed to `<graph>.data`). Usage:
@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_rss import run_child  # noqa: E402 - the fresh-process RSS measurement shared by the phi3v_*_rss benchmarks
+from phi3v_load_rss import build  # noqa: E402 - the same checkpoint as the loader benchmark
+
 _CHILD = """
-import json, resource, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[5]))
 from octopus_rt.export import onnx_export
@@ -29,15 +31,10 @@ from octopus_rt.export.lmm import export_lmm
 if sys.argv[4] == "1":
     onnx_export.EXTERNAL_DATA_THRESHOLD = 0
 
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-
 start = time.perf_counter()
 steps = []
 def progress(message):
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     steps.append({"t_s": round(time.perf_counter() - start, 1), "rss_mb": round(rss_mb()), "peak_mb": round(peak),
                   "step": message[:90]})
 progress("start (imports done)")
@@ -72,22 +69,13 @@ def main() -> None:
                         help='sizes of the Phi-3 (TinyPhi3VSpec fields), e.g. \'{"text_hidden": 1536, "text_layers": 16, '
                              '"text_heads": 16, "text_kv_heads": 16, "text_intermediate": 4096}\'')
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from phi3v_load_rss import build
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "phi3v-clipl"
         if not (folder / "config.json").is_file():
             build(folder, seed=0, text=args.text)
             _copy_tokenizer(folder, Path(tmp) / "tiny")
         out = Path(tmp) / "bundle"
-        result = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(folder), str(out), args.precision, "1" if args.external else "0", str(args.threads)],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0:
-            sys.exit(result.stderr[-2000:])
-        print(result.stdout.strip().splitlines()[-1])
+        print(json.dumps(run_child(_CHILD, folder, out, args.precision, int(args.external), args.threads)))
 
 
 if __name__ == "__main__":

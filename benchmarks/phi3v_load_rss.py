@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_rss import run_child  # noqa: E402 - the fresh-process RSS measurement shared by the phi3v_*_rss benchmarks
+
 _CHILD = """
-import json, resource, sys, time
 import torch
 from octopus_rt.export.phi3v_checkpoint import load_phi3v
-
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
 
 before = rss_mb()
 start = time.perf_counter()
 model = load_phi3v(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 seconds = time.perf_counter() - start
 params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"dtype": sys.argv[2], "rss_before_mb": round(before), "params_mb": round(params),
-                  "peak_rss_mb": round(peak), "rss_after_mb": round(rss_mb()), "load_s": round(seconds, 1)}))
+                  "peak_rss_mb": round(peak_rss_mb()), "rss_after_mb": round(rss_mb()), "load_s": round(seconds, 1)}))
 """
 
 
@@ -82,8 +77,7 @@ def main() -> None:
         shards = sorted(p.stat().st_size // 2**20 for p in folder.glob("*.safetensors"))
         print(json.dumps({"checkpoint": str(folder), "shard_mb": shards}))
         for dtype in args.dtypes:
-            result = subprocess.run([sys.executable, "-c", _CHILD, str(folder), dtype], capture_output=True, text=True, check=True)
-            print(result.stdout.strip().splitlines()[-1])
+            print(json.dumps(run_child(_CHILD, folder, dtype)))
 
 
 if __name__ == "__main__":

@@ -15,23 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_rss import run_child  # noqa: E402 - the fresh-process RSS measurement shared by the phi3v_*_rss benchmarks
 from phi3v_load_rss import build  # noqa: E402 - the same checkpoint as the loader benchmark
 
 _CHILD = """
-import json, resource, sys, time
 from pathlib import Path
 from octopus_rt.training.phi3v_merge import merge_adapter
-
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
 
 before = rss_mb()
 start = time.perf_counter()
@@ -40,7 +34,7 @@ seconds = time.perf_counter() - start
 written = sum(p.stat().st_size for p in Path(out).glob("*.safetensors")) / 2**20
 shards = sorted(round(p.stat().st_size / 2**20) for p in Path(out).glob("*.safetensors"))
 print(json.dumps({"dtype": sys.argv[4], "max_shard_mb": int(sys.argv[5]) // 2**20, "tensors_changed": changed,
-                  "rss_before_mb": round(before), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  "rss_before_mb": round(before), "peak_rss_mb": round(peak_rss_mb()),
                   "written_mb": round(written), "largest_shard_mb": shards[-1], "merge_s": round(seconds, 1)}))
 """
 
@@ -86,9 +80,7 @@ def main() -> None:
                           "adapter_mb": (adapter / "adapter_model.safetensors").stat().st_size // 2**20}))
         for dtype, shard_mb in (("float32", 4096), ("float32", 256), ("bfloat16", 4096)):
             out = Path(tmp) / f"merged-{dtype}-{shard_mb}"
-            result = subprocess.run([sys.executable, "-c", _CHILD, str(base), str(adapter), str(out), dtype,
-                                     str(shard_mb * 2**20)], capture_output=True, text=True, check=True)
-            print(result.stdout.strip().splitlines()[-1])
+            print(json.dumps(run_child(_CHILD, base, adapter, out, dtype, shard_mb * 2**20)))
 
 
 if __name__ == "__main__":

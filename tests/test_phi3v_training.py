@@ -12,34 +12,13 @@ import torch
 
 from octopus_rt.cli import main
 from training_helpers import conv
+from training_helpers import phi3v_dataset as _dataset
 
 torch.set_num_threads(1)
 
 # Official image-token counts at 4 crops (tokens = ((h/336)(w/336) + 1) 144 + 1 + (h/336 + 1) 12):
 SQUARE_TOKENS = 757  # any square image -> 672 x 672 (docs/phi3v.md; transformers.js' 773 - 16 ids)
 WIDE_TOKENS = 457  # 2:1 -> 336 x 672 (transformers.js: 457 for 1280 x 640)
-ANSWERS = ("The top left region.", "The bottom right region.", "The top right region.", "The bottom left region.")
-
-
-def _dataset(path, n: int, seed: int = 0, split: str = "train", extra: list | None = None):
-    """n grounding records on noise images alternating square (64 x 64) and 2:1 (128 x 64)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    (path / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        size = (64, 64) if i % 2 == 0 else (128, 64)
-        rel = f"images/{split}_{i:03d}.png"
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path / rel)
-        lines.append({"id": f"{split}-{i}", "task": "grounding", "image": rel,
-                      "conversations": conv("Which region is most degraded?", ANSWERS[i % len(ANSWERS)])})
-    for j, record in enumerate(extra or []):
-        rel = f"images/{split}_x{j}.png"
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path / rel)
-        lines.append(dict(record, image=rel, id=f"{split}-x{j}"))
-    (path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n", encoding="utf-8")
-    return path
 
 
 def _options(base, data, out, **changes):

@@ -68,3 +68,28 @@ def conv(question: str, *answers_and_questions: str) -> list[dict]:
     for index, text in enumerate(answers_and_questions):
         turns.append({"from": "gpt" if index % 2 == 0 else "human", "value": text})
     return turns
+
+
+# Grounding answers of the Phi-3-V training tests, one per quadrant.
+ANSWERS = ("The top left region.", "The bottom right region.", "The top right region.", "The bottom left region.")
+
+
+def phi3v_dataset(path: Path, n: int, seed: int = 0, split: str = "train", extra: list | None = None):
+    """n grounding records on noise images alternating square (64 x 64) and 2:1 (128 x 64)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (path / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        size = (64, 64) if i % 2 == 0 else (128, 64)
+        rel = f"images/{split}_{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path / rel)
+        lines.append({"id": f"{split}-{i}", "task": "grounding", "image": rel,
+                      "conversations": conv("Which region is most degraded?", ANSWERS[i % len(ANSWERS)])})
+    for j, record in enumerate(extra or []):
+        rel = f"images/{split}_x{j}.png"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path / rel)
+        lines.append(dict(record, image=rel, id=f"{split}-x{j}"))
+    (path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n", encoding="utf-8")
+    return path

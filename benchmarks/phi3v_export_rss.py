@@ -8,7 +8,7 @@ load, PyTorch reference, ONNX export, conversion, onnxruntime verification. `--e
 external-data threshold to 0 so every graph takes the path the 15 GB Phi-3.5 decoder takes (weights
 streamed to `<graph>.data`). Usage:
 
-    .venv/bin/python benchmarks/phi3v_export_rss.py [--precision fp16] [--external] [--keep DIR] [--text JSON]
+    .venv/bin/python benchmarks/phi3v_export_rss.py [--precision fp16] [--external] [--keep DIR] [--out BUNDLE] [--text JSON]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--external", action="store_true", help="external data for every graph")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="build the checkpoint here and keep it")
+    parser.add_argument("--out", type=Path, help="keep the bundle here (must not exist; e.g. for phi3v_memory.py --measure)")
     parser.add_argument("--text", type=json.loads, default=None,
                         help='sizes of the Phi-3 (TinyPhi3VSpec fields), e.g. \'{"text_hidden": 1536, "text_layers": 16, '
                              '"text_heads": 16, "text_kv_heads": 16, "text_intermediate": 4096}\'')
@@ -74,7 +75,7 @@ def main() -> None:
         if not (folder / "config.json").is_file():
             build(folder, seed=0, text=args.text)
             _copy_tokenizer(folder, Path(tmp) / "tiny")
-        out = Path(tmp) / "bundle"
+        out = args.out or Path(tmp) / "bundle"
         print(json.dumps(run_child(_CHILD, folder, out, args.precision, int(args.external), args.threads)))
 
 

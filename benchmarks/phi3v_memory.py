@@ -14,17 +14,39 @@ and the storage of each precision as export/quantize.py writes it:
   or vit_b (375 MB) with `--sam vit_b`.
 
 The manifest then goes through `estimate_memory` (KV cache and activations at the default limits:
-the largest image at num_crops + 256 text tokens + max_new_tokens) and `check_boards`. Usage:
+the largest image at num_crops + 256 text tokens + max_new_tokens) and `check_boards`.
+
+`--measure BUNDLE` checks the estimator against a measurement instead: one `ask` on a square image
+(the most image tokens at 4 crops) in a fresh CPU process, its peak RSS next to what the estimator
+says for that bundle's own manifest on CPU (e.g. a bundle of benchmarks/phi3v_export_rss.py's
+checkpoint: the full CLIP-L tower + a small Phi-3). Usage:
 
     .venv/bin/python benchmarks/phi3v_memory.py [--num-crops 4] [--sam vit_h|vit_b] [--json]
+    .venv/bin/python benchmarks/phi3v_memory.py --measure BUNDLE
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from octopus_rt.memory import JETSON_BOARDS, check_boards, estimate_memory, format_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_rss import run_child  # noqa: E402 - the fresh-process RSS measurement shared by the phi3v_*_rss benchmarks
+
+_ASK = """
+import numpy as np
+from octopus_rt.runtime import Octopus
+octo = Octopus(sys.argv[1], device="cpu", threads=2)
+rgb = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+before = rss_mb()
+answer = octo.ask(rgb, "Which region is most degraded?", max_new_tokens=int(sys.argv[2]), segment=False)
+print(json.dumps({"rss_after_load_mb": round(before), "peak_rss_mb": round(peak_rss_mb()),
+                  "prompt_tokens": answer.prompt_tokens, "new_tokens": len(answer.token_ids)}))
+"""
 
 # Phi-3.5-vision-instruct (docs/phi3v.md, source C) and CLIP ViT-L/14-336 (source E).
 LAYERS, HIDDEN, MLP, HEADS, KV_HEADS, VOCAB, MAX_POSITIONS = 32, 3072, 8192, 32, 32, 32064, 131072
@@ -83,12 +105,29 @@ def manifest(precision: str, num_crops: int, sam: str | None) -> dict:
     return out
 
 
+def measure(bundle: Path) -> dict:
+    """Peak RSS of one CPU `ask` on `bundle` next to the estimator's CPU figure for its manifest."""
+    from octopus_rt.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    estimate = estimate_memory(manifest, gpu=False)
+    measured = run_child(_ASK, bundle, manifest.get("defaults", {}).get("max_new_tokens", 64))
+    mib = 2**20
+    return dict(measured, estimate_total_mb=round(estimate.total / mib), estimate_weights_mb=round(estimate.weights_total / mib),
+                estimate_kv_mb=round(estimate.kv_cache / mib), estimate_activations_mb=round(estimate.activations / mib),
+                estimate_runtime_mb=round(estimate.runtime / mib), precision=manifest["lmm"].get("precision"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-crops", type=int, default=4)
     parser.add_argument("--sam", default="vit_h", choices=["vit_h", "vit_b", "none"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--measure", type=Path, help="a Phi-3-V bundle: measure one ask against the estimate")
     args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure)))
+        return
     sam = None if args.sam == "none" else args.sam
     total_params = sum(parameter_groups().values())
     rows = []

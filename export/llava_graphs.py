@@ -10,13 +10,13 @@ typed pieces.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
 from octopus_rt.export.onnx_export import export_onnx, one_line
 from octopus_rt.manifest import DecoderGraph, VisionGraph
+from octopus_rt.jsonfile import read_json_object
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
@@ -54,13 +54,8 @@ def check_model_dir(model_dir: Path) -> dict[str, Any]:
         raise InputError(f"model directory not found: {model_dir}")
     if not model_dir.is_dir():
         raise InputError(f"model path is not a directory: {model_dir}")
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"not a transformers model directory (no config.json): {model_dir}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"unreadable config.json in {model_dir}: {exc}") from exc
+    config = read_json_object(model_dir / "config.json",
+                              missing=f"not a transformers model directory (no config.json): {model_dir}")
     architectures = config.get("architectures") or []
     text_type = (config.get("text_config") or {}).get("model_type")
     vision_type = (config.get("vision_config") or {}).get("model_type")

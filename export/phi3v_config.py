@@ -21,13 +21,13 @@ the file we assume Phi-3.5-Vision's 4. Shapes and sources of every fact: docs/ph
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
+from octopus_rt.jsonfile import read_json_object
 
 __all__ = [
     "CLIP_VIT_L_336",
@@ -175,17 +175,9 @@ def phi3v_spec_from_dicts(config: dict, preprocessor: dict | None = None, num_cr
 
 
 def _read_json(path: Path, required: bool) -> dict:
-    if not path.is_file():
-        if required:
-            raise InputError(f"{path} not found: not a checkpoint directory")
+    if not path.is_file() and not required:
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, missing=f"{path} not found: not a checkpoint directory")
 
 
 def _clip_kwargs(img_processor: Any) -> tuple[dict, int]:

@@ -42,6 +42,7 @@ from octopus_rt.bundle_validate import manifest_problem
 from octopus_rt.errors import BundleError
 from octopus_rt.manifest import Defaults
 from octopus_rt.paths import is_inside
+from octopus_rt.jsonfile import read_json_object
 
 __all__ = [
     "FORMAT",
@@ -118,13 +119,8 @@ def read_manifest(bundle_dir: str | os.PathLike[str], *, runnable: bool = False)
         raise BundleError(f"bundle not found: {bundle_dir}")
     if not bundle_dir.is_dir():
         raise BundleError(f"bundle must be a directory: {bundle_dir}")
-    manifest_path = bundle_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise BundleError(f"not a model bundle (no {MANIFEST_NAME}): {bundle_dir}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"unreadable manifest {manifest_path}: {exc}") from exc
+    manifest = read_json_object(bundle_dir / MANIFEST_NAME, BundleError,
+                                missing=f"not a model bundle (no {MANIFEST_NAME}): {bundle_dir}")
     validate_manifest(manifest, bundle_dir, runnable=runnable)
     return manifest
 

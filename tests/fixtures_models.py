@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["LLAVA_KINDS", "LM_HEAD_SCALE", "llava_spec", "build_tiny_llava", "tiny_llava_dir", "tiny_lmm_bundle"]
+__all__ = ["LLAVA_KINDS", "LM_HEAD_SCALE", "llava_spec", "build_tiny_llava", "tiny_llava_dir", "tiny_lmm_bundle",
+           "tiny_grounding_bundle"]
 
 LLAVA_KINDS = ("phi3_clip", "llama_clip", "llama_siglip", "qwen2_clip", "qwen2_siglip", "phi3_siglip")
 # The final hidden state has RMS 1 (norm 8 at width 64): the aligned head row gives a logit of ~8
@@ -103,3 +104,19 @@ def tiny_lmm_bundle(tiny_llava_dir, tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_grounding_bundle(tiny_lmm_bundle, tiny_sam_bundle, tmp_path_factory) -> Path:
+    """The tiny llama_clip lmm bundle with the tiny sam section merged into its manifest (read only)."""
+    import json
+    import shutil
+
+    bundle = tmp_path_factory.mktemp("grounding_bundle") / "bundle"
+    shutil.copytree(tiny_lmm_bundle("llama_clip"), bundle)
+    sam_manifest = json.loads((tiny_sam_bundle / "manifest.json").read_text())
+    shutil.copytree(tiny_sam_bundle / sam_manifest["sam"]["dir"], bundle / sam_manifest["sam"]["dir"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["sam"] = sam_manifest["sam"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return bundle

@@ -6,10 +6,8 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from PIL import Image
 
 from octopus_rt.cli import main
 from octopus_rt.errors import InputError
+from image_files import write_png_header
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "octopus_rt" / "demo" / "bundle"
@@ -193,20 +192,10 @@ def test_usage_errors_print_usage_and_exit_2(capsys):
         main(["--debug", "infer", str(IMAGE.with_name("missing.png")), Q, "--bundle", str(DEMO)])
 
 
-def _huge_png(path: Path, width: int, height: int) -> Path:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
-
-
 def test_an_image_over_the_pixel_limit_is_not_called_corrupt(tmp_path):
     from octopus_rt.runtime.images import load_image
 
     with pytest.raises(InputError) as caught:
-        load_image(_huge_png(tmp_path / "big.png", 9000, 9000))
+        load_image(write_png_header(tmp_path / "big.png", 9000, 9000))
     message = str(caught.value)
     assert "above the limit of 64000000" in message and "corrupt" not in message and "truncated" not in message

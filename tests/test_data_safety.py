@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 from octopus_rt.cli import main
 from octopus_rt.training.data.importers import import_dataset
 from octopus_rt.training.data.quadrant import smooth_texture
+from image_files import write_png_header
 
 
 def _photos(folder: Path, names: tuple[str, ...] = ("a.png", "b.png"), size: int = 64) -> Path:
@@ -23,18 +22,6 @@ def _photos(folder: Path, names: tuple[str, ...] = ("a.png", "b.png"), size: int
     for name in names:
         Image.fromarray(smooth_texture(rng, size)).save(folder / name)
     return folder
-
-
-def _png_header(path: Path, width: int, height: int) -> Path:
-    """A ~100-byte PNG whose header claims width x height pixels (a decompression bomb's shape)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def _synth(src: Path, out: Path, *extra: str) -> int:
@@ -71,8 +58,8 @@ def test_overwrite_replaces_our_dataset_but_never_follows_a_link(tmp_path, capsy
 
 def test_bombs_and_oversize_sources_are_skipped_with_a_reason(tmp_path, capsys):
     src = _photos(tmp_path / "src", ("b.png", "c.png"))
-    _png_header(src / "a_bomb.png", 15000, 15000)  # Pillow itself refuses to open it (DecompressionBombError)
-    _png_header(src / "z_big.png", 12000, 12000)  # 144 MP: over our limit, tiny on disk
+    write_png_header(src / "a_bomb.png", 15000, 15000)  # Pillow itself refuses to open it (DecompressionBombError)
+    write_png_header(src / "z_big.png", 12000, 12000)  # 144 MP: over our limit, tiny on disk
     out = tmp_path / "out"
     assert _synth(src, out) == 0, capsys.readouterr().err
     skipped = {s["file"]: s["reason"] for s in json.loads((out / "report.json").read_text())["skipped"]}
@@ -84,7 +71,7 @@ def test_bombs_and_oversize_sources_are_skipped_with_a_reason(tmp_path, capsys):
 def test_a_failed_run_leaves_no_work_folder(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    _png_header(src / "a.png", 15000, 15000)
+    write_png_header(src / "a.png", 15000, 15000)
     out = tmp_path / "out"
     assert _synth(src, out) == 2
     assert "none of the 1 images" in capsys.readouterr().err

@@ -4,7 +4,6 @@ histogram, checked against answers taken straight from the runtime API (independ
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -33,19 +32,6 @@ def test_bucket_membership():
 
 
 @pytest.fixture(scope="module")
-def full_bundle(request, tmp_path_factory, tiny_sam_bundle):
-    lmm_factory = request.getfixturevalue("tiny_lmm_bundle")
-    bundle = tmp_path_factory.mktemp("eval_difficulty") / "bundle"
-    shutil.copytree(lmm_factory("llama_clip"), bundle)
-    sam_manifest = json.loads((tiny_sam_bundle / "manifest.json").read_text())
-    shutil.copytree(tiny_sam_bundle / sam_manifest["sam"]["dir"], bundle / sam_manifest["sam"]["dir"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["sam"] = sam_manifest["sam"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return bundle
-
-
-@pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory):
     """Quadrant records (12 in test) relabelled into the three buckets: kept as made (one region,
     severity 5), severity lowered to 2, or a second region given a severity-1 distortion."""
@@ -66,12 +52,12 @@ def mixed_data(tmp_path_factory):
     return root
 
 
-def test_figures_per_bucket_and_histogram_match_the_runtime(full_bundle, mixed_data):
+def test_figures_per_bucket_and_histogram_match_the_runtime(tiny_grounding_bundle, mixed_data):
     from octopus_rt.runtime.api import Octopus
 
-    report = ev.evaluate(ev.EvalOptions(full_bundle, mixed_data, split="test", progress=False))
+    report = ev.evaluate(ev.EvalOptions(tiny_grounding_bundle, mixed_data, split="test", progress=False))
     records = ev.load_split(mixed_data, "test")
-    octopus = Octopus(full_bundle, threads=1)
+    octopus = Octopus(tiny_grounding_bundle, threads=1)
     per_bucket: dict[str, list[tuple[float, bool]]] = {SINGLE_VISIBLE: [], SINGLE: [], MULTI: []}
     said, truth = [], []
     for i, record in enumerate(records):

@@ -31,36 +31,19 @@ def test_retemper_equals_softmax_of_scaled_scores():
 
 
 @pytest.fixture(scope="module")
-def full_bundle(request, tmp_path_factory, tiny_sam_bundle):
-    """A copy of the tiny lmm bundle with the tiny sam section merged into its manifest."""
-    try:
-        lmm_factory = request.getfixturevalue("tiny_lmm_bundle")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/fixtures_models.py is not wired into conftest.py yet")
-    bundle = tmp_path_factory.mktemp("eval_bundle") / "bundle"
-    shutil.copytree(lmm_factory("llama_clip"), bundle)
-    sam_manifest = json.loads((tiny_sam_bundle / "manifest.json").read_text())
-    shutil.copytree(tiny_sam_bundle / sam_manifest["sam"]["dir"], bundle / sam_manifest["sam"]["dir"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["sam"] = sam_manifest["sam"]
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return bundle
-
-
-@pytest.fixture(scope="module")
 def quad_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_quad") / "data"
     make_quadrant_dataset(root, 40, size=64, seed=3)  # 32 train / 4 val / 4 test
     return root
 
 
-def test_grounding_figures_match_the_runtime(full_bundle, quad_data):
+def test_grounding_figures_match_the_runtime(tiny_grounding_bundle, quad_data):
     from octopus_rt.runtime.api import Octopus
 
-    options = ev.EvalOptions(full_bundle, quad_data, split="test", progress=False)
+    options = ev.EvalOptions(tiny_grounding_bundle, quad_data, split="test", progress=False)
     report = ev.evaluate(options)
     records = ev.load_split(quad_data, "test")
-    octopus = Octopus(full_bundle, threads=1)
+    octopus = Octopus(tiny_grounding_bundle, threads=1)
     ious, both = [], []
     oracle_ious = []
     for record in records:
@@ -99,11 +82,11 @@ def test_grounding_figures_match_the_runtime(full_bundle, quad_data):
     assert report.find("grounding", "all", "position: both", "majority class").value == pytest.approx(want)
 
 
-def test_sweep_writes_the_best_defaults_and_plot(full_bundle, quad_data, tmp_path):
+def test_sweep_writes_the_best_defaults_and_plot(tiny_grounding_bundle, quad_data, tmp_path):
     from octopus_rt.cli import main
 
     bundle = tmp_path / "bundle"
-    shutil.copytree(full_bundle, bundle)
+    shutil.copytree(tiny_grounding_bundle, bundle)
     out_json = tmp_path / "eval.json"
     code = main(["eval", str(bundle), str(quad_data), "--sweep", "--plots", str(tmp_path / "plots"),
                  "--json", str(out_json), "--no-baselines", "--seed", "1"])
@@ -123,7 +106,7 @@ def test_sweep_writes_the_best_defaults_and_plot(full_bundle, quad_data, tmp_pat
     assert {row["task"] for row in data["rows"]} >= {"grounding"}
 
 
-def test_quality_and_mcq_figures_match_the_runtime(full_bundle, tmp_path):
+def test_quality_and_mcq_figures_match_the_runtime(tiny_grounding_bundle, tmp_path):
     from octopus_rt import vocab
     from octopus_rt.runtime.api import Octopus
     from octopus_rt.training.data.records import write_jsonl
@@ -145,8 +128,8 @@ def test_quality_and_mcq_figures_match_the_runtime(full_bundle, tmp_path):
                                           {"from": "gpt", "value": "A. blur"}],
                         "candidates": options, "answer": options[k % 3]})
     write_jsonl(records, tmp_path / "test.jsonl")
-    report = ev.evaluate(ev.EvalOptions(full_bundle, tmp_path, progress=False))
-    octopus = Octopus(full_bundle, threads=1)
+    report = ev.evaluate(ev.EvalOptions(tiny_grounding_bundle, tmp_path, progress=False))
+    octopus = Octopus(tiny_grounding_bundle, threads=1)
     scores = [octopus.score(tmp_path / r["image"]).score for r in records[:8]]
     mos = [r["mos"] for r in records[:8]]
     assert report.find("quality", "mos", "SRCC").value == pytest.approx(stats.spearmanr(scores, mos)[0], abs=1e-9)

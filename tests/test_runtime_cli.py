@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 from PIL import Image
 
 from octopus_rt.cli import main
+from image_files import png_header_bytes
 
 QUESTION = "Which region is most degraded?"
 
@@ -21,17 +20,6 @@ def _run(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _huge_png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but holds almost no pixel data (a tiny file that
-    would need width * height * 3 bytes once decoded)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_infer_json_mask_overlay_profile(runtime_bundle, runtime_images, tmp_path, capsys):
@@ -80,7 +68,7 @@ def test_infer_bad_inputs_fail_with_one_line(runtime_bundle, tiny_lmm_bundle, ru
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"definitely not an image")
     huge = tmp_path / "huge.png"
-    huge.write_bytes(_huge_png_header(10_000, 10_000))
+    huge.write_bytes(png_header_bytes(10_000, 10_000))
     cut = tmp_path / "cut.png"
     cut.write_bytes(image.read_bytes()[:200])
     bad_version = tmp_path / "v99"

@@ -20,11 +20,11 @@ keyword inputs), `collate_records(records, images)`, `generate(model, turns, ima
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from octopus_rt.errors import InputError
+from octopus_rt.jsonfile import read_json_object
 
 __all__ = ["LoraDefaults", "Architecture", "LlavaArchitecture", "architecture_for", "load_llava", "with_lora_defaults"]
 
@@ -122,15 +122,8 @@ def architecture_for(base_model: str | Path) -> Architecture:
     from octopus_rt.export.phi3v_config import is_phi3v_config
 
     base_model = Path(base_model)
-    path = base_model / "config.json"
-    if not path.is_file():
-        raise InputError(f"{base_model} is not a model directory (no config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the config of {base_model}: {exc}") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path} does not hold a JSON object")
+    config = read_json_object(base_model / "config.json",
+                              missing=f"{base_model} is not a model directory (no config.json)")
     if is_phi3v_config(config):
         from octopus_rt.training.phi3v_training import Phi3VArchitecture
 

@@ -27,13 +27,13 @@ name no tensor of the base or do not fit its shape, and pickle files (adapter_mo
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from octopus_rt.errors import InputError
+from octopus_rt.jsonfile import read_json_object
 
 __all__ = ["ALIASES", "LoraUpdate", "WeightUpdates", "read_adapter", "adapter_updates", "official_module"]
 
@@ -88,12 +88,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
         hint = " (adapter_model.bin is a pickle file and is not loaded; save the adapter with safe_serialization)" \
             if pickled else ""
         raise InputError(f"{adapter_dir} has no {WEIGHTS}{hint}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {config_path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{config_path} does not hold a JSON object")
+    config = read_json_object(config_path)
     try:
         tensors = load_file(str(weights))
     except (OSError, SafetensorError) as exc:

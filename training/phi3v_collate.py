@@ -20,7 +20,6 @@ image tokens (457 for a 2:1 image, 757 for a square one at 4 crops), so rows dif
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from octopus_rt.runtime.hd_transform import HDTransform, hd_image_size, num_imag
 from octopus_rt.runtime.phi3v_prompt import IMAGE_TAG, phi3v_chat_prompt, phi3v_prompt_ids
 from octopus_rt.training.collate import IGNORE_INDEX, EncodedText
 from octopus_rt.training.dataset import TrainRecord, Turn
+from octopus_rt.jsonfile import read_json_object
 
 __all__ = ["Phi3VCollator", "TokenizerView", "render_conversation"]
 
@@ -190,11 +190,7 @@ class Phi3VCollator:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path)
 
 
 def _eos_ids(config: dict) -> list[int]:

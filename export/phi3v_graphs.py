@@ -19,7 +19,6 @@ the form in `lmm.decoder.form` and the runtime reads it from there.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from octopus_rt.errors import InputError
+from octopus_rt.jsonfile import read_json_object
 from octopus_rt.export.onnx_export import export_onnx, one_line
 from octopus_rt.manifest import DecoderGraph, HDSeparators, HDTransformSpec, VisionGraph
 
@@ -62,7 +62,7 @@ def check_model_dir(model_dir: Path, num_crops: int | None = None) -> dict[str, 
     checkpoint_shards(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"no tokenizer.json in {model_dir}; the Phi-3-Vision checkpoint's tokenizer files are needed")
-    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return read_json_object(model_dir / "config.json")
 
 
 def load_model(model_dir: Path, num_crops: int | None = None):

@@ -21,7 +21,6 @@ generate() (sources in docs/phi3v.md):
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from octopus_rt.errors import OctopusError
+from octopus_rt.jsonfile import read_json_object
 from octopus_rt.export.reference import ReferencePipeline
 
 __all__ = [
@@ -113,7 +113,7 @@ def official_stop_ids(model_dir: Path, tokenizer) -> list[int]:
     for name in ("config.json", "generation_config.json"):
         path = Path(model_dir) / name
         if path.is_file():
-            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            eos = read_json_object(path).get("eos_token_id")
             found += [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     for token in (END_TOKEN, tokenizer.eos_token):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None

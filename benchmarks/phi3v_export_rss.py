@@ -1,6 +1,6 @@
 """Peak RSS and time of `export lmm` on a Phi-3-Vision checkpoint with the full CLIP ViT-L/14-336 tower.
 
-Builds (once, `--keep DIR`) the checkpoint of benchmarks/phi3v_load_rss.py with seeded random weights
+Builds (once, `--keep DIR`) training/phi3v_factory.build_clip_l_phi3v_checkpoint with seeded random weights
 (the full official vision tower, 303 M parameters, + the tiny Phi-3 of training/phi3v_factory.py, or a
 larger one with `--text`) and exports it in a fresh process per run, recording the process RSS (VmRSS) and the peak so far
 (VmHWM) at every progress step of the exporter, so each phase's share of the peak is visible:
@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_rss import run_child  # noqa: E402 - the fresh-process RSS measurement shared by the phi3v_*_rss benchmarks
-from phi3v_load_rss import build  # noqa: E402 - the same checkpoint as the loader benchmark
 
 _CHILD = """
 import torch
@@ -48,17 +47,6 @@ print(json.dumps({"precision": sys.argv[3], "external": sys.argv[4] == "1", "num
 """
 
 
-def _copy_tokenizer(folder: Path, scratch: Path) -> None:
-    """The tiny checkpoint's tokenizer files (official special tokens and chat template) into `folder`."""
-    import shutil
-
-    from octopus_rt.training.phi3v_factory import build_phi3v_checkpoint
-
-    build_phi3v_checkpoint(scratch)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(scratch / name, folder / name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp16")
@@ -73,8 +61,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "phi3v-clipl"
         if not (folder / "config.json").is_file():
-            build(folder, seed=0, text=args.text)
-            _copy_tokenizer(folder, Path(tmp) / "tiny")
+            from octopus_rt.training.phi3v_factory import build_clip_l_phi3v_checkpoint
+
+            build_clip_l_phi3v_checkpoint(folder, seed=0, text=args.text)
         out = args.out or Path(tmp) / "bundle"
         print(json.dumps(run_child(_CHILD, folder, out, args.precision, int(args.external), args.threads)))
 

@@ -1,8 +1,8 @@
 """Peak RSS and time of `octopus-rt merge` (training/phi3v_merge.py) on a checkpoint with the full
 CLIP ViT-L/14-336 tower.
 
-Builds the checkpoint of benchmarks/phi3v_load_rss.py (full CLIP-L + the tiny Phi-3, bf16 shards of
-512 MB) and a rank-64 PEFT adapter on every linear layer of CLIP (q/k/v/out_proj, fc1, fc2 of the
+Builds the checkpoint of benchmarks/phi3v_load_rss.py (training/phi3v_factory.build_clip_l_phi3v_checkpoint:
+full CLIP-L + the tiny Phi-3, bf16 shards of 512 MB) and a rank-64 PEFT adapter on every linear layer of CLIP (q/k/v/out_proj, fc1, fc2 of the
 23 layers that run), img_projection and the decoder's four projections, in Microsoft's key names;
 then merges it once per (dtype, shard size) in a fresh process and reports the RSS before, the peak,
 the bytes written and the time. The merge holds one output shard in memory, so the peak should
@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_rss import run_child  # noqa: E402 - the fresh-process RSS measurement shared by the phi3v_*_rss benchmarks
-from phi3v_load_rss import build  # noqa: E402 - the same checkpoint as the loader benchmark
 
 _CHILD = """
 from pathlib import Path
@@ -72,7 +71,9 @@ def main() -> None:
         root = args.keep or Path(tmp)
         base, adapter = root / "phi3v-clipl", root / "adapter"
         if not (base / "config.json").is_file():
-            build(base)
+            from octopus_rt.training.phi3v_factory import build_clip_l_phi3v_checkpoint
+
+            build_clip_l_phi3v_checkpoint(base)  # the loader benchmark's checkpoint
         if not (adapter / "adapter_config.json").is_file():
             make_adapter(base, adapter)
         shards = sorted(p.stat().st_size // 2**20 for p in base.glob("*.safetensors"))

@@ -35,6 +35,7 @@ __all__ = [
     "phi3v_config_dict",
     "phi3v_preprocessor_dict",
     "build_phi3v_checkpoint",
+    "build_clip_l_phi3v_checkpoint",
 ]
 
 # Phi-3-Vision's added tokens: (id, content, rstrip), from its tokenizer_config.json. All special,
@@ -245,5 +246,44 @@ def build_phi3v_checkpoint(out_dir: str | os.PathLike[str], spec: TinyPhi3VSpec 
             separator.copy_(torch.randn(separator.shape, generator=generator))
     out_dir = Path(out_dir)
     save_official_layout(model, out_dir, max_shard_bytes=max_shard_bytes)
+    _tokenizer_files(build_phi3v_tokenizer(), out_dir)
+    return out_dir
+
+
+def build_clip_l_phi3v_checkpoint(out_dir: str | os.PathLike[str], *, seed: int | None = None, text: dict | None = None,
+                                  max_shard_bytes: int = 512 * 1024**2) -> Path:
+    """The official CLIP ViT-L/14-336 tower (`img_processor` names it, no clip_config: 303 M
+    parameters) + the tiny Phi-3 (or one of TinyPhi3VSpec's `text` sizes, e.g. {"text_hidden": 1536,
+    "text_layers": 16, ...}), in bf16 shards of `max_shard_bytes`, with the tiny tokenizer files.
+
+    Weights: constant 0.01 (seed None: cheap, for memory measurements of loading and merging), or
+    seeded N(0, 0.02) with unit norm weights (`seed`, for exports whose verification needs a model
+    that is not degenerate). Built on the meta device, each tensor created once. Returns out_dir."""
+    import torch
+
+    from octopus_rt.export.phi3v_checkpoint import save_official_layout
+    from octopus_rt.export.phi3v_config import phi3v_spec_from_dicts
+    from octopus_rt.export.phi3v_model import Phi3VForCausalLM
+
+    tiny = TinyPhi3VSpec(**(text or {}))
+    config = phi3v_config_dict(tiny)
+    config["img_processor"] = {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                               "name": "clip_vision_model", "num_img_tokens": 144}
+    spec = phi3v_spec_from_dicts(config, phi3v_preprocessor_dict(tiny))
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(spec)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    norms = ("norm.weight", "layernorm.weight", "layrnorm.weight", "layer_norm1.weight", "layer_norm2.weight")
+    for name, param in list(model.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        if generator is None:
+            value = torch.full(param.shape, 0.01, dtype=torch.bfloat16)
+        elif name.endswith(norms):
+            value = torch.ones(param.shape, dtype=torch.bfloat16)
+        else:
+            value = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value)
+    out_dir = Path(out_dir)
+    save_official_layout(model, out_dir, dtype=torch.bfloat16, max_shard_bytes=max_shard_bytes)
     _tokenizer_files(build_phi3v_tokenizer(), out_dir)
     return out_dir

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from octopus_rt import bundle, vocab
 from octopus_rt.errors import InputError, OctopusError
@@ -18,6 +17,7 @@ from octopus_rt.manifest import (
     DecoderGraph,
     EmbeddingTable,
     LmmSection,
+    LmmVerification,
     LmmSource,
     PromptSpec,
     TokenizerSpec,
@@ -184,7 +184,7 @@ def lmm_section(
     prompt: PromptSpec,
     closed_set: dict[str, list[int]],
     closed_set_forms: dict[str, dict[str, list[int]]],
-    verification: dict[str, Any],
+    verification: LmmVerification | None,
 ) -> LmmSection:
     """The section (without `dir` / `files` / `written`, which the commit adds); the vocabulary-side
     fields (whole-image phrases, score prompt) come from octopus_rt.vocab."""

@@ -19,8 +19,14 @@ What it measures, for each model size, in one run:
 - process cold start of `octopus-rt infer` (process start to answer printed, minus the model
   compute it reports), median of 3.
 The models are seeded random LLaVAs from training/model_factory.py with the lm_head scaled (peaky
-logits, as trained models have) and the eos rows zeroed so answers run to the token limit; SAM is a
-custom-size segment-anything model. Results go to JSON (`--out`) and are printed as a table.
+logits, as trained models have) and the eos rows zeroed so answers run to the token limit
+(`--train-steps N`: the text model is trained N steps instead, training/lm_warmup.py, so that
+int8 / int4 exports pass the default agreement checks); SAM is a custom-size segment-anything model.
+Results go to JSON (`--out`) and are printed as a table.
+
+--work holds what is built (models, bundles) and is reused by later runs; the benchmark deletes and
+rebuilds sub-folders of it, so it only uses a folder that is new, empty, or marked as its own
+(WORK_MARKER, written when it claims one): anything else is refused before a file is touched.
 """
 
 from __future__ import annotations
@@ -42,6 +48,22 @@ QUESTIONS = ("Which region of the image is most degraded?", "What distortion aff
 STAGES_LMM = ("read_image", "decode_image", "preprocess", "vision", "prefill", "decode_per_token", "decode")
 STAGES_SAM = ("sam_preprocess", "sam_encoder", "sam_decoder", "postprocess")
 
+WORK_MARKER = ".octopus-bench-work"
+
+
+def claim_work(work: Path) -> Path:
+    """`work`, made the benchmark's own: created if absent, marked if empty; SystemExit when it holds
+    anything and no marker (a folder the benchmark did not make is never deleted into)."""
+    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+        raise SystemExit(f"--work {work} is not empty and was not made by the octopus-rt benchmarks "
+                         f"(no {WORK_MARKER} in it); give a new or empty folder")
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"--work {work} is not a folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).touch()
+    return work
+
+
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "llava": dict(text_model="phi3", vision_model="clip", chat_template="phi3", text_heads=4, text_kv_heads=2),
@@ -60,15 +82,21 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def prepare(size: str, work: Path, precision: str = "fp32") -> Path:
+def prepare(size: str, work: Path, precision: str = "fp32", train_steps: int = 0) -> Path:
     """Build (once) the model dir, SAM checkpoint and bundle of a size; returns the bundle path.
 
     A precision other than fp32 exports the same model dir (and SAM) into `bundle-<precision>`; the
-    reference still runs the fp32 PyTorch model.
+    reference still runs the fp32 PyTorch model. With `train_steps`, the text model is first trained
+    that many steps (training/lm_warmup.py) instead of getting a scaled random head, in its own work
+    folder `trained<steps>/<size>`, so that quantised exports pass the default agreement checks.
+    `work` must be claimable (`claim_work`).
     """
+    claim_work(work)
+    if train_steps:
+        work = claim_work(work / f"trained{train_steps}")
     bundle = work / size / "bundle"
     if precision != "fp32":
-        fp32 = prepare(size, work)
+        fp32 = prepare(size, work.parent if train_steps else work, train_steps=train_steps)
         other = work / size / f"bundle-{precision}"
         if not ((other / "manifest.json").is_file() and "sam" in json.loads((other / "manifest.json").read_text())):
             import shutil
@@ -94,13 +122,25 @@ def prepare(size: str, work: Path, precision: str = "fp32") -> Path:
     from octopus_rt.training.model_factory import TinyLlavaSpec, build_llava
 
     torch.set_num_threads(2)
-    shutil.rmtree(work / size, ignore_errors=True)
+    if (work / size).exists():
+        shutil.rmtree(work / size)  # inside a claimed --work: a half-built size of an earlier run
     model_dir = work / size / "model"
     model, processor = build_llava(model_dir, TinyLlavaSpec(**SIZES[size]["llava"]))
+    if train_steps:
+        from octopus_rt.training.lm_warmup import warm_up_text_model
+
+        tick = time.perf_counter()
+        losses = warm_up_text_model(model, processor.tokenizer, steps=train_steps, batch_size=8, lr=1e-3)
+        (work / size).mkdir(parents=True, exist_ok=True)
+        (work / size / "training.json").write_text(json.dumps(
+            {"steps": train_steps, "loss_first": losses[0], "loss_last": losses[-1],
+             "seconds": time.perf_counter() - tick}))
+        print(f"[{size}] trained {train_steps} steps: loss {losses[0]:.2f} -> {losses[-1]:.2f}", flush=True)
     with torch.no_grad():
-        # Peaky logits like a trained LM (fixtures_models.LM_HEAD_SCALE), and no eos: answers run
-        # to the token limit, so the per-token figures at token 200 exist.
-        model.lm_head.weight.mul_(25.0)
+        if not train_steps:
+            # Peaky logits like a trained LM (fixtures_models.LM_HEAD_SCALE).
+            model.lm_head.weight.mul_(25.0)
+        # No eos: answers run to the token limit, so the per-token figures at token 200 exist.
         for eos in model.generation_config.eos_token_id:
             model.lm_head.weight[eos] = 0.0
     model.save_pretrained(model_dir)
@@ -191,9 +231,9 @@ def measure(size: str, bundle: Path, image: Path, repeats: int, threads: int, an
             row["ratio_reference_over_runtime"] = statistics.median(b) / statistics.median(a)
         result["stages"][stage] = row
 
-    # Per-token decode cost at answer token 10 vs 200.
+    # Per-token decode cost at answer token 10 vs 200 (skipped with --long-tokens 0).
     long_runs: dict[str, list[tuple[float, float]]] = {"runtime": [], "reference": []}
-    for _ in range(2):
+    for _ in range(2 if long_tokens else 0):
         octo.ask(image, QUESTIONS[0], max_new_tokens=long_tokens, segment=False)
         steps = octo.last_step_ms
         long_runs["runtime"].append((_window(steps, 10), _window(steps, 200)))
@@ -201,7 +241,7 @@ def measure(size: str, bundle: Path, image: Path, repeats: int, threads: int, an
         steps = list(getattr(ref, "step_ms", []))
         long_runs["reference"].append((_window(steps, 10), _window(steps, 200)))
     result["token_10_vs_200"] = {}
-    for which, runs in long_runs.items():
+    for which, runs in long_runs.items() if long_tokens else ():
         t10 = statistics.median(r[0] for r in runs if r[0] is not None)
         t200 = statistics.median(r[1] for r in runs if r[1] is not None)
         result["token_10_vs_200"][which] = {"token_10_ms": t10, "token_200_ms": t200, "ratio": t200 / t10}
@@ -318,6 +358,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
                         help="runtime bundle precision (the reference always runs fp32)")
     parser.add_argument("--long-tokens", type=int, default=210)
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="train the text model this many steps first (quantised exports then pass the default "
+                             "agreement checks); 0: random weights with a scaled head")
     parser.add_argument("--work", type=Path, default=Path("/tmp/octopus-bench-runtime"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
     parser.add_argument("--child-rss", choices=["runtime", "reference"], help=argparse.SUPPRESS)
@@ -327,7 +370,7 @@ def main() -> None:
     if args.child_rss:
         child_rss(args.child_rss, args.bundle, args.image, args.threads, args.answer_tokens)
         return
-    args.work.mkdir(parents=True, exist_ok=True)
+    claim_work(args.work)
     image = photo(args.work / "photo.png")
     report: dict[str, Any] = {
         "command": "benchmarks/bench_runtime.py " + " ".join(sys.argv[1:]),
@@ -337,10 +380,11 @@ def main() -> None:
         "image": "640x480 PNG",
         "answer_tokens": args.answer_tokens,
         "runtime_precision": args.precision,
+        "train_steps": args.train_steps,
         "sizes": {},
     }
     for size in args.sizes:
-        bundle = prepare(size, args.work, args.precision)
+        bundle = prepare(size, args.work, args.precision, args.train_steps)
         entry = measure(size, bundle, image, args.repeats, args.threads, args.answer_tokens, args.long_tokens)
         entry["peak_rss_mib"] = peak_rss(bundle, image, args.threads, args.answer_tokens)
         entry["cold_start"] = cold_start(bundle, image, args.threads)

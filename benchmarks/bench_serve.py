@@ -12,8 +12,8 @@ asyncio, in this process) keeps `c` requests in flight: chat completions with a 
 photo each (8 photos in turn, more than the per-image cache holds, so every request runs vision,
 prefill and decode), `max_tokens` = --answer-tokens, no mask. Throughput = answered requests / wall
 time of the level. The goal of issue #15 is requests/s at concurrency 8 >= 2.5x concurrency 1 on
-the ~100M model; that needs `Octopus.ask_batch` to batch the decode (the server hands it whole
-batches; until then ask_batch answers them one after another). The client shares the machine's
+the ~100M model; the server hands `Octopus.ask_batch` whole batches, which prefills each request
+and decodes them together, one decoder call per token for the batch (runtime/generate.py). The client shares the machine's
 cores with the server: on a 2-core machine its own CPU time is part of what is measured.
 The ~100M model is bench_runtime.py's `100m` size (built once into --work, eos disabled so every
 answer runs to the token limit); `demo` is the built-in bundle.
@@ -162,7 +162,7 @@ def main() -> None:
         "command": "benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
         "cpu_count": os.cpu_count(), "threads": args.threads, "load_average_start": os.getloadavg(),
         "requests_per_level": args.requests, "answer_tokens": args.answer_tokens,
-        "ask_batch": "sequential (runtime/api.py); the batched decode is issue #13's",
+        "ask_batch": "batched decode (runtime/generate.py greedy_batch)",
         "bundles": {},
     }
     for name in args.bundles:

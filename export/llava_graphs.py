@@ -3,20 +3,25 @@ graphs (vision.onnx, decoder.onnx, traced from the wrappers of export/llava_wrap
 
 A second architecture (Phi-3.5-Vision) gets a module of its own with the same four pieces:
 `check_model_dir` (config.json only, no weights), `load_model`, `export_*_graphs(model, out_dir,
-opset)` and `graph_specs(...)` (the manifest's typed `vision` / `decoder` entries); export/lmm.py
-runs whichever the model directory calls for, and export/lmm_manifest.py builds the section from the
-typed pieces.
+opset, form)` and `graph_specs(..., form)` (the manifest's typed `vision` / `decoder` entries);
+export/lmm.py runs whichever the model directory calls for, and export/lmm_manifest.py builds the
+section from the typed pieces.
+
+Decoder forms (export/decoder_forms.py says which one to write): DECODER_EXPORTERS maps a form to
+the function that writes it; `graph_specs` records the form (and its input / output names) in
+`lmm.decoder`, where runtime/generate.make_decoder reads it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
 from octopus_rt.export.onnx_export import export_onnx, one_line
-from octopus_rt.manifest import DecoderGraph, VisionGraph
 from octopus_rt.jsonfile import read_json_object
+from octopus_rt.manifest import DECODER_FORMS, DecoderGraph, VisionGraph
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
@@ -28,6 +33,7 @@ __all__ = [
     "load_model",
     "export_llava_graphs",
     "export_flat_kv_decoder",
+    "DECODER_EXPORTERS",
     "graph_specs",
 ]
 
@@ -86,21 +92,16 @@ def load_model(model_dir: Path):
     return model.eval(), processor
 
 
-def export_llava_graphs(model, out_dir: Path, opset: int) -> None:
-    """vision.onnx and decoder.onnx of a LlavaForConditionalGeneration into `out_dir`, in fp32
-    (docs/bundle.md, "Decoder graph I/O"; batch, sequence and past length dynamic)."""
+def export_llava_graphs(model, out_dir: Path, opset: int, form: str = "flat_kv") -> None:
+    """vision.onnx and decoder.onnx (in decoder form `form`) of a LlavaForConditionalGeneration into
+    `out_dir`, in fp32 (docs/bundle.md, "Decoder graph I/O"; batch, sequence and past length dynamic)."""
     import torch
 
-    from octopus_rt.export.llava_wrappers import (
-        VISION_INPUT_NAMES,
-        VISION_OUTPUT_NAMES,
-        DecoderWrapper,
-        VisionWrapper,
-        decoder_dims,
-    )
+    from octopus_rt.export.llava_wrappers import VISION_INPUT_NAMES, VISION_OUTPUT_NAMES, VisionWrapper
 
+    if form not in DECODER_EXPORTERS:
+        raise InputError(f"unknown decoder form {form!r}; choose one of {', '.join(DECODER_EXPORTERS)}")
     vision_cfg = model.config.vision_config
-    dims = decoder_dims(model.config.get_text_config())
     batch = torch.export.Dim("batch", min=1, max=1024)
     pixels = torch.zeros(TRACE_BATCH, 3, vision_cfg.image_size, vision_cfg.image_size)
     export_onnx(
@@ -110,13 +111,29 @@ def export_llava_graphs(model, out_dir: Path, opset: int) -> None:
         dynamic_axes={"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
         opset=opset,
     )
+    DECODER_EXPORTERS[form](model, out_dir / DECODER_FILE, opset)
 
-    export_flat_kv_decoder(DecoderWrapper(model).eval(), dims, out_dir / DECODER_FILE, opset)
+
+def _export_llava_flat_kv(model, path: Path, opset: int) -> None:
+    from octopus_rt.export.llava_wrappers import DecoderWrapper, decoder_dims
+
+    export_flat_kv_decoder(DecoderWrapper(model).eval(), decoder_dims(model.config.get_text_config()), path, opset)
+
+
+def _export_llava_gqa(model, path: Path, opset: int) -> None:
+    from octopus_rt.export.decoder_graph import build_gqa_decoder
+
+    build_gqa_decoder(model, path, opset=opset)
+
+
+# form -> writer(model, path, opset); the forms' runtime contracts are in docs/bundle.md.
+DECODER_EXPORTERS: dict[str, Callable[[Any, Path, int], None]] = {"flat_kv": _export_llava_flat_kv,
+                                                                    "gqa": _export_llava_gqa}
 
 
 def export_flat_kv_decoder(wrapper, dims, path: Path, opset: int) -> None:
-    """Trace a flat-KV decoder module (llava_wrappers.FlatKVDecoder; manifest `decoder.form`
-    "flat_kv") to `path`: batch, sequence and past length dynamic (docs/bundle.md, "Decoder graph I/O")."""
+    """Trace a flat_kv decoder module (llava_wrappers.DecoderWrapper's I/O) to `path`: batch, sequence
+    and past length dynamic (docs/bundle.md, "Decoder graph I/O")."""
     import torch
 
     from octopus_rt.export.llava_wrappers import decoder_input_names, decoder_output_names
@@ -156,8 +173,11 @@ def export_flat_kv_decoder(wrapper, dims, path: Path, opset: int) -> None:
     )
 
 
-def graph_specs(model, num_image_tokens: int, vision_hidden: int) -> tuple[VisionGraph, DecoderGraph]:
-    """The manifest entries of the two graphs `export_llava_graphs` writes (float32 I/O at every precision)."""
+def graph_specs(model, num_image_tokens: int, vision_hidden: int, form: str = "flat_kv",
+                form_reason: str | None = None) -> tuple[VisionGraph, DecoderGraph]:
+    """The manifest entries of the two graphs `export_llava_graphs` writes (float32 I/O at every
+    precision); the decoder's records its form (a quantised export adds its `quantization`)."""
+    from octopus_rt.export.decoder_graph import gqa_input_names, gqa_output_names
     from octopus_rt.export.llava_wrappers import (
         VISION_INPUT_NAMES,
         VISION_OUTPUT_NAMES,
@@ -167,12 +187,13 @@ def graph_specs(model, num_image_tokens: int, vision_hidden: int) -> tuple[Visio
     )
 
     dims = decoder_dims(model.config.get_text_config())
+    names = {"flat_kv": (decoder_input_names, decoder_output_names), "gqa": (gqa_input_names, gqa_output_names)}[form]
     vision = VisionGraph(file=VISION_FILE, input_names=list(VISION_INPUT_NAMES), output_names=list(VISION_OUTPUT_NAMES),
                          num_image_tokens=int(num_image_tokens), hidden_size=int(vision_hidden))
     decoder = DecoderGraph(
-        file=DECODER_FILE, input_names=decoder_input_names(dims.num_layers),
-        output_names=decoder_output_names(dims.num_layers), num_layers=dims.num_layers,
-        num_key_value_heads=dims.num_key_value_heads, head_dim=dims.head_dim, hidden_size=dims.hidden_size,
-        vocab_size=dims.vocab_size, max_position_embeddings=dims.max_position_embeddings, dtype="float32",
+        file=DECODER_FILE, input_names=names[0](dims.num_layers), output_names=names[1](dims.num_layers),
+        num_layers=dims.num_layers, num_key_value_heads=dims.num_key_value_heads, head_dim=dims.head_dim,
+        hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, max_position_embeddings=dims.max_position_embeddings,
+        dtype="float32", form=form, kv_buffer=DECODER_FORMS[form], form_reason=form_reason,
     )
     return vision, decoder

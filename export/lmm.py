@@ -9,11 +9,14 @@ Steps (each failure is a one-line OctopusError and leaves no new bundle section 
 
 1. validate MODEL_DIR (exists, is a transformers dir, a supported LlavaForConditionalGeneration);
 2. load model (fp32, CPU, eval) and processor; compute the PyTorch reference (lmm_reference);
-3. stage a section folder in the bundle; write tokenizer.json, embed_tokens.npy and, with
-   torch.onnx.export (export/onnx_export.py), vision.onnx and decoder.onnx in fp32; free the model;
-4. convert to the requested precision (quantize.py);
-5. verify in onnxruntime at shapes other than the tracing shapes (lmm_verify), and check that the
-   pre-rendered prompt strings tokenize exactly as the processor does;
+3. stage a section folder in the bundle; write tokenizer.json, embed_tokens.npy and, in fp32,
+   vision.onnx (torch.onnx.export, export/onnx_export.py) and decoder.onnx in the decoder form
+   export/decoder_forms.resolve_form picks (traced flat_kv, or the gqa graph of
+   export/decoder_graph.py); free the model;
+4. convert to the requested precision (quantize.py; the recipe is recorded in `decoder.quantization`);
+5. verify in onnxruntime at shapes other than the tracing shapes (lmm_verify; the user may lower
+   the quantised agreement thresholds or accept a loss, which the section's `verification` records),
+   and check that the pre-rendered prompt strings tokenize exactly as the processor does;
 6. commit the section (manifest swap is atomic; see octopus_rt.bundle).
 
 Who does what: this module runs the steps; export/llava_graphs.py knows the architecture (supported
@@ -28,6 +31,7 @@ in llava_wrappers.py are a few lines and match generate() token for token.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -49,7 +53,7 @@ from octopus_rt.export.llava_graphs import (
     load_model,
 )
 from octopus_rt.export.onnx_export import check_opset_range
-from octopus_rt.manifest import EmbeddingTable, LmmSource, TokenizerSpec
+from octopus_rt.manifest import EmbeddingTable, LmmSource, LmmVerification, TokenizerSpec
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
@@ -82,13 +86,22 @@ def export_lmm(
     opset: int = DEFAULT_OPSET,
     progress: Callable[[str], None] | None = None,
     num_crops: int | None = None,
+    decoder_form: str = "auto",
+    min_cosine: float | None = None,
+    min_top1: float | None = None,
+    accept_quality_loss: bool = False,
 ) -> dict[str, Any]:
     """Export MODEL_DIR into bundle OUT_DIR's `lmm` section and return that section (manifest dict).
 
     num_crops: Phi-3-Vision only, the HD crop budget recorded in the bundle (default: the
-    checkpoint's preprocessor_config.json, else 4). Raises InputError for bad input and OctopusError
-    when verification fails; in both cases no new section is committed and the staging folder is removed.
+    checkpoint's preprocessor_config.json, else 4). decoder_form: "auto" | "flat_kv" | "gqa"
+    (export/decoder_forms.py; Phi-3-Vision: flat_kv). min_cosine / min_top1 /
+    accept_quality_loss: the user's verification overrides for quantised precisions (recorded in the
+    section's `verification`). Raises InputError for bad input and OctopusError when verification
+    fails; in both cases no new section is committed and the staging folder is removed.
     """
+    from octopus_rt.export.decoder_forms import FORM_CHOICES
+    from octopus_rt.export.lmm_verify import user_limits
     from octopus_rt.export.quantize import PRECISIONS
 
     progress = progress or _noop
@@ -96,9 +109,15 @@ def export_lmm(
     out_dir = Path(out_dir).expanduser()
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if decoder_form not in FORM_CHOICES:
+        raise InputError(f"unknown decoder form {decoder_form!r}; choose one of {', '.join(FORM_CHOICES)}")
     check_opset_range(opset, _OPSET_RANGE, "export lmm")
+    try:
+        checks = user_limits(precision, min_cosine, min_top1, accept_quality_loss)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
     if _is_phi3v(model_dir):
-        return _export_phi3v(model_dir, out_dir, precision, int(opset), progress, num_crops)
+        return _export_phi3v(model_dir, out_dir, precision, int(opset), progress, num_crops, decoder_form, checks)
     if num_crops is not None:
         raise InputError("--num-crops applies to Phi-3-Vision checkpoints only")
     config_json = check_model_dir(model_dir)
@@ -107,7 +126,8 @@ def export_lmm(
     # to the PyTorch weights is dropped before onnxruntime loads the graphs.
     holder = list(load_model(model_dir))
     with bundle.staged_section(out_dir, "lmm") as staging:
-        section = _export_into(holder, model_dir, config_json, staging, precision, int(opset), progress)
+        section = _export_into(holder, model_dir, config_json, staging, precision, int(opset), progress,
+                               decoder_form, checks)
         manifest = bundle.commit_section(out_dir, "lmm", staging, section)
     progress(f"committed lmm section {manifest['lmm']['dir']} into {out_dir}")
     return manifest["lmm"]
@@ -115,32 +135,37 @@ def export_lmm(
 
 def _is_phi3v(model_dir: Path) -> bool:
     """config.json names Phi3VForCausalLM / phi3_v (an unreadable one is left to the LLaVA checks)."""
-    import json
-
     from octopus_rt.export.phi3v_config import is_phi3v_config
+    from octopus_rt.jsonfile import read_json_object
 
     try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return is_phi3v_config(read_json_object(model_dir / "config.json"))
+    except InputError:
         return False
-    return isinstance(config, dict) and is_phi3v_config(config)
 
 
-def _export_phi3v(model_dir: Path, out_dir: Path, precision: str, opset: int, progress, num_crops) -> dict[str, Any]:
+def _export_phi3v(model_dir: Path, out_dir: Path, precision: str, opset: int, progress, num_crops, decoder_form,
+                  checks) -> dict[str, Any]:
     from octopus_rt.export import phi3v_graphs
     from octopus_rt.export.phi3v_lmm import export_phi3v_into
 
+    if decoder_form == "gqa":
+        # The runtime's cache re-run at the longrope switch exists for flat_kv states only (docs/phi3v.md,
+        # "The longrope switch"); auto therefore means flat_kv for Phi-3-Vision.
+        raise InputError("the gqa decoder form is not available for Phi-3-Vision (its longrope switch needs the "
+                         "flat_kv decoder's cache re-run); use --decoder-form auto or flat_kv")
     config_json = phi3v_graphs.check_model_dir(model_dir, num_crops)
     progress(f"loading {model_dir} (Phi-3-Vision, streaming the safetensors shards)")
     holder = list(phi3v_graphs.load_model(model_dir, num_crops))
     with bundle.staged_section(out_dir, "lmm") as staging:
-        section = export_phi3v_into(holder, model_dir, config_json, staging, precision, opset, progress)
+        section = export_phi3v_into(holder, model_dir, config_json, staging, precision, opset, progress, checks=checks)
         manifest = bundle.commit_section(out_dir, "lmm", staging, section)
     progress(f"committed lmm section {manifest['lmm']['dir']} into {out_dir}")
     return manifest["lmm"]
 
 
-def _export_into(holder, model_dir, config_json, staging, precision, opset, progress) -> dict[str, Any]:
+def _export_into(holder, model_dir, config_json, staging, precision, opset, progress, decoder_form,
+                 checks) -> dict[str, Any]:
     """Write, convert and verify the section's files in `staging`; returns the section dict.
 
     `holder` is [model, processor]; the model is removed from it (and freed) after the ONNX export.
@@ -150,6 +175,7 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     import onnx
 
     from octopus_rt.export import lmm_manifest
+    from octopus_rt.export.decoder_forms import resolve_form
     from octopus_rt.export.llava_wrappers import decoder_dims
     from octopus_rt.export.lmm_reference import compute_reference
 
@@ -157,6 +183,10 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     model = holder[0]
     holder[0] = None
     dims = decoder_dims(model.config.get_text_config())
+    try:
+        form, form_reason = resolve_form(decoder_form, model.config.get_text_config(), precision)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
     image_token_id = int(model.config.image_token_id)
     source = LmmSource(
         model_dir=str(model_dir),
@@ -184,28 +214,29 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     closed, closed_forms = lmm_manifest.closed_set_ids(tokenizer_json, progress)
     preprocess = lmm_manifest.preprocess_spec(processor, model)
     embedding = write_embedding(model, staging, precision)
-    vision, decoder = graph_specs(model, num_image_tokens, vision_hidden)
+    vision, decoder = graph_specs(model, num_image_tokens, vision_hidden, form, form_reason)
 
-    progress(f"exporting {vision.file} and {decoder.file} (opset {opset}, fp32)")
+    progress(f"exporting {vision.file} and {decoder.file} (opset {opset}, fp32, decoder form {form}: {form_reason})")
     fp32_dir = staging / ".fp32" if precision != "fp32" else staging
     fp32_dir.mkdir(exist_ok=True)
-    export_llava_graphs(model, fp32_dir, opset)
+    export_llava_graphs(model, fp32_dir, opset, form)
     # The reference and the exported graphs are all we need from PyTorch: free the model before
     # any onnxruntime session (or quantizer) allocates its own copy of the weights.
     del model
     gc.collect()
     if precision != "fp32":
         progress(f"converting to {precision}")
-        convert_graphs(fp32_dir, staging, vision.file, decoder.file, precision)
+        quantization = convert_graphs(fp32_dir, staging, vision.file, decoder.file, precision, form)
+        decoder = dataclasses.replace(decoder, quantization=quantization)
         shutil.rmtree(fp32_dir)
 
-    report = _verify(reference, staging, vision.file, decoder.file, embedding.file, dims, image_token_id, precision,
-                     progress)
+    verification = _verify(reference, staging, vision.file, decoder.file, embedding.file, dims, image_token_id,
+                           precision, form, checks, progress)
     graph = onnx.load(str(staging / decoder.file), load_external_data=False)
     return lmm_manifest.lmm_section(
         opset=opset, ir_version=int(graph.ir_version), precision=precision, source=source, vision=vision,
         embedding=embedding, decoder=decoder, tokenizer=tokenizer, preprocess=preprocess, prompt=prompt,
-        closed_set=closed, closed_set_forms=closed_forms, verification=report.summary(),
+        closed_set=closed, closed_set_forms=closed_forms, verification=verification,
     ).to_dict()
 
 
@@ -218,11 +249,13 @@ def write_embedding(model, staging: Path, precision: str) -> EmbeddingTable:
                           dtype=np.dtype(dtype).name)
 
 
-def convert_graphs(fp32_dir: Path, staging: Path, vision_file: str, decoder_file: str, precision: str) -> None:
-    """fp32 graphs in `fp32_dir` -> `precision` graphs in `staging` (export/quantize.py)."""
+def convert_graphs(fp32_dir: Path, staging: Path, vision_file: str, decoder_file: str, precision: str,
+                   form: str = "flat_kv"):
+    """fp32 graphs in `fp32_dir` -> `precision` graphs in `staging` (export/quantize.py); returns the
+    decoder's quantisation record (None for fp16). A gqa decoder keeps its weights in external data."""
     from octopus_rt.export import quantize
 
-    convert = {"fp16": quantize.to_fp16, "int8": quantize.to_int8, "int4": quantize.to_int4}[precision]
+    external = form == "gqa"
     # int4 is weight-only quantisation of the decoder's MatMuls; the small vision tower stays fp32.
     vision_convert = quantize.to_int8 if precision == "int8" else (quantize.to_fp16 if precision == "fp16" else None)
     if vision_convert is None:
@@ -230,23 +263,36 @@ def convert_graphs(fp32_dir: Path, staging: Path, vision_file: str, decoder_file
             shutil.copy(path, staging / path.name)
     else:
         vision_convert(fp32_dir / vision_file, staging / vision_file)
-    convert(fp32_dir / decoder_file, staging / decoder_file)
+    if precision == "fp16":
+        quantize.to_fp16(fp32_dir / decoder_file, staging / decoder_file)
+        return None
+    convert = quantize.to_int8 if precision == "int8" else quantize.to_int4
+    convert(fp32_dir / decoder_file, staging / decoder_file, external=external)
+    return quantize.RECIPES[precision]
 
 
 def _verify(reference, staging: Path, vision_file: str, decoder_file: str, embedding_file: str, dims,
-            image_token_id: int, precision: str, progress: Callable[[str], None]):
-    """export/lmm_verify.py on the staged graphs; OctopusError listing the failed checks."""
-    from octopus_rt.export.lmm_verify import verify_lmm
+            image_token_id: int, precision: str, form: str, checks, progress: Callable[[str], None]) -> LmmVerification:
+    """export/lmm_verify.py on the staged graphs; the section's verification record, or OctopusError
+    listing the failed checks (failures the user accepted with --accept-quality-loss are warned about)."""
+    from octopus_rt.export.lmm_verify import verification_record, verify_lmm
 
-    progress(f"verifying in onnxruntime ({precision})")
+    limits, overrides = checks
+    progress(f"verifying in onnxruntime ({precision}, {form} decoder)")
     embed = np.load(staging / embedding_file, mmap_mode="r")
-    report = verify_lmm(reference, staging / vision_file, staging / decoder_file, embed, dims, image_token_id, precision)
+    report = verify_lmm(reference, staging / vision_file, staging / decoder_file, embed, dims, image_token_id,
+                        precision, form=form, limits=limits)
     progress(
-        f"verified {precision}: vision max|diff| {report.vision_max_abs_diff:.2e}, decoder max|diff| "
-        f"{report.decoder_max_abs_diff:.2e} at {len(reference.decoder)} shapes, {report.steps} steps: "
+        f"verified {precision} ({form} decoder): vision max|diff| {report.vision_max_abs_diff:.2e} "
+        f"(relative {report.vision_max_rel_diff:.1e}), decoder max|diff| {report.decoder_max_abs_diff:.2e} "
+        f"(relative {report.decoder_max_rel_diff:.1e}) at {len(reference.decoder)} shapes, {report.steps} steps: "
         f"logits max|diff| {report.generation_max_abs_diff:.2e}, min cosine {report.generation_min_cosine:.6f}, "
         f"top-1 {report.top1_agreement:.3f}, greedy tokens identical: {report.tokens_identical}"
     )
-    if report.failures:
-        raise OctopusError(f"{precision} export failed verification: " + "; ".join(report.failures))
-    return report
+    record, refusing = verification_record(report, limits, overrides)
+    if refusing:
+        hint = "" if precision == "fp32" else " (to keep it anyway: --min-cosine / --min-top1 / --accept-quality-loss)"
+        raise OctopusError(f"{precision} export failed verification: " + "; ".join(refusing) + hint)
+    for line in record.accepted_failures:
+        progress(f"WARNING quality loss accepted (--accept-quality-loss): {line}")
+    return record

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from octopus_rt import bundle, vocab
 from octopus_rt.errors import InputError, OctopusError
@@ -19,6 +18,7 @@ from octopus_rt.manifest import (
     EmbeddingTable,
     HDTransformSpec,
     LmmSection,
+    LmmVerification,
     LmmSource,
     PromptSpec,
     TokenizerSpec,
@@ -185,7 +185,7 @@ def lmm_section(
     prompt: PromptSpec,
     closed_set: dict[str, list[int]],
     closed_set_forms: dict[str, dict[str, list[int]]],
-    verification: dict[str, Any],
+    verification: LmmVerification | None,
     architecture: str = "llava",
     hd: HDTransformSpec | None = None,
 ) -> LmmSection:

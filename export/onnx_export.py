@@ -8,7 +8,9 @@ the same way wherever it comes from.
   (opset >= 18, `dynamic_shapes` keyed by argument name) or the TorchScript exporter (any opset,
   `dynamic_axes`); `onnx.checker` runs on what the exporter wrote and the written opset is checked.
 - `save_onnx`: write an `onnx.ModelProto`; weights go to one `<file>.data` next to the graph when
-  they would pass protobuf's 2 GiB message limit (vit_h fp32 is ~2.5 GB, Phi-3-mini ~15 GB).
+  they would pass protobuf's 2 GiB message limit (vit_h fp32 is ~2.5 GB, Phi-3-mini ~15 GB), or
+  when asked (`external=True`: onnxruntime memory-maps external data, so sessions start faster;
+  measured for the gqa decoder in docs/runtime.md, "Decoder forms").
 - `graph_bytes`: a graph's size on disk including its external data.
 """
 
@@ -62,13 +64,14 @@ def written_opset(path: str | os.PathLike[str]) -> int:
     return max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def save_onnx(model: Any, path: str | os.PathLike[str]) -> None:
-    """Save an onnx.ModelProto, with weights in `<file>.data` when the model is too big for one file."""
+def save_onnx(model: Any, path: str | os.PathLike[str], *, external: bool = False) -> None:
+    """Save an onnx.ModelProto, with weights in `<file>.data` when the model is too big for one file
+    or `external` is set."""
     import onnx
 
     path = Path(path)
     size = sum(init.ByteSize() for init in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
+    if external or size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model,
             str(path),

@@ -16,6 +16,8 @@ Same steps as LLaVA's, with Phi-3-V's pieces:
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import shutil
 from collections.abc import Callable
@@ -86,9 +88,11 @@ def _preprocess_spec(spec) -> VisionPreprocessSpec:
 
 
 def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging: Path, precision: str, opset: int,
-                      progress: Callable[[str], None], form: str = "flat_kv") -> dict[str, Any]:
+                      progress: Callable[[str], None], form: str = "flat_kv", checks=None) -> dict[str, Any]:
     """Write, convert and verify a Phi-3-V section's files in `staging`; returns the section dict.
-    `holder` is [model, tokenizer]; the model is removed from it (and freed) after the ONNX export."""
+    `holder` is [model, tokenizer]; the model is removed from it (and freed) after the ONNX export.
+    checks: (VerifyThresholds, VerifyOverrides) from export.lmm_verify.user_limits (default: the
+    precision's own thresholds, nothing lowered)."""
     import onnx
 
     from octopus_rt.export import lmm_manifest
@@ -96,6 +100,7 @@ def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging:
     from octopus_rt.export.phi3v_graphs import SEPARATORS_FILE, export_phi3v_graphs, graph_specs
     from octopus_rt.export.phi3v_reference import official_stop_ids
     from octopus_rt.export import phi3v_verify
+    from octopus_rt.export.lmm_verify import user_limits, verification_record
 
     model, tokenizer = holder[0], holder[1]
     holder[0] = None
@@ -130,13 +135,15 @@ def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging:
     if precision != "fp32":
         shutil.move(str(fp32_dir / SEPARATORS_FILE), str(staging / SEPARATORS_FILE))
         progress(f"converting to {precision}")
-        convert_graphs(fp32_dir, staging, vision.file, decoder.file, precision)
+        decoder = dataclasses.replace(decoder, quantization=convert_graphs(fp32_dir, staging, vision.file, decoder.file,
+                                                                           precision, form))
         shutil.rmtree(fp32_dir)
 
     progress(f"verifying in onnxruntime ({precision})")
+    limits, overrides = checks if checks is not None else user_limits(precision)
     report, extra = phi3v_verify.verify_phi3v(
         reference, staging / vision.file, staging / decoder.file, np.load(staging / EMBEDDING_FILE, mmap_mode="r"),
-        np.load(staging / SEPARATORS_FILE), decoder, closed, precision)
+        np.load(staging / SEPARATORS_FILE), decoder, closed, precision, limits)
     progress(
         f"verified {precision}: image tokens max|diff| {report.vision_max_abs_diff:.2e} at {extra['vision_num_crops']} crops, "
         f"decoder max|diff| {report.decoder_max_abs_diff:.2e}, {report.steps} steps at prompts of "
@@ -144,12 +151,15 @@ def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging:
         f"closed-set max|diff| {extra['closed_set_max_abs_diff']:.2e}, top-1 {report.top1_agreement:.3f}, "
         f"greedy tokens identical: {report.tokens_identical}"
     )
-    if report.failures:
-        raise OctopusError(f"{precision} export failed verification: " + "; ".join(report.failures))
+    record, refusing = verification_record(report, limits, overrides)
+    if refusing:
+        raise OctopusError(f"{precision} export failed verification: " + "; ".join(refusing))
+    for failure in record.accepted_failures or []:
+        progress(f"WARNING: kept despite a failed check (--accept-quality-loss): {failure}")
     graph = onnx.load(str(staging / decoder.file), load_external_data=False)
     return lmm_manifest.lmm_section(
         opset=opset, ir_version=int(graph.ir_version), precision=precision, source=source, vision=vision,
         embedding=embedding, decoder=decoder, tokenizer=tokenizer_spec, preprocess=_preprocess_spec(spec), prompt=prompt,
-        closed_set=closed, closed_set_forms=closed_forms, verification={**report.summary(), **extra},
+        closed_set=closed, closed_set_forms=closed_forms, verification=dataclasses.replace(record, **extra),
         architecture="phi3v", hd=hd,
     ).to_dict()

@@ -93,6 +93,11 @@ def graph_profile(manifest: Mapping[str, Any], graph: str, limits: ProfileLimits
         for name in names:
             shapes[name] = ShapeRange((b[0], 3, h, w), (b[1], 3, h, w), (b[2], 3, h, w))
     elif graph == "decoder":
+        if record.get("form", "flat_kv") != "flat_kv":
+            raise InputError(
+                f"the bundle's decoder is in the {record['form']} form (onnxruntime contrib ops), which TensorRT "
+                "cannot build; re-export with `octopus-rt export lmm --decoder-form flat_kv` for a TensorRT decoder"
+            )
         hidden = int(record["hidden_size"])
         kv, hd = int(record["num_key_value_heads"]), int(record["head_dim"])
         s = (1, limits.opt_seq, limits.max_seq)

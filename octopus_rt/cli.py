@@ -36,8 +36,10 @@ def _root(
 def verify(
     bundle: Path = typer.Argument(..., help="Bundle directory to check."),
 ) -> None:
-    """Re-hash every file of a bundle against its manifest (the runtime itself checks only sizes)."""
+    """Re-hash every file of a bundle against its manifest (the runtime itself checks only sizes), and
+    show how the lmm section was verified at export (and what the user lowered or accepted)."""
     from octopus_rt.bundle import BundleError, check_files, read_manifest
+    from octopus_rt.verification import LmmVerification
 
     manifest = read_manifest(bundle)
     problems = check_files(bundle, manifest, hashes=True)
@@ -48,6 +50,10 @@ def verify(
     sections = [name for name in ("lmm", "sam", "engines") if isinstance(manifest.get(name), dict)]
     count = sum(len(manifest[name].get("files", {})) for name in sections)
     typer.echo(f"OK {bundle}: {count} files in sections {', '.join(sections) or '(none)'} match the manifest")
+    record = (manifest.get("lmm") or {}).get("verification")
+    if isinstance(record, dict):
+        for line in LmmVerification.from_dict(record, "lmm.verification").describe("lmm"):
+            typer.echo(line)
 
 
 def _register_subcommands() -> None:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from octopus_rt import vocab
 from octopus_rt.errors import InputError
 from octopus_rt.schema import ManifestError, Schema, optional
+from octopus_rt.verification import LmmVerification, VerifyOverrides, VerifyThresholds
 
 __all__ = [
     "GRAPHS",
@@ -35,6 +36,8 @@ __all__ = [
     "LmmSource",
     "VisionGraph",
     "EmbeddingTable",
+    "DECODER_FORMS",
+    "DecoderQuantization",
     "DecoderGraph",
     "TokenizerSpec",
     "VisionPreprocessSpec",
@@ -43,7 +46,9 @@ __all__ = [
     "HDTransformSpec",
     "ScorePrompt",
     "ARCHITECTURES",
-    "DECODER_FORMS",
+    "LmmVerification",
+    "VerifyThresholds",
+    "VerifyOverrides",
     "LmmSection",
     "SamSource",
     "SamEncoderGraph",
@@ -77,9 +82,6 @@ ENGINES_FORMAT = "onnxruntime-tensorrt-ep-context"
 # (runtime/image_stage.py): "llava" (one resized image, a fixed number of image tokens) or "phi3v"
 # (Phi-3(.5)-Vision's HD crops, a per-image number of tokens, lmm.hd).
 ARCHITECTURES = ("llava", "phi3v")
-# lmm.decoder.form: the decoder graph's I/O contract. "flat_kv" = docs/bundle.md "Decoder graph I/O"
-# (inputs_embeds, attention_mask, position_ids, 2L past tensors -> last logits, 2L presents).
-DECODER_FORMS = ("flat_kv",)
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -139,9 +141,35 @@ class EmbeddingTable(Schema):
     dtype: str | None = None
 
 
+# lmm.decoder.form -> its KV cache contract (docs/bundle.md, "Decoder graph I/O"):
+# "flat_kv": standard ONNX ops (every provider, TensorRT included), inputs_embeds + attention_mask +
+#   position_ids + 2L past tensors -> logits + 2L presents, a new (concatenated) cache per call;
+# "gqa": onnxruntime contrib ops (GroupQueryAttention with fused rotary), inputs_embeds + seqlens_k +
+#   total_sequence_length + 2L buffers that past and present share, written in place (CPU provider).
+DECODER_FORMS: dict[str, str] = {"flat_kv": "concat", "gqa": "shared"}
+
+
+@dataclass(frozen=True)
+class DecoderQuantization(Schema):
+    """How the decoder's weights were quantised (export/quantize.py). method "MatMulNBits": weight-only,
+    `bits` per weight in blocks of `block_size` (asymmetric unless `symmetric`), `accuracy_level` 4 =
+    int8 activations and int8 dot products on the CPU, the lm_head at `lm_head_bits`; method
+    "quantize_dynamic": per-channel int8 weights, activations quantised at run time."""
+
+    method: str
+    bits: int
+    block_size: int | None = optional()
+    accuracy_level: int | None = optional()
+    symmetric: bool | None = optional()
+    lm_head_bits: int | None = optional()
+    per_channel: bool | None = optional()
+
+
 @dataclass(frozen=True)
 class DecoderGraph(Schema):
-    """The decoder graph with a flat KV cache (docs/bundle.md, "Decoder graph I/O")."""
+    """The decoder graph (docs/bundle.md, "Decoder graph I/O"); `form` says which contract it keeps
+    (DECODER_FORMS) and `kv_buffer` how its cache is held ("concat": a new cache per call; "shared":
+    one buffer bound as past and present). form_reason: why export chose the form."""
 
     file: str
     num_layers: int
@@ -153,7 +181,10 @@ class DecoderGraph(Schema):
     output_names: list[str] | None = None
     vocab_size: int | None = None
     dtype: str | None = None
-    form: str = "flat_kv"  # DECODER_FORMS
+    form: str = "flat_kv"
+    kv_buffer: str = "concat"
+    form_reason: str | None = optional()
+    quantization: DecoderQuantization | None = optional()
     # Longrope (Phi-3): a sequence longer than this is rotated with the long factors; the graph picks the
     # table per call from max(position_ids) + 1, and the runtime re-prefills a cache computed at or below
     # this length when the sequence grows past it, as the official generate() does. None: no switch.
@@ -162,6 +193,13 @@ class DecoderGraph(Schema):
     def check(self, where: str) -> None:
         if self.form not in DECODER_FORMS:
             raise ManifestError(f"{where}.form must be one of {', '.join(DECODER_FORMS)}, got {self.form!r}")
+        if self.kv_buffer != DECODER_FORMS[self.form]:
+            raise ManifestError(f"{where}.kv_buffer of the {self.form} form is {DECODER_FORMS[self.form]!r}, "
+                                f"got {self.kv_buffer!r}")
+        if self.form != "flat_kv" and self.original_max_position_embeddings is not None:
+            # The longrope cache re-run lives in the flat_kv Decoder only (runtime/generate.py).
+            raise ManifestError(f"{where}: a longrope decoder (original_max_position_embeddings) must be flat_kv, "
+                                f"got {self.form!r}")
 
 
 @dataclass(frozen=True)
@@ -265,7 +303,7 @@ class LmmSection(Section):
     whole_image_phrases: list[str] = field(default_factory=lambda: list(vocab.WHOLE_IMAGE_PHRASES))
     score_prompt: ScorePrompt = field(default_factory=ScorePrompt)
     hd: HDTransformSpec | None = optional()  # phi3v only
-    verification: dict[str, Any] | None = None
+    verification: LmmVerification | None = None
 
     def check(self, where: str) -> None:
         super().check(where)

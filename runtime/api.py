@@ -12,6 +12,10 @@ prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the 
 tokens) -> decode (greedy, KV cache) -> closed-set point -> the SAM stage (runtime/sam_stage.py):
 sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess.
 A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
+
+`ask_batch` runs the same steps for several questions, with one decode for all of them
+(runtime/generate.py: one decoder call per token for every sequence still running); `ask` is
+`ask_batch` of one question, so the two give the same answers.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from octopus_rt.runtime import closed_set
 from octopus_rt.runtime.backends import Backend
 from octopus_rt.runtime.cache import ImageCache, ImageEntry
 from octopus_rt.runtime.device_info import DeviceInfo, probe_device
-from octopus_rt.runtime.generate import Decoder, KVState
+from octopus_rt.runtime.generate import Decoder, DecodeResult, KVState, make_decoder
 from octopus_rt.runtime.image_stage import image_stage_for
 from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
 from octopus_rt.runtime.overlay import render_overlay
 from octopus_rt.runtime.profiling import StageTimer, write_chrome_trace
 from octopus_rt.runtime.prompt import PromptIds, check_context, check_text
+from octopus_rt.runtime.questions import Question
 from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
 from octopus_rt.runtime.streaming import TextStream
 
@@ -133,7 +138,7 @@ class Octopus:
         if self._decoder is None:
             table = np.load(self._file(self.lmm.embedding.file), mmap_mode="r")
             graph = self.backend.graph("decoder", self._file(self.lmm.decoder.file))
-            self._decoder = Decoder(graph, table, self.lmm.decoder)
+            self._decoder = make_decoder(graph, table, self.lmm.decoder)
         return self._decoder
 
     def require_sam(self) -> None:
@@ -181,11 +186,13 @@ class Octopus:
         return entry.features
 
     def _prefill(
-        self, pending: PendingImage, question: str, answer_prefix: str, timer: StageTimer, cached: list[str]
+        self, pending: PendingImage, question: str, answer_prefix: str, timer: StageTimer, cached: list[str],
+        new_tokens: int = 0,
     ) -> tuple[np.ndarray, KVState, ImageEntry, np.ndarray | None, int]:
         """Prefill the prompt: the shared prefix (cached per image) then the rest. Returns the last
         position's logits (V,), the cache after the prompt, the image's cache entry, the RGB image
-        when it had to be decoded, and the prompt's length in tokens."""
+        when it had to be decoded, and the prompt's length in tokens. `new_tokens`: the answer's token
+        budget, so that a gqa-form KV buffer is allocated once for prompt + answer."""
         check_text(question, "question")
         entry, rgb = self._entry(pending, timer)
         prompt = self._prompt_ids(question, answer_prefix, entry.size)
@@ -200,11 +207,14 @@ class Octopus:
             with timer.stage("prefill_prefix"):
                 embeds = decoder.embed(prompt.lookup_ids[:split])
                 embeds[0, prompt.image_positions] = features.astype(embeds.dtype)
-                _, state = decoder.forward(embeds, decoder.empty_state())
+                _, state = decoder.forward(embeds, decoder.empty_state(split))
             entry.prefix_ids, entry.prefix_key, entry.prefix = prefix_ids, self.image_stage.key, state
+        total = len(prompt.ids)
         with timer.stage("prefill"):
+            # The cached prefix is never extended in place (a no-op for the immutable flat_kv states).
+            state = decoder.fork(state, total + max(0, min(new_tokens, self.context - total)))
             logits, state = decoder.forward(decoder.embed(prompt.lookup_ids[split:]), state)
-        return logits, state, entry, rgb, len(prompt.ids)
+        return logits, state, entry, rgb, total
 
     # ---------------------------------------------------------------------------------- public
     def ask(
@@ -231,56 +241,108 @@ class Octopus:
         opts = (options or AskOptions()).merged(
             max_new_tokens=max_new_tokens, tau=tau, point_mapping=point_mapping, multimask=multimask,
             segment=segment, overlay=overlay, on_token=on_token)
-        tau = float(self.defaults.tau if opts.tau is None else opts.tau)
-        if not tau > 0:
-            raise InputError(f"tau must be > 0, got {tau}")
-        mapping = opts.point_mapping or self.defaults.point_mapping
-        if mapping not in closed_set.POINT_MAPPINGS:
-            raise InputError(f"unknown point mapping {mapping!r}; choose one of {', '.join(closed_set.POINT_MAPPINGS)}")
-        limit = int(self.defaults.max_new_tokens if opts.max_new_tokens is None else opts.max_new_tokens)
-        if limit < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {limit}")
-        multimask = bool(self.defaults.multimask if opts.multimask is None else opts.multimask)
+        result = self._answer([(image, question, opts)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        timer, cached = StageTimer(), []
-        start = time.perf_counter()
-        load_before = self.backend.load_ms
-        with timer.stage("read_image"):
+    def ask_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        options: AskOptions | Sequence[AskOptions | None] | None = None,
+    ) -> list[Answer | Exception]:
+        """Answer several (image, question) pairs with one batched decode; the server's batch path.
+
+        Each prompt is prefilled alone (the per-image cache applies, so questions about one image
+        share its vision features and prefix); then every answer is decoded in the same decoder
+        calls, one token per answer per call, each stopping at its own stop token or limit.
+        Contract: one result per pair, in order; each Answer is what `ask(images[i], questions[i],
+        options=options[i])` gives alone (text, token_ids, point, probs, mask; timings aside: an
+        answer's `decode` time is the batch's); a pair that fails holds its exception in its slot
+        (InputError for bad input, or what that item's `on_token` raised, which stops that answer
+        only) and never fails the others. `options`: one AskOptions for all, or one per pair (None:
+        defaults). Mismatched lengths raise InputError.
+        """
+        per_item = list(options) if isinstance(options, Sequence) else [options] * len(images)
+        if not len(images) == len(questions) == len(per_item):
+            raise InputError(f"ask_batch got {len(images)} images, {len(questions)} questions, {len(per_item)} options")
+        return self._answer([(image, question, item or AskOptions())
+                             for image, question, item in zip(images, questions, per_item)])
+
+    # ----------------------------------------------------------------------------- ask's steps
+    def _answer(self, requests: list[tuple[ImageInput, str, AskOptions]]) -> list[Answer | Exception]:
+        """Prepare (options, image, prompt, prefill) each question, decode all together, finish each;
+        a step that fails for one question becomes that question's result."""
+        items: list[Question | Exception] = []
+        for image, question, opts in requests:
+            try:
+                items.append(self._prepare(image, question, opts))
+            except Exception as exc:  # noqa: BLE001 - a per-item failure becomes that item's result
+                items.append(exc)
+        live = [item for item in items if isinstance(item, Question)]
+        decoded: dict[int, DecodeResult | Exception] = {}
+        if live:
+            start = time.perf_counter()
+            try:
+                results = self.decoder.greedy_batch(
+                    [i.prompt["logits"] for i in live], [i.prompt["state"] for i in live], [i.limit for i in live],
+                    self.eos_ids, self.axis_ids, [None if i.stream is None else i.stream.push for i in live])
+            except Exception as exc:  # noqa: BLE001 - the decoder failed for the whole batch
+                results = [exc] * len(live)
+            elapsed = time.perf_counter() - start
+            for item, result in zip(live, results):
+                item.timer.record("decode", start, elapsed)
+                decoded[id(item)] = result.error if isinstance(result, DecodeResult) and result.error else result
+        answers: list[Answer | Exception] = []
+        for item in items:
+            outcome = item if isinstance(item, Exception) else decoded[id(item)]
+            if not isinstance(outcome, Exception):
+                try:
+                    outcome = self._finish(item, outcome)
+                except Exception as exc:  # noqa: BLE001 - e.g. the SAM stage or on_token failing for this item
+                    outcome = exc
+            answers.append(outcome)
+        return answers
+
+    def _prepare(self, image: ImageInput, question: str, opts: AskOptions) -> Question:
+        """Options checked, image read, prompt tokenised and prefilled."""
+        item = Question.resolve(image, question, opts, self.defaults, load_before=self.backend.load_ms)
+        with item.timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
-        logits, state, entry, rgb, prompt_tokens = self._prefill(pending, question, "", timer, cached)
-        limit = min(limit, self.context - prompt_tokens)
-        stream = TextStream(self.tokenizer, opts.on_token) if opts.on_token is not None else None
-        push = None if stream is None else stream.push
-        with timer.stage("decode"):
-            result = self.decoder.greedy(logits, state, limit, self.eos_ids, self.axis_ids, push)
+        logits, state, entry, rgb, prompt_tokens = self._prefill(pending, question, "", item.timer, item.cached,
+                                                                 new_tokens=item.limit)
+        item.limit = min(item.limit, self.context - prompt_tokens)
+        item.prompt = {"pending": pending, "prompt_tokens": prompt_tokens, "logits": logits, "state": state,
+                       "entry": entry, "rgb": rgb}
+        if opts.on_token is not None:
+            item.stream = TextStream(self.tokenizer, opts.on_token)
+        return item
+
+    def _finish(self, item: Question, result: DecodeResult) -> Answer:
+        """Text, closed-set point, mask, overlay and timings of one decoded answer."""
+        timer, cached, entry, rgb = item.timer, item.cached, item.prompt["entry"], item.prompt["rgb"]
         text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        if stream is not None:
-            stream.finish(text)
+        if item.stream is not None:
+            item.stream.finish(text)
         width, height = entry.size
-        probs = closed_set.position_probs(result.axis_logits, self.closed_set, tau)
-        point = closed_set.point_from_position_probs(probs, width, height, mapping)
+        probs = closed_set.position_probs(result.axis_logits, self.closed_set, item.tau)
+        point = closed_set.point_from_position_probs(probs, width, height, item.mapping)
         whole = vocab.says_whole_image(text, self.whole_image_phrases)
         mask, mask_iou = None, None
         if whole:
             mask, mask_iou = np.ones((height, width), dtype=bool), 1.0
-        elif opts.segment and point is not None and self.has_sam:
-            segmented = self._segment(entry, pending, rgb, point, multimask, timer, cached)
+        elif item.options.segment and point is not None and self.has_sam:
+            segmented = self._segment(entry, item.prompt["pending"], rgb, point, item.multimask, timer, cached)
             mask, mask_iou = segmented.mask, segmented.iou
         picture = None
-        if opts.overlay:
+        if item.options.overlay:
             if rgb is None:  # a cache hit skipped decoding; the overlay needs the pixels
                 with timer.stage("decode_image"):
-                    rgb = pending.decode()
+                    rgb = item.prompt["pending"].decode()
             with timer.stage("overlay"):
                 picture = render_overlay(rgb, mask, point, text)
-        timings = dict(timer.ms)
-        if self.backend.load_ms > load_before:
-            # Lazy session creation happened inside this call (first use of a graph); it is part of
-            # "total" and shown separately; sessions are created outside the stage timers.
-            timings["load_sessions"] = self.backend.load_ms - load_before
-        if result.step_ms:
-            timings["decode_per_token"] = float(np.median(result.step_ms))
-        timings["total"] = (time.perf_counter() - start) * 1000.0
+        timings = item.timings(self.backend.load_ms, result.step_ms)
         self._last_events = timer.events
         self._last_step_ms = result.step_ms
         return Answer(
@@ -294,35 +356,9 @@ class Octopus:
             image_size=(width, height),
             timings_ms=timings,
             cached=tuple(cached),
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=item.prompt["prompt_tokens"],
             overlay=picture,
         )
-
-    def ask_batch(
-        self,
-        images: Sequence[ImageInput],
-        questions: Sequence[str],
-        options: AskOptions | Sequence[AskOptions | None] | None = None,
-    ) -> list[Answer | Exception]:
-        """Answer several (image, question) pairs; the server's batch path.
-
-        Contract (any batched implementation keeps it): one result per pair, in order; each Answer is
-        identical to `ask(images[i], questions[i], options=options[i])` alone (text, token_ids, point,
-        probs, mask; timings aside); a pair that fails holds its exception in its slot (InputError for
-        bad input, or what that item's `on_token` raised) and never fails the others. `options`: one
-        AskOptions for all, or one per pair (None: defaults). Mismatched lengths raise InputError.
-        This version runs the pairs one after another.
-        """
-        per_item = list(options) if isinstance(options, Sequence) else [options] * len(images)
-        if not len(images) == len(questions) == len(per_item):
-            raise InputError(f"ask_batch got {len(images)} images, {len(questions)} questions, {len(per_item)} options")
-        results: list[Answer | Exception] = []
-        for image, question, item_options in zip(images, questions, per_item):
-            try:
-                results.append(self.ask(image, question, options=item_options))
-            except Exception as exc:  # noqa: BLE001 - a per-item failure becomes that item's result
-                results.append(exc)
-        return results
 
     def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> MaskResult:
         """SAM's mask for `point` on the entry's image, its embedding computed once per image."""

@@ -213,7 +213,8 @@ class Backend:
             # Fallback off and the first provider checked: a GPU request runs on the GPU or fails
             # with one line, never silently on the CPU.
             session = providers_mod.create_session(path, providers, options, what=f"{name} graph {Path(path).name}")
-        graph = Graph(name, session, choice.device_type)
+        # A graph the plan keeps on the CPU (a gqa decoder) takes host inputs whatever the device.
+        graph = Graph(name, session, "cpu" if plan is not None and plan.provider == "cpu" else choice.device_type)
         self._graphs[name] = graph
         self.load_ms += (time.perf_counter() - start) * 1000.0
         return graph

@@ -45,9 +45,16 @@ def resolve_bundle(bundle: Optional[Path]) -> Path:
 
 
 def _load(bundle: Optional[Path], device: str, threads: Optional[int], profile_dir: Optional[Path] = None):
+    """The Octopus of the bundle; one WARNING line on stderr when its export ran under lowered
+    agreement criteria (`export lmm --min-cosine/--min-top1`) or kept a failure (`--accept-quality-loss`)."""
     from octopus_rt.runtime.api import Octopus
 
-    return Octopus(resolve_bundle(bundle), device=device, threads=threads, profile_dir=profile_dir)
+    octo = Octopus(resolve_bundle(bundle), device=device, threads=threads, profile_dir=profile_dir)
+    record = octo.spec.lmm.verification
+    warning = record.agreement_warning() if record is not None else None
+    if warning:
+        typer.echo(warning, err=True)
+    return octo
 
 
 def _human(answer, mask_path: Optional[str], overlay_path: Optional[str], device: str, mask_wanted: bool = False) -> str:

@@ -34,9 +34,12 @@ class StageTimer:
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - start
-            self.ms[name] = self.ms.get(name, 0.0) + elapsed * 1000.0
-            self.events.append((name, start, elapsed))
+            self.record(name, start, time.perf_counter() - start)
+
+    def record(self, name: str, start: float, seconds: float) -> None:
+        """Add a span timed elsewhere (e.g. a decode shared by a batch of questions)."""
+        self.ms[name] = self.ms.get(name, 0.0) + seconds * 1000.0
+        self.events.append((name, start, seconds))
 
 
 def stage_trace_events(spans: Iterable[tuple[str, float, float]]) -> list[dict[str, Any]]:

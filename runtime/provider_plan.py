@@ -11,7 +11,9 @@ GPU. The one place that knows
   CUDA EP, and the per-graph provider plan the runtime uses (`plan_graph`): TensorRT EP-context
   models for vision + SAM when the bundle's `engines` section has a target matching this machine,
   CUDA for the decoder loop by default (IO binding keeps the KV cache on the GPU; see
-  docs/deploy.md for why the decoder is not a TensorRT engine by default), CPU otherwise.
+  docs/deploy.md for why the decoder is not a TensorRT engine by default), CPU otherwise. A decoder
+  in the `gqa` form (manifest `lmm.decoder.form`) always runs on the CPU provider: onnxruntime's
+  CUDA GroupQueryAttention has no float32 kernel and TensorRT runs no contrib ops.
 
 Device names and their onnxruntime providers: runtime/providers.PROVIDERS (the one table).
 Building engines (profiles, build options) is export/trt_profiles.py.
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "GQA_ON_CPU",
     "GraphPlan",
     "graph_record",
     "engine_name",
@@ -47,6 +50,9 @@ __all__ = [
     "plan_graph",
 ]
 
+GQA_ON_CPU = ("the gqa decoder form runs on the CPU provider (onnxruntime's CUDA GroupQueryAttention has no "
+              "float32 kernel, TensorRT no contrib ops); for a GPU decoder re-export with "
+              "`octopus-rt export lmm --decoder-form flat_kv`")
 # Preferred provider per graph on a GPU machine; written to manifest defaults["providers"].
 DEFAULT_PROVIDERS: dict[str, str] = {
     "vision": "tensorrt",
@@ -225,6 +231,8 @@ def plan_graph(
     section = manifest[GRAPHS[graph][0]]
     onnx_file = bundle_dir / section["dir"] / record["file"]
     cpu = ("CPUExecutionProvider", {})
+    if graph == "decoder" and record.get("form", "flat_kv") == "gqa":
+        return GraphPlan(graph, onnx_file, "cpu", [cpu], False, GQA_ON_CPU)
     name, target, why = find_engine_target(manifest, device)
     engine_graph = target.graphs.get(graph) if target is not None else None
     current_sha = section.get("files", {}).get(record["file"], {}).get("sha256")

@@ -7,6 +7,7 @@ session:
     def test_x(tiny_llava_dir, tiny_lmm_bundle):
         model_dir = tiny_llava_dir("phi3_clip")      # save_pretrained dir (model, processor, tokenizer)
         bundle = tiny_lmm_bundle("llama_siglip")     # bundle dir with a verified fp32 `lmm` section
+        flat = tiny_lmm_bundle("llama_siglip", "flat_kv")  # the same with the traced flat_kv decoder
 
 Kinds are "<text>_<vision>" with text in phi3 / llama / qwen2 and vision in clip / siglip (every text
 model has grouped-query attention: 4 query heads, 2 KV heads). The model case phi3_clip uses the
@@ -88,20 +89,21 @@ def tiny_llava_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lmm_bundle(tiny_llava_dir, tmp_path_factory):
-    """Factory kind -> Path of a bundle holding a verified fp32 `lmm` section of tiny_llava_dir(kind)."""
-    cache: dict[str, Path] = {}
+    """Factory (kind, decoder form) -> Path of a bundle holding a verified fp32 `lmm` section of
+    tiny_llava_dir(kind); form "auto" (the export default: gqa for these models) or "flat_kv"."""
+    cache: dict[tuple[str, str], Path] = {}
 
-    def get(kind: str = "phi3_clip") -> Path:
-        if kind not in cache:
+    def get(kind: str = "phi3_clip", form: str = "auto") -> Path:
+        if (kind, form) not in cache:
             import torch
 
             from octopus_rt.export.lmm import export_lmm
 
             torch.set_num_threads(1)
-            bundle = tmp_path_factory.mktemp(f"lmm_bundle_{kind}") / "bundle"
-            export_lmm(tiny_llava_dir(kind), bundle, precision="fp32")
-            cache[kind] = bundle
-        return cache[kind]
+            bundle = tmp_path_factory.mktemp(f"lmm_bundle_{kind}_{form}") / "bundle"
+            export_lmm(tiny_llava_dir(kind), bundle, precision="fp32", decoder_form=form)
+            cache[kind, form] = bundle
+        return cache[kind, form]
 
     return get
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-__all__ = ["POSITION_BOOST", "build_grounding_llava", "runtime_bundle", "runtime_images"]
+__all__ = ["POSITION_BOOST", "build_grounding_llava", "runtime_bundle", "flat_kv_runtime_bundle", "runtime_images"]
 
 # A random model rarely says "top" or "left"; the runtime tests need answers that do, so that the
 # closed-set point and the SAM stage run. The lm_head rows of the positional words' single-token
@@ -45,7 +45,8 @@ def build_grounding_llava(out_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def runtime_bundle(tiny_sam_checkpoint, tmp_path_factory) -> Path:
-    """A bundle with the grounding tiny LLaVA's `lmm` section and the tiny SAM's `sam` section."""
+    """A bundle with the grounding tiny LLaVA's `lmm` section (the export default: gqa decoder form)
+    and the tiny SAM's `sam` section."""
     import torch
 
     from octopus_rt.export.lmm import export_lmm
@@ -57,6 +58,25 @@ def runtime_bundle(tiny_sam_checkpoint, tmp_path_factory) -> Path:
     bundle = root / "bundle"
     export_lmm(model_dir, bundle, precision="fp32")
     export_sam(tiny_sam_checkpoint, bundle, model_type="custom")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def flat_kv_runtime_bundle(runtime_bundle, tmp_path_factory) -> Path:
+    """runtime_bundle with its lmm section re-exported in the flat_kv decoder form (runtime_bundle's
+    is the gqa form, `auto`'s choice for these models); the same SAM section."""
+    import json
+    import shutil
+
+    import torch
+
+    from octopus_rt.export.lmm import export_lmm
+
+    torch.set_num_threads(1)
+    bundle = tmp_path_factory.mktemp("runtime_bundle_flat_kv") / "bundle"
+    shutil.copytree(runtime_bundle, bundle)
+    model_dir = json.loads((bundle / "manifest.json").read_text())["lmm"]["source"]["model_dir"]
+    export_lmm(model_dir, bundle, precision="fp32", decoder_form="flat_kv")
     return bundle
 
 

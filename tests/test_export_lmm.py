@@ -1,8 +1,10 @@
 """`octopus-rt export lmm`: parity of the exported graphs with transformers, manifest contract, bad input.
 
 The exporter verifies itself; these tests check it independently: the bundle is driven the way the
-runtime drives it (tokenizers + manifest prompt strings + embedding table + graphs) and compared
-with the transformers model's own processor + generate().
+runtime drives it (tokenizers + manifest prompt strings + embedding table + graphs; the runtime's
+own decoder classes for batched greedy decoding) and compared with the transformers model's own
+processor + generate(). Both decoder forms (gqa, the `auto` default for these models, and the
+traced flat_kv) for Phi-3, Llama and Qwen2 text models.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def _runtime_style_generate(bundle_dir: Path, questions, images, steps: int):
     from tokenizers import Tokenizer
     from transformers import AutoProcessor
 
+    from octopus_rt.export.decoder_forms import gqa_generate
     from octopus_rt.export.llava_wrappers import DecoderDims
     from octopus_rt.export.lmm_verify import make_session, onnx_generate
 
@@ -58,7 +61,8 @@ def _runtime_style_generate(bundle_dir: Path, questions, images, steps: int):
         max_position_embeddings=dec["max_position_embeddings"],
     )
     embed = np.load(folder / section["embedding"]["file"], mmap_mode="r")
-    tokens, logits = onnx_generate(
+    run = gqa_generate if dec["form"] == "gqa" else onnx_generate
+    tokens, logits = run(
         make_session(folder / section["vision"]["file"]), make_session(folder / dec["file"]), embed, dims,
         prompt["image_token_id"], input_ids, mask, pixels, steps,
         min_new_tokens=steps, eos_token_ids=section["tokenizer"]["eos_token_ids"],
@@ -83,25 +87,75 @@ def _transformers_generate(model_dir: Path, questions, images, steps: int):
     return inputs["input_ids"].numpy(), out.sequences[:, length:].numpy(), torch.stack(out.logits).numpy()
 
 
-@pytest.mark.parametrize("kind", ["phi3_clip", "llama_clip"])
-def test_fp32_bundle_matches_transformers_generate(kind, tiny_llava_dir, tiny_lmm_bundle):
+KINDS_AND_FORMS = [(kind, form) for kind in ("phi3_clip", "llama_clip", "qwen2_siglip") for form in ("gqa", "flat_kv")]
+QUESTIONS = ["Is the sky noisy?", vocab.format_mcq_question("Where is the blur?", ["top left", "bottom right"]), "Rate it."]
+
+
+@pytest.mark.parametrize("kind, form", KINDS_AND_FORMS)
+def test_fp32_bundle_matches_transformers_generate(kind, form, tiny_llava_dir, tiny_lmm_bundle):
+    """Batch 3 with left padding (the gqa form drops each row's padding), logits and tokens."""
     from octopus_rt.export.lmm_reference import synthetic_images
 
-    bundle_dir = tiny_lmm_bundle(kind)
-    # Questions and images the exporter's own verification did not use; batch 3, left padding.
-    questions = ["Is the sky noisy?", vocab.format_mcq_question("Where is the blur?", ["top left", "bottom right"]), "Rate it."]
+    bundle_dir = tiny_lmm_bundle(kind, "auto" if form == "gqa" else form)
+    assert _section(bundle_dir)[0]["decoder"]["form"] == form
+    # Questions and images the exporter's own verification did not use.
     images = synthetic_images(4, seed=7)[1:]
-    ids_rt, tokens_rt, logits_rt = _runtime_style_generate(bundle_dir, questions, images, STEPS)
-    ids_ref, tokens_ref, logits_ref = _transformers_generate(tiny_llava_dir(kind), questions, images, STEPS)
+    ids_rt, tokens_rt, logits_rt = _runtime_style_generate(bundle_dir, QUESTIONS, images, STEPS)
+    ids_ref, tokens_ref, logits_ref = _transformers_generate(tiny_llava_dir(kind), QUESTIONS, images, STEPS)
     np.testing.assert_array_equal(ids_rt, ids_ref)  # pre-rendered prompt == processor + chat template
     np.testing.assert_array_equal(tokens_rt, tokens_ref)
     assert np.abs(logits_rt - logits_ref).max() <= 1e-4
 
 
-def test_manifest_lmm_section_follows_the_contract(tiny_lmm_bundle):
+@pytest.mark.parametrize("kind, form", KINDS_AND_FORMS)
+def test_runtime_batched_greedy_matches_transformers(kind, form, tiny_llava_dir, tiny_lmm_bundle):
+    """The runtime's own decoder (runtime/generate.make_decoder: Decoder or BufferDecoder) decoding
+    three prompts together, each stopping at its own eos or the limit, against generate() on the
+    same batch: every row's tokens identical up to and including its stop token."""
+    import onnxruntime as ort
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from octopus_rt.export.lmm_reference import processor_inputs, synthetic_images
+    from octopus_rt.runtime import Octopus
+
+    bundle_dir = tiny_lmm_bundle(kind, "auto" if form == "gqa" else form)
+    section, folder = _section(bundle_dir)
+    steps, eos = 24, section["tokenizer"]["eos_token_ids"]
+    images = synthetic_images(4, seed=9)[1:]
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir(kind))
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir(kind)).eval()
+    inputs = processor_inputs(processor, QUESTIONS, images)
+    with torch.no_grad():
+        expected = model.generate(**inputs, do_sample=False, max_new_tokens=steps)[:, inputs["input_ids"].shape[1]:]
+
+    octo = Octopus(bundle_dir, device="cpu", threads=1)
+    decoder = octo.decoder
+    assert type(decoder).__name__ == {"gqa": "BufferDecoder", "flat_kv": "Decoder"}[form]
+    vision = ort.InferenceSession(str(folder / section["vision"]["file"]), providers=["CPUExecutionProvider"])
+    features = vision.run(None, {"pixel_values": inputs["pixel_values"].float().numpy()})[0]
+    firsts, states = [], []
+    for row in range(len(QUESTIONS)):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+        embeds = decoder.embed(ids)
+        embeds[0, np.flatnonzero(np.asarray(ids) == section["prompt"]["image_token_id"])] = features[row]
+        logits, state = decoder.forward(embeds, decoder.empty_state(len(ids) + steps))
+        firsts.append(logits)
+        states.append(state)
+    results = decoder.greedy_batch(firsts, states, [steps] * len(QUESTIONS), eos)
+    compared = 0
+    for row, result in enumerate(results):
+        want = expected[row].tolist()
+        stop = next((i for i, t in enumerate(want) if t in eos), len(want) - 1)
+        assert result.token_ids == want[: stop + 1], (row, result.token_ids, want)
+        compared += len(result.token_ids)
+    assert compared >= steps  # the rows did not all stop at once
+
+
+@pytest.mark.parametrize("form", ["auto", "flat_kv"])
+def test_manifest_lmm_section_follows_the_contract(tiny_lmm_bundle, form):
     import onnx
 
-    bundle_dir = tiny_lmm_bundle("phi3_clip")
+    bundle_dir = tiny_lmm_bundle("phi3_clip", form)
     manifest = bundle_mod.read_manifest(bundle_dir)
     assert bundle_mod.check_files(bundle_dir, manifest, hashes=True) == []
     assert manifest["defaults"] == bundle_mod.DEFAULTS
@@ -114,8 +168,12 @@ def test_manifest_lmm_section_follows_the_contract(tiny_lmm_bundle):
     assert section["precision"] == "fp32"
     dec = section["decoder"]
     n = dec["num_layers"]
-    expected_inputs = ["inputs_embeds", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    leading = ["inputs_embeds", "attention_mask", "position_ids"] if form == "flat_kv" else [
+        "inputs_embeds", "seqlens_k", "total_sequence_length"]
+    assert (dec["form"], dec["kv_buffer"]) == (("flat_kv", "concat") if form == "flat_kv" else ("gqa", "shared"))
+    assert dec["form_reason"] == ("requested" if form == "flat_kv" else "auto")
+    assert "quantization" not in dec  # fp32
+    expected_inputs = leading + [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
     expected_outputs = ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
     graph = onnx.load(str(folder / dec["file"]))
     assert [i.name for i in graph.graph.input] == expected_inputs == dec["input_names"]
@@ -173,19 +231,10 @@ def test_prompt_check_rejects_strings_that_tokenize_differently(tiny_llava_dir, 
         check_prompt(broken, folder / "tokenizer.json", processor)
 
 
-def test_qwen2_siglip_fp32_export(tiny_llava_dir, tiny_lmm_bundle):
-    from octopus_rt.export.lmm_reference import synthetic_images
-
-    questions, images = ["Is it sharp?", "Describe the quality of the image."], synthetic_images(2, seed=3)
-    _, tokens_rt, logits_rt = _runtime_style_generate(tiny_lmm_bundle("qwen2_siglip"), questions, images, STEPS)
-    _, tokens_ref, logits_ref = _transformers_generate(tiny_llava_dir("qwen2_siglip"), questions, images, STEPS)
-    np.testing.assert_array_equal(tokens_rt, tokens_ref)
-    assert np.abs(logits_rt - logits_ref).max() <= 1e-4
-
-
-def _export_precision(tiny_llava_dir, tmp_path, precision):
+def _export_precision(tiny_llava_dir, tmp_path, precision, *extra):
     out = tmp_path / f"bundle_{precision}"
-    assert main(["export", "lmm", str(tiny_llava_dir("phi3_clip")), "--out", str(out), "--precision", precision]) == 0
+    assert main(["export", "lmm", str(tiny_llava_dir("phi3_clip")), "--out", str(out), "--precision", precision,
+                 *extra]) == 0
     return out
 
 
@@ -239,22 +288,43 @@ def test_fp16_export_matches_transformers(tiny_llava_dir, tmp_path):
     assert cosine >= 0.999 and top1 >= 0.99, (cosine, top1)
 
 
-def test_int8_export_matches_transformers(tiny_llava_dir, tmp_path):
+def _float_weight_matmuls(graph) -> list[str]:
+    """Names of the MatMul / Gemm nodes that still multiply by a float weight (an initializer)."""
+    weights = {init.name for init in graph.initializer}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input[:2])]
+
+
+@pytest.mark.parametrize("form", ["auto", "flat_kv"])
+def test_int8_export_matches_transformers(tiny_llava_dir, tmp_path, form):
     import onnx
 
-    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "int8"))
-    ops = {node.op_type for node in onnx.load(str(folder / "decoder.onnx")).graph.node}
+    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "int8", "--decoder-form", form))
+    graph = onnx.load(str(folder / "decoder.onnx")).graph
+    ops = {node.op_type for node in graph.node}
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    # Every weight MatMul quantised, the lm_head included; the flat_kv form keeps its float
+    # activation x activation MatMuls (attention scores, rotary), the gqa form fuses them away.
+    assert _float_weight_matmuls(graph) == []
+    assert form == "flat_kv" or "MatMul" not in ops
+    assert ("GroupQueryAttention" in ops) == (form == "auto")
+    assert section["decoder"]["quantization"] == {"method": "quantize_dynamic", "bits": 8, "per_channel": True}
     cosine, top1 = _teacher_forced_agreement(tmp_path / "bundle_int8", tiny_llava_dir("phi3_clip"))
     assert cosine >= 0.99 and top1 >= 0.99, (cosine, top1)
 
 
-def test_int4_export_uses_matmulnbits(tiny_llava_dir, tmp_path):
+@pytest.mark.parametrize("form", ["auto", "flat_kv"])
+def test_int4_export_uses_matmulnbits(tiny_llava_dir, tmp_path, form):
     import onnx
 
-    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "int4"))
-    ops = [node.op_type for node in onnx.load(str(folder / "decoder.onnx")).graph.node]
-    assert "MatMulNBits" in ops
+    section, folder = _section(_export_precision(tiny_llava_dir, tmp_path, "int4", "--decoder-form", form))
+    nodes = onnx.load(str(folder / "decoder.onnx"), load_external_data=False).graph.node
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"]
+    # 4-bit blocks of 32 with int8 compute (accuracy_level 4); the lm_head (fed to logits) at 8 bits.
+    assert sorted(a["bits"] for a in attrs).count(8) == 1 and {a["bits"] for a in attrs} == {4, 8}
+    assert {a["block_size"] for a in attrs} == {32} and {a["accuracy_level"] for a in attrs} == {4}
+    assert _float_weight_matmuls(onnx.load(str(folder / "decoder.onnx"), load_external_data=False).graph) == []
+    assert form == "flat_kv" or "MatMul" not in {n.op_type for n in nodes}
+    assert section["decoder"]["quantization"]["lm_head_bits"] == 8
     cosine, top1 = _teacher_forced_agreement(tmp_path / "bundle_int4", tiny_llava_dir("phi3_clip"))
     assert cosine >= 0.99 and top1 >= 0.99, (cosine, top1)
 
@@ -263,7 +333,10 @@ def test_failed_verification_leaves_no_bundle_and_keeps_an_existing_one(tiny_lla
     from octopus_rt.export import lmm_verify
     from octopus_rt.export.lmm import export_lmm
 
-    impossible = lmm_verify.Thresholds(max_abs_diff=1e-4, min_cosine=1.5, min_top1=1.0, identical_tokens=True)
+    from octopus_rt.manifest import VerifyThresholds
+
+    source = tiny_lmm_bundle("phi3_clip")  # built before the thresholds are made impossible
+    impossible = VerifyThresholds(rtol=1e-3, atol=1e-4, min_cosine=1.5, min_top1=1.0, identical_tokens=True)
     monkeypatch.setitem(lmm_verify.THRESHOLDS, "fp32", impossible)
     fresh = tmp_path / "fresh"
     with pytest.raises(OctopusError, match="failed verification"):
@@ -271,7 +344,7 @@ def test_failed_verification_leaves_no_bundle_and_keeps_an_existing_one(tiny_lla
     assert not fresh.exists()
 
     existing = tmp_path / "existing"
-    shutil.copytree(tiny_lmm_bundle("phi3_clip"), existing)
+    shutil.copytree(source, existing)
     before = (existing / "manifest.json").read_text()
     with pytest.raises(OctopusError, match="failed verification"):
         export_lmm(tiny_llava_dir("phi3_clip"), existing)
@@ -341,6 +414,16 @@ def test_unknown_precision(tiny_llava_dir, tmp_path, capsys):
     assert code != 0 and "unknown precision" in line
 
 
+def test_decoder_form_errors(tiny_llava_dir, tmp_path, capsys):
+    model = str(tiny_llava_dir("phi3_clip"))
+    code, line = _run_cli(["export", "lmm", model, "--out", str(tmp_path / "a"), "--decoder-form", "fast"], capsys)
+    assert code != 0 and "unknown decoder form 'fast'" in line and "flat_kv" in line
+    code, line = _run_cli(["export", "lmm", model, "--out", str(tmp_path / "b"), "--precision", "fp16",
+                           "--decoder-form", "gqa"], capsys)
+    assert code != 0 and "gqa decoder form does not support precision fp16" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_opset17_with_external_data(tiny_llava_dir, tmp_path, monkeypatch):
     """--opset below 18 (TorchScript path) and weights in <graph>.data files (forced by a 0-byte threshold)."""
     import onnx
@@ -349,7 +432,8 @@ def test_opset17_with_external_data(tiny_llava_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "bundle"
-    assert main(["export", "lmm", str(tiny_llava_dir("llama_clip")), "--out", str(out), "--opset", "17"]) == 0
+    assert main(["export", "lmm", str(tiny_llava_dir("llama_clip")), "--out", str(out), "--opset", "17",
+                 "--decoder-form", "flat_kv"]) == 0
     section, folder = _section(out)
     assert {"decoder.onnx.data", "vision.onnx.data"} <= set(section["files"])
     assert section["opset"] == 17

@@ -198,7 +198,7 @@ def test_profile_shapes_are_valid_inputs_of_the_exported_decoder(tiny_lmm_bundle
     from octopus_rt.export.trt import OrtSessionFactory
     from octopus_rt.export.trt_parity import parity_inputs
 
-    bundle = tiny_lmm_bundle("phi3_clip")
+    bundle = tiny_lmm_bundle("phi3_clip", "flat_kv")  # the TensorRT-friendly decoder form
     manifest = read_manifest(bundle)
     decoder = manifest["lmm"]["decoder"]
     limits = ProfileLimits(max_batch=2, max_seq=6, max_past=9, opt_seq=1, opt_past=4)
@@ -223,7 +223,7 @@ def test_build_with_decoder_records_profiles(tiny_lmm_bundle, tmp_path):
     from octopus_rt.export.trt import TrtBuildOptions, build_engines
 
     bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_lmm_bundle("phi3_clip"), bundle)
+    shutil.copytree(tiny_lmm_bundle("phi3_clip", "flat_kv"), bundle)
     fake = FakeTensorRT()
     options = TrtBuildOptions(max_batch=2, max_seq=40, max_past=60, graphs=TRT_GRAPHS_DEFAULT + ("decoder",))
     result = build_engines(bundle, options, env=orin(), session_factory=fake)

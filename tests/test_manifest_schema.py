@@ -80,6 +80,30 @@ def test_absent_optional_fields_take_the_documented_defaults():
     assert parsed.defaults.to_dict() == bundle.DEFAULTS == Defaults().to_dict()
 
 
+def test_decoder_form_and_verification_record_read_old_bundles_and_check_new_ones():
+    """Bundles written before the decoder forms and the verification record existed read as flat_kv,
+    verified at the defaults; a form's KV contract is checked."""
+    raw = _demo_manifest()
+    for key in ("form", "kv_buffer"):
+        del raw["lmm"]["decoder"][key]
+    parsed = parse_manifest(raw)
+    assert (parsed.lmm.decoder.form, parsed.lmm.decoder.kv_buffer, parsed.lmm.decoder.quantization) == (
+        "flat_kv", "concat", None)
+    record = parsed.lmm.verification
+    assert record.overrides is None and not record.quality_loss_accepted and record.agreement_warning() is None
+    assert record.warnings() == [] and record.describe("lmm")[0].startswith("lmm: fp32 (flat_kv decoder) verified")
+    for form, buffer, message in (("gqa", "concat", r"kv_buffer of the gqa form is 'shared'"),
+                                  ("paged", "concat", r"lmm\.decoder\.form must be one of flat_kv, gqa")):
+        broken = _demo_manifest()
+        broken["lmm"]["decoder"].update(form=form, kv_buffer=buffer)
+        with pytest.raises(BundleError, match=message):
+            parse_manifest(broken)
+    quantised = _demo_manifest()
+    quantised["lmm"]["decoder"].update(form="gqa", kv_buffer="shared", quantization={
+        "method": "MatMulNBits", "bits": 4, "block_size": 32, "accuracy_level": 4, "symmetric": False, "lm_head_bits": 8})
+    assert parse_manifest(quantised).to_dict() == quantised
+
+
 def test_unknown_keys_are_ignored_when_reading():
     raw = _demo_manifest()
     raw["lmm"]["decoder"]["graph_form"] = "a later exporter's field"

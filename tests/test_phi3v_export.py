@@ -74,7 +74,7 @@ def test_old_bundles_read_with_the_new_fields_defaulted(runtime_bundle):
     raw = read_manifest(runtime_bundle)
     for key in ("architecture", "hd"):
         raw["lmm"].pop(key, None)
-    for key in ("form", "original_max_position_embeddings"):
+    for key in ("form", "kv_buffer", "form_reason", "quantization", "original_max_position_embeddings"):
         raw["lmm"]["decoder"].pop(key, None)
     for key in ("tokenize_chunks", "variable_image_tokens"):
         raw["lmm"]["prompt"].pop(key, None)
@@ -154,8 +154,8 @@ def _no_cache_greedy(lm, embeds: torch.Tensor, table: torch.Tensor, steps: int) 
 
 
 def test_runtime_decoding_across_the_switch_matches_a_full_recompute(phi3v_bundle, phi3v_grounding_dir):
-    """A prompt of 500 tokens decoded for 30 (crossing 512) by the runtime's loop (runtime/generate.py)
-    equals the no-cache greedy of transformers' decoder (what the official generate()'s cache re-run
+    """A prompt of 500 tokens decoded for 30 (crossing 512) by the runtime's loops (runtime/generate.py:
+    forward step by step, greedy and greedy_batch) equals the no-cache greedy of transformers' decoder (what the official generate()'s cache re-run
     computes). The reference's own loop (export/phi3v_reference.greedy) agrees; control: keeping the
     short-rotated cache (no re-run) changes the logits from the crossing step on."""
     import dataclasses
@@ -189,6 +189,27 @@ def test_runtime_decoding_across_the_switch_matches_a_full_recompute(phi3v_bundl
     tokens, rows = run(Decoder(graph, embed, spec))
     assert tokens == expected_tokens
     np.testing.assert_allclose(np.stack(rows), np.stack(expected_logits), rtol=0, atol=1e-4)
+    # The loops ask and ask_batch use (Decoder.greedy -> greedy_batch) re-run the same way: their decode
+    # steps bypass `forward` for flat_kv LLaVA decoders, so a longrope decoder takes a per-row path.
+    class Recording:  # the graph, keeping the logits of every call
+        def __init__(self, inner):
+            self.inner, self.logits = inner, []
+
+        def run(self, feeds, names):
+            outputs = self.inner.run(feeds, names)
+            self.logits.append(outputs[0].numpy())
+            return outputs
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    recording = Recording(graph)
+    decoder = Decoder(recording, embed, spec)
+    first, state = decoder.forward(decoder.embed(ids[0].tolist()), decoder.empty_state())
+    assert decoder.greedy(first, state, steps, eos_ids=[]).token_ids == expected_tokens
+    np.testing.assert_allclose(np.concatenate(recording.logits[1:]), np.stack(expected_logits[1:]), rtol=0, atol=1e-4)
+    batch = decoder.greedy_batch([first, first], [state, state], [steps, steps - 5], eos_ids=[])
+    assert [r.token_ids for r in batch] == [expected_tokens, expected_tokens[: steps - 5]]
     ref_tokens, ref_logits = greedy(model, ids, torch.zeros(1, 3, 336, 336), (336, 336), steps)
     assert ref_tokens == expected_tokens
     np.testing.assert_allclose(torch.stack(ref_logits).numpy(), np.stack(expected_logits), rtol=0, atol=1e-4)

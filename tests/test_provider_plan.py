@@ -46,6 +46,19 @@ def test_plan_cpu_only_machine():
         plan_graph("/b", manifest, "vision", device, requested="tensorrt")
 
 
+def test_gqa_decoder_is_planned_on_the_cpu_with_the_fix():
+    """A gqa-form decoder (contrib ops, float32 GroupQueryAttention) runs on the CPU provider on any
+    machine and for any request, with the re-export that gives a GPU decoder named; vision keeps its GPU."""
+    manifest = with_engines(phi3_manifest())
+    manifest["lmm"]["decoder"].update(form="gqa", kv_buffer="shared")
+    device = DeviceInfo(providers=TRT, compute_capability="8.7", tensorrt="10.3.0")
+    for requested in ("auto", "cuda", "tensorrt"):
+        plan = plan_graph("/b", manifest, "decoder", device, requested=requested)
+        assert plan.provider == "cpu" and plan.providers == [("CPUExecutionProvider", {})]
+        assert plan.file == Path("/b/lmm-0/decoder.onnx") and "--decoder-form flat_kv" in plan.reason
+    assert plan_graph("/b", manifest, "vision", device).provider == "tensorrt"
+
+
 def test_plan_matching_engines():
     manifest = with_engines(phi3_manifest())
     device = DeviceInfo(providers=TRT, compute_capability="8.7", tensorrt="10.3.0")

@@ -60,6 +60,7 @@ def _assert_same_answer(ours, ref, image_size):
     "tau, mapping, multimask", [(1.0, "paper", True), (8.0, "quadrant", True), (20.0, "paper", False)]
 )
 def test_ask_matches_reference(octo, reference, runtime_images, tau, mapping, multimask):
+    assert octo.lmm.decoder.form == "gqa"  # auto's choice; the flat_kv form: the test below
     grounded = 0
     for path in runtime_images:
         for question in QUESTIONS:
@@ -69,6 +70,20 @@ def test_ask_matches_reference(octo, reference, runtime_images, tau, mapping, mu
             _assert_same_answer(ours, ref, ours.image_size)
             grounded += ours.mask is not None
     # The comparison is only meaningful if some answers were grounded and segmented.
+    assert grounded >= 2
+
+
+def test_flat_kv_form_matches_reference(flat_kv_runtime_bundle, reference, runtime_images):
+    """The traced flat_kv decoder form (the TensorRT / CUDA one) through the same runtime API."""
+    octo = Octopus(flat_kv_runtime_bundle, device="cpu", threads=1)
+    assert octo.lmm.decoder.form == "flat_kv"
+    grounded = 0
+    for path in runtime_images:
+        for question in QUESTIONS:
+            ours = octo.ask(path, question, max_new_tokens=16, tau=8.0)
+            ref = reference.ask(path, question, max_new_tokens=16, tau=8.0)
+            _assert_same_answer(ours, ref, ours.image_size)
+            grounded += ours.mask is not None
     assert grounded >= 2
 
 
@@ -113,9 +128,44 @@ def _spy(monkeypatch, graph: Graph):
     return calls
 
 
-def test_every_decode_call_is_one_token_with_a_growing_past(runtime_bundle, runtime_images, monkeypatch):
-    octo = Octopus(runtime_bundle, device="cpu", threads=1)
-    calls = _spy(monkeypatch, octo.decoder.graph)
+def _spy_decoder(monkeypatch, decoder):
+    """Record every decoder call as (new tokens, cache length before the call, KV storage id), for
+    either form: the flat_kv graph's inputs, or the gqa decoder's lengths and shared buffer."""
+    calls: list[tuple[int, int, int]] = []
+    if decoder.graph.input_names[1] == "attention_mask":  # flat_kv
+        original = decoder.graph.run
+
+        def run(inputs, outputs=None):
+            past = inputs["past_key_values.0.key"]
+            shape = past.shape if isinstance(past, np.ndarray) else past.shape()
+            assert inputs["attention_mask"].shape == (1, shape[2] + inputs["inputs_embeds"].shape[1])
+            assert inputs["position_ids"].shape == inputs["inputs_embeds"].shape[:2]
+            for name in decoder.past_names:
+                value = inputs[name]
+                assert (value.shape if isinstance(value, np.ndarray) else value.shape())[2] == shape[2]
+            calls.append((inputs["inputs_embeds"].shape[1], shape[2], id(past)))
+            return original(inputs, outputs)
+
+        monkeypatch.setattr(decoder.graph, "run", run)
+    else:
+        original = decoder.run_buffers
+
+        def run_buffers(embeds, lengths, buffers):
+            calls.append((embeds.shape[1], int(lengths[0]) - embeds.shape[1], id(buffers[0])))
+            return original(embeds, lengths, buffers)
+
+        monkeypatch.setattr(decoder, "run_buffers", run_buffers)
+    return calls
+
+
+@pytest.fixture(params=["gqa", "flat_kv"])
+def any_form_bundle(request):
+    return request.getfixturevalue("runtime_bundle" if request.param == "gqa" else "flat_kv_runtime_bundle")
+
+
+def test_every_decode_call_is_one_token_with_a_growing_past(any_form_bundle, runtime_images, monkeypatch):
+    octo = Octopus(any_form_bundle, device="cpu", threads=1)
+    calls = _spy_decoder(monkeypatch, octo.decoder)
     answer = octo.ask(runtime_images[0], QUESTIONS[0], max_new_tokens=10, segment=False)
     prompt = octo.manifest["lmm"]["prompt"]  # the raw manifest strings (docs/bundle.md, `prompt`)
     ids = octo.tokenizer.encode(
@@ -123,28 +173,26 @@ def test_every_decode_call_is_one_token_with_a_growing_past(runtime_bundle, runt
         + QUESTIONS[0] + prompt["suffix"],
         add_special_tokens=prompt["add_special_tokens"],
     ).ids
-    past = "past_key_values.0.key"
     # Prefill: the shared prefix from an empty cache, then the question's own tokens.
-    prefix_len = calls[0]["inputs_embeds"][1]
-    assert calls[0][past][2] == 0
-    assert calls[1][past][2] == prefix_len and prefix_len + calls[1]["inputs_embeds"][1] == len(ids)
+    prefix_len = calls[0][0]
+    assert calls[0][1] == 0
+    assert calls[1][1] == prefix_len and prefix_len + calls[1][0] == len(ids)
     decode = calls[2:]
     assert len(decode) == len(answer.token_ids) - 1 and len(decode) >= 3
-    for step, call in enumerate(decode):
-        assert call["inputs_embeds"][:2] == (1, 1)
-        assert call["position_ids"] == (1, 1)
-        assert call[past][2] == len(ids) + step
-        assert call["attention_mask"] == (1, len(ids) + step + 1)
-        for name in octo.decoder.past_names:
-            assert call[name][2] == len(ids) + step
+    for step, (new, past, _) in enumerate(decode):
+        assert (new, past) == (1, len(ids) + step)
+    if octo.lmm.decoder.form == "gqa":
+        # One buffer, allocated for prompt + answer, is written in place by the question and every
+        # step; the cached prefix's own buffer is another one (never extended).
+        assert len({storage for _, _, storage in calls[1:]}) == 1 and calls[0][2] != calls[1][2]
 
 
-def test_second_question_reuses_the_image_cache(runtime_bundle, runtime_images, monkeypatch):
-    octo = Octopus(runtime_bundle, device="cpu", threads=1)
+def test_second_question_reuses_the_image_cache(any_form_bundle, runtime_images, monkeypatch):
+    octo = Octopus(any_form_bundle, device="cpu", threads=1)
     path = runtime_images[1]
     first = octo.ask(path, QUESTIONS[0], max_new_tokens=16)
     assert first.mask is not None and first.cached == ()
-    decoder_calls = _spy(monkeypatch, octo.decoder.graph)
+    decoder_calls = _spy_decoder(monkeypatch, octo.decoder)
     vision_calls = _spy(monkeypatch, octo.backend.loaded["vision"])
     encoder_calls = _spy(monkeypatch, octo.backend.loaded["sam_encoder"])
     second = octo.ask(path, QUESTIONS[1], max_new_tokens=16)
@@ -153,10 +201,10 @@ def test_second_question_reuses_the_image_cache(runtime_bundle, runtime_images, 
     assert not vision_calls and not encoder_calls
     # The second question's first decoder call starts after the cached prefix: only its own tokens.
     prefix_len = len(octo.cache.get(octo.cache.keys()[0]).prefix_ids)
-    assert decoder_calls[0]["past_key_values.0.key"][2] == prefix_len
-    assert all(call["past_key_values.0.key"][2] >= prefix_len for call in decoder_calls)
+    assert decoder_calls[0][1] == prefix_len
+    assert all(past >= prefix_len for _, past, _ in decoder_calls)
     # Same results as a fresh instance (and as the first time for a repeated question).
-    fresh = Octopus(runtime_bundle, device="cpu", threads=1).ask(path, QUESTIONS[1], max_new_tokens=16)
+    fresh = Octopus(any_form_bundle, device="cpu", threads=1).ask(path, QUESTIONS[1], max_new_tokens=16)
     assert second.token_ids == fresh.token_ids and second.text == fresh.text
     assert (second.probs is None) == (fresh.probs is None)
     if second.probs is not None:

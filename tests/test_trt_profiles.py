@@ -34,6 +34,14 @@ def test_decoder_profile_shapes():
     assert not profile["past_key_values.0.key"].contains((1, 32, 896, 96))
 
 
+def test_gqa_decoder_form_is_refused_with_the_fix():
+    manifest = phi3_manifest()
+    manifest["lmm"]["decoder"].update(form="gqa", kv_buffer="shared")
+    with pytest.raises(InputError, match="cannot build; re-export with `octopus-rt export lmm --decoder-form flat_kv`"):
+        graph_profile(manifest, "decoder", ProfileLimits())
+    assert graph_profile(manifest, "vision", ProfileLimits())  # the other graphs still build
+
+
 def test_vision_and_sam_profiles_and_dynamic_filter():
     manifest = phi3_manifest()
     limits = ProfileLimits(max_batch=4, max_seq=8, max_past=8, opt_past=4)

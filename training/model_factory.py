@@ -15,7 +15,7 @@ from pathlib import Path
 
 from octopus_rt import vocab
 
-__all__ = ["TinyLlavaSpec", "CHAT_TEMPLATES", "SPECIAL_TOKENS", "build_tokenizer", "build_llava"]
+__all__ = ["TinyLlavaSpec", "CHAT_TEMPLATES", "SPECIAL_TOKENS", "training_corpus", "build_tokenizer", "build_llava"]
 
 # The special tokens of the tokenizers we build. "<image>" is the LLaVA image placeholder.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -62,7 +62,9 @@ _CORPUS_SENTENCES = (
 )
 
 
-def _training_corpus() -> list[str]:
+def training_corpus() -> list[str]:
+    """The lines the factory tokenizer is trained on (closed-set words, distortion names, answer
+    sentences); training/lm_warmup.py trains the text model on them too."""
     words = _CORPUS_WORDS.split()
     lines = list(_CORPUS_SENTENCES) * 20
     lines += [_CORPUS_WORDS] * 50
@@ -90,7 +92,7 @@ def build_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048):
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:;'\"-()/ \n"),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(training_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

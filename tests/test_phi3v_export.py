@@ -95,6 +95,10 @@ def test_manifest_refuses_a_phi3v_section_without_hd(phi3v_bundle):
     raw["lmm"]["decoder"]["form"] = "gqa_nonexistent"
     with pytest.raises(ManifestError, match="lmm.decoder.form"):
         parse_manifest(raw)
+    raw = read_manifest(phi3v_bundle)
+    raw["lmm"]["decoder"].update(form="gqa", kv_buffer="shared")  # a longrope decoder must be flat_kv
+    with pytest.raises(ManifestError, match="longrope decoder"):
+        parse_manifest(raw)
 
 
 def _lm_forward(lm, embeds, past, positions, switch=None):
@@ -277,6 +281,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_phi3v_dir, tiny_llava_dir
     (broken / "tokenizer.json").unlink()
     code, line = _cli(["export", "lmm", str(broken), "--out", str(out)], capsys)
     assert code != 0 and "tokenizer.json" in line and not out.exists()
+    # The gqa form has no cache re-run at the longrope switch: refused, not silently exported.
+    code, line = _cli(["export", "lmm", str(tiny_phi3v_dir), "--out", str(out), "--decoder-form", "gqa"], capsys)
+    assert code != 0 and "gqa decoder form is not available for Phi-3-Vision" in line and not out.exists()
     with pytest.raises(InputError, match="num_crops"):
         from octopus_rt.export.lmm import export_lmm
 

@@ -65,6 +65,19 @@ def gqa_run(session, embeds: np.ndarray, lengths: np.ndarray, buffers: list[np.n
     return binding.get_outputs()[0].numpy()
 
 
+def next_tokens(logits: np.ndarray, step: int, forced_tokens: np.ndarray | None, min_new_tokens: int,
+                eos_token_ids) -> np.ndarray:
+    """The tokens fed at decode `step` (int64 B): the forced ones when teacher forcing (B x steps),
+    else the argmax of `logits` (B x V) with the eos ids masked before `min_new_tokens` (as
+    generate()'s MinNewTokensLengthLogitsProcessor)."""
+    if forced_tokens is not None:
+        return forced_tokens[:, step].astype(np.int64)
+    scores = logits.copy()
+    if step < min_new_tokens and eos_token_ids:
+        scores[:, list(eos_token_ids)] = -np.inf
+    return scores.argmax(-1).astype(np.int64)
+
+
 def _names(dims) -> list[str]:
     return [f"past_key_values.{i}.{kind}" for i in range(dims.num_layers) for kind in ("key", "value")]
 
@@ -89,14 +102,8 @@ def gqa_generate(vision, decoder, embed, dims, image_token_id, input_ids, attent
     tokens, all_logits = [], []
     for step in range(steps):
         all_logits.append(logits.astype(np.float32))
-        if forced_tokens is not None:
-            chosen = forced_tokens[:, step]
-        else:
-            scores = logits.copy()
-            if step < min_new_tokens and eos_token_ids:
-                scores[:, list(eos_token_ids)] = -np.inf
-            chosen = scores.argmax(-1)
-        tokens.append(chosen.astype(np.int64))
+        chosen = next_tokens(logits, step, forced_tokens, min_new_tokens, eos_token_ids)
+        tokens.append(chosen)
         if step == steps - 1:
             break
         lengths = lengths + 1

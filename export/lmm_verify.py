@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from octopus_rt.export.decoder_forms import next_tokens
 from octopus_rt.export.lmm_reference import LmmReference
 from octopus_rt.export.llava_wrappers import DecoderDims, decoder_input_names
 from octopus_rt.verification import LmmVerification, VerifyOverrides, VerifyThresholds
@@ -130,14 +131,8 @@ def onnx_generate(
         outputs = decoder.run(None, dict(zip(names, [embeds, mask, positions, *past])))
         logits, past = outputs[0], outputs[1:]
         all_logits.append(logits.astype(np.float32))
-        if forced_tokens is not None:
-            chosen = forced_tokens[:, step]
-        else:
-            scores = logits.copy()
-            if step < min_new_tokens and eos_token_ids:
-                scores[:, list(eos_token_ids)] = -np.inf  # as generate()'s MinNewTokensLengthLogitsProcessor
-            chosen = scores.argmax(-1)
-        tokens.append(chosen.astype(np.int64))
+        chosen = next_tokens(logits, step, forced_tokens, min_new_tokens, eos_token_ids)
+        tokens.append(chosen)
         embeds = np.asarray(embed[chosen], dtype=np.float32)[:, None, :]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1

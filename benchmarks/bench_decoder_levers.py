@@ -86,7 +86,7 @@ def derive(src: Path, work: Path) -> dict[str, tuple[Path, str]]:
 def measure(path: Path, level: str, spec: dict, table: np.ndarray, threads: int, ids: list[int], tokens: int):
     import onnxruntime as ort
 
-    from octopus_rt.manifest import DecoderGraph
+    from octopus_rt.manifest_lmm import DecoderGraph
     from octopus_rt.runtime.backends import Graph
     from octopus_rt.runtime.kv_buffer import BufferDecoder
 

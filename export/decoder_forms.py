@@ -1,6 +1,6 @@
 """Decoder forms in `export lmm`: which one to write, and how to run a gqa graph in the checks.
 
-Two forms (manifest `lmm.decoder.form`, octopus_rt/manifest.DECODER_FORMS):
+Two forms (manifest `lmm.decoder.form`, octopus_rt/manifest_lmm.DECODER_FORMS):
 
 - `flat_kv`: the torch.onnx trace of llava_wrappers.DecoderWrapper (standard ONNX ops, KV cache
   concatenated each step, attention_mask + position_ids inputs, left padding). Every provider takes

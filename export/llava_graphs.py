@@ -21,7 +21,7 @@ from typing import Any
 from octopus_rt.errors import InputError
 from octopus_rt.export.onnx_export import export_onnx, one_line
 from octopus_rt.jsonfile import read_json_object
-from octopus_rt.manifest import DECODER_FORMS, DecoderGraph, VisionGraph
+from octopus_rt.manifest_lmm import DECODER_FORMS, DecoderGraph, VisionGraph
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",

@@ -21,7 +21,7 @@ Steps (each failure is a one-line OctopusError and leaves no new bundle section 
 
 Who does what: this module runs the steps; export/llava_graphs.py knows the architecture (supported
 configs, loading, graph export, the graphs' manifest entries); export/lmm_manifest.py builds the
-rest of the section as typed pieces of octopus_rt/manifest.py. Phi-3-Vision has its own graphs
+rest of the section as typed pieces of octopus_rt/manifest_lmm.py. Phi-3-Vision has its own graphs
 module (export/phi3v_graphs.py, the same four pieces) and steps (export/phi3v_lmm.py), chosen in
 `export_lmm` from config.json; both share `write_embedding`, `convert_graphs` and the commit.
 
@@ -53,7 +53,8 @@ from octopus_rt.export.llava_graphs import (
     load_model,
 )
 from octopus_rt.export.onnx_export import check_opset_range
-from octopus_rt.manifest import EmbeddingTable, LmmSource, LmmVerification, TokenizerSpec
+from octopus_rt.manifest_lmm import EmbeddingTable, LmmSource, TokenizerSpec
+from octopus_rt.verification import LmmVerification
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",

@@ -1,7 +1,7 @@
 """The `lmm` section's content: what `export lmm` records about the model besides its graphs.
 
 Each function reads the transformers processor / tokenizer / model and returns a typed piece of the
-schema (octopus_rt/manifest.py); `lmm_section` assembles the pieces into the section that
+schema (octopus_rt/manifest_lmm.py); `lmm_section` assembles the pieces into the section that
 `bundle.commit_section` writes. Graph entries (`vision`, `decoder`) come from the architecture's
 module (export/llava_graphs.graph_specs).
 """
@@ -13,18 +13,18 @@ from pathlib import Path
 
 from octopus_rt import bundle, vocab
 from octopus_rt.errors import InputError, OctopusError
-from octopus_rt.manifest import (
+from octopus_rt.manifest_lmm import (
     DecoderGraph,
     EmbeddingTable,
     HDTransformSpec,
     LmmSection,
-    LmmVerification,
     LmmSource,
     PromptSpec,
     TokenizerSpec,
     VisionGraph,
     VisionPreprocessSpec,
 )
+from octopus_rt.verification import LmmVerification
 
 __all__ = ["preprocess_spec", "prompt_spec", "check_prompt", "closed_set_ids", "eos_token_ids", "lmm_section"]
 

@@ -28,7 +28,7 @@ import numpy as np
 from octopus_rt.errors import InputError
 from octopus_rt.jsonfile import read_json_object
 from octopus_rt.export.onnx_export import export_onnx, one_line
-from octopus_rt.manifest import DecoderGraph, HDSeparators, HDTransformSpec, VisionGraph
+from octopus_rt.manifest_lmm import DecoderGraph, HDSeparators, HDTransformSpec, VisionGraph
 
 __all__ = [
     "VISION_FILE",

@@ -11,7 +11,7 @@ Same steps as LLaVA's, with Phi-3-V's pieces:
 3. embed_tokens.npy, vision.onnx + separators.npy + decoder.onnx in fp32 (export/phi3v_graphs.py);
    the model is freed; conversion to the requested precision (export/lmm.py's converter);
 4. verification in onnxruntime (export/phi3v_verify.py); the section with `architecture: phi3v`
-   and `hd` (octopus_rt/manifest.py).
+   and `hd` (octopus_rt/manifest_lmm.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from octopus_rt import vocab
 from octopus_rt.errors import InputError, OctopusError
-from octopus_rt.manifest import LmmSource, PromptSpec, TokenizerSpec, VisionPreprocessSpec
+from octopus_rt.manifest_lmm import LmmSource, PromptSpec, TokenizerSpec, VisionPreprocessSpec
 
 __all__ = ["GENERATION_STEPS", "IMAGE_TAG", "phi3v_prompt_spec", "check_phi3v_prompt", "export_phi3v_into"]
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from octopus_rt.export import onnx_export
 from octopus_rt.export.onnx_export import graph_bytes, save_onnx
-from octopus_rt.manifest import DecoderQuantization
+from octopus_rt.manifest_lmm import DecoderQuantization
 
 __all__ = ["PRECISIONS", "RECIPES", "to_fp16", "to_int8", "to_int4", "output_matmuls"]
 

@@ -9,7 +9,7 @@ module adds what a schema of one manifest cannot say:
 - header: `format` is "octopus-rt-bundle"; `format_version` is the integer 1 (not "1", not 1.0);
 - sections (`lmm`, `sam`, `engines`) are objects; one that owns files has `dir`, a plain folder name
   (no "/", no "..", not hidden, not absolute) that no other section uses and that is not a symbolic
-  link, and `files` (`manifest.FileRecord` each) whose paths pass `octopus_rt.paths.check_relative`
+  link, and `files` (`manifest_section.FileRecord` each) whose paths pass `octopus_rt.paths.check_relative`
   and, on disk, resolve inside the section's folder;
 - every `file` value anywhere in a section (lmm.vision.file, engines...graphs.*.file) is one of
   that section's `files` (so its size and hash are checked like the others);
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
-from octopus_rt.manifest import Defaults, FileRecord, ManifestError, parse_manifest
+from octopus_rt.manifest import Defaults, parse_manifest
+from octopus_rt.manifest_section import FileRecord
+from octopus_rt.schema import ManifestError
 from octopus_rt.paths import check_relative
 
 __all__ = ["FILE_SECTIONS", "manifest_problem"]

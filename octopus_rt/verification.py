@@ -1,6 +1,6 @@
 """The `lmm.verification` record of a manifest: what `export lmm` measured against PyTorch, the
-criteria it applied, and what the user lowered or accepted (typed; part of octopus_rt/manifest.py's
-schema, which imports it).
+criteria it applied, and what the user lowered or accepted (typed; part of the manifest schema:
+octopus_rt/manifest_lmm.LmmSection.verification).
 
 `export lmm` writes it (export/lmm_verify.verification_record); `octopus-rt verify` prints every
 line of `describe` and `octopus-rt infer` prints `agreement_warning` once, so a bundle exported

@@ -9,8 +9,9 @@ Pipeline of `ask` (stage names as in `Answer.timings_ms`):
 read_image (file bytes + content hash) -> decode_image (skipped on a cache hit) -> preprocess ->
 vision (-> layout for Phi-3-V; runtime/image_stage.py owns these stages per architecture) ->
 prefill_prefix (prompt prefix + image tokens, cached per image) -> prefill (the question's own
-tokens) -> decode (greedy, KV cache) -> closed-set point -> the SAM stage (runtime/sam_stage.py):
-sam_preprocess + sam_encoder (cached per image) -> sam_decoder -> postprocess.
+tokens; runtime/prefill.py owns these two and the per-image cache lookups) -> decode (greedy, KV
+cache) -> closed-set point -> the SAM stage (runtime/sam_stage.py): sam_preprocess + sam_encoder
+(cached per image, `SamStage.predict_cached`) -> sam_decoder -> postprocess.
 A whole-image answer (manifest `whole_image_phrases`) skips SAM and returns a full mask.
 
 `ask_batch` runs the same steps for several questions, with one decode for all of them
@@ -33,14 +34,15 @@ from octopus_rt.errors import InputError
 from octopus_rt.manifest import parse_manifest
 from octopus_rt.runtime import closed_set
 from octopus_rt.runtime.backends import Backend
-from octopus_rt.runtime.cache import ImageCache, ImageEntry
+from octopus_rt.runtime.cache import ImageCache
 from octopus_rt.runtime.device_info import DeviceInfo, probe_device
-from octopus_rt.runtime.generate import Decoder, DecodeResult, KVState, make_decoder
+from octopus_rt.runtime.generate import Decoder, DecodeResult, make_decoder
 from octopus_rt.runtime.image_stage import image_stage_for
-from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, PendingImage, open_image
+from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS, ImageInput, open_image
 from octopus_rt.runtime.overlay import render_overlay
+from octopus_rt.runtime.prefill import PromptPrefill, decoded_rgb
 from octopus_rt.runtime.profiling import StageTimer, write_chrome_trace
-from octopus_rt.runtime.prompt import PromptIds, check_context, check_text
+from octopus_rt.runtime.prompt import check_text
 from octopus_rt.runtime.questions import Question
 from octopus_rt.runtime.results import Answer, AskOptions, ChoiceResult, MaskResult, ScoreResult
 from octopus_rt.runtime.streaming import TextStream
@@ -108,6 +110,8 @@ class Octopus:
         self.axis_ids = closed_set.axis_token_ids(self.closed_set)
         self.eos_ids = list(lmm.tokenizer.eos_token_ids)
         self.context = lmm.decoder.max_position_embeddings
+        # Image cache entry -> vision features -> prompt prefix KV (cached per image) -> prompt KV: runtime/prefill.py.
+        self._prefill = PromptPrefill(self)
         self.whole_image_phrases = tuple(lmm.whole_image_phrases or vocab.WHOLE_IMAGE_PHRASES)
         self.score_question = lmm.score_prompt.question
         self.score_answer_prefix = lmm.score_prompt.answer_prefix
@@ -157,64 +161,6 @@ class Octopus:
 
             self._sam = SamStage(self.backend, self.bundle_dir, self.spec.sam)
         return self._sam
-
-    # ------------------------------------------------------------------------------ shared steps
-    def _prompt_ids(self, question: str, answer_prefix: str, image_size: tuple[int, int]) -> PromptIds:
-        """The prompt's token ids (runtime/image_stage.py) for an image of (width, height)."""
-        return check_context(self.image_stage.prompt(self.tokenizer, question, answer_prefix, image_size), self.context)
-
-    def _entry(self, pending: PendingImage, timer: StageTimer) -> tuple[ImageEntry, np.ndarray | None]:
-        """The image's cache entry (created, decoding the image, on a miss) and the RGB image if decoded."""
-        entry = self.cache.get(pending.key)
-        rgb = None
-        if entry is None:
-            with timer.stage("decode_image"):
-                rgb = pending.decode()
-            entry = self.cache.put(pending.key, ImageEntry(size=(int(rgb.shape[1]), int(rgb.shape[0]))))
-        return entry, rgb
-
-    def _features(self, entry: ImageEntry, pending: PendingImage, rgb, timer: StageTimer, cached: list[str]) -> np.ndarray:
-        """Image-token embeddings T x hidden (cached per image and image-stage recipe)."""
-        if entry.features is not None and entry.features_key == self.image_stage.key:
-            cached.append("vision")
-            return entry.features
-        if rgb is None:
-            with timer.stage("decode_image"):
-                rgb = pending.decode()
-        entry.features = self.image_stage.image_tokens(rgb, timer)
-        entry.features_key = self.image_stage.key
-        return entry.features
-
-    def _prefill(
-        self, pending: PendingImage, question: str, answer_prefix: str, timer: StageTimer, cached: list[str],
-        new_tokens: int = 0,
-    ) -> tuple[np.ndarray, KVState, ImageEntry, np.ndarray | None, int]:
-        """Prefill the prompt: the shared prefix (cached per image) then the rest. Returns the last
-        position's logits (V,), the cache after the prompt, the image's cache entry, the RGB image
-        when it had to be decoded, and the prompt's length in tokens. `new_tokens`: the answer's token
-        budget, so that a gqa-form KV buffer is allocated once for prompt + answer."""
-        check_text(question, "question")
-        entry, rgb = self._entry(pending, timer)
-        prompt = self._prompt_ids(question, answer_prefix, entry.size)
-        split = prompt.split
-        prefix_ids = tuple(prompt.ids[:split].tolist())
-        decoder = self.decoder
-        if entry.prefix is not None and entry.prefix_ids == prefix_ids and entry.prefix_key == self.image_stage.key:
-            cached.append("prefix")
-            state = entry.prefix
-        else:
-            features = self._features(entry, pending, rgb, timer, cached)
-            with timer.stage("prefill_prefix"):
-                embeds = decoder.embed(prompt.lookup_ids[:split])
-                embeds[0, prompt.image_positions] = features.astype(embeds.dtype)
-                _, state = decoder.forward(embeds, decoder.empty_state(split))
-            entry.prefix_ids, entry.prefix_key, entry.prefix = prefix_ids, self.image_stage.key, state
-        total = len(prompt.ids)
-        with timer.stage("prefill"):
-            # The cached prefix is never extended in place (a no-op for the immutable flat_kv states).
-            state = decoder.fork(state, total + max(0, min(new_tokens, self.context - total)))
-            logits, state = decoder.forward(decoder.embed(prompt.lookup_ids[split:]), state)
-        return logits, state, entry, rgb, total
 
     # ---------------------------------------------------------------------------------- public
     def ask(
@@ -310,8 +256,8 @@ class Octopus:
         item = Question.resolve(image, question, opts, self.defaults, load_before=self.backend.load_ms)
         with item.timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
-        logits, state, entry, rgb, prompt_tokens = self._prefill(pending, question, "", item.timer, item.cached,
-                                                                 new_tokens=item.limit)
+        logits, state, entry, rgb, prompt_tokens = self._prefill.run(pending, question, "", item.timer, item.cached,
+                                                                     new_tokens=item.limit)
         item.limit = min(item.limit, self.context - prompt_tokens)
         item.prompt = {"pending": pending, "prompt_tokens": prompt_tokens, "logits": logits, "state": state,
                        "entry": entry, "rgb": rgb}
@@ -333,13 +279,14 @@ class Octopus:
         if whole:
             mask, mask_iou = np.ones((height, width), dtype=bool), 1.0
         elif item.options.segment and point is not None and self.has_sam:
-            segmented = self._segment(entry, item.prompt["pending"], rgb, point, item.multimask, timer, cached)
+            pending = item.prompt["pending"]
+            segmented = self.sam.predict_cached(entry, lambda: decoded_rgb(pending, rgb, timer), point,
+                                                multimask=item.multimask, timer=timer.stage, cached=cached)
             mask, mask_iou = segmented.mask, segmented.iou
         picture = None
         if item.options.overlay:
-            if rgb is None:  # a cache hit skipped decoding; the overlay needs the pixels
-                with timer.stage("decode_image"):
-                    rgb = item.prompt["pending"].decode()
+            # A cache hit skipped decoding; the overlay needs the pixels.
+            rgb = decoded_rgb(item.prompt["pending"], rgb, timer)
             with timer.stage("overlay"):
                 picture = render_overlay(rgb, mask, point, text)
         timings = item.timings(self.backend.load_ms, result.step_ms)
@@ -360,19 +307,6 @@ class Octopus:
             overlay=picture,
         )
 
-    def _segment(self, entry, pending, rgb, point, multimask, timer, cached) -> MaskResult:
-        """SAM's mask for `point` on the entry's image, its embedding computed once per image."""
-        sam = self.sam
-        sam.load()  # session creation stays outside the stage timers (it is reported as load_sessions)
-        if entry.sam_image is None:
-            if rgb is None:
-                with timer.stage("decode_image"):
-                    rgb = pending.decode()
-            entry.sam_image = sam.set_image(rgb, timer=timer.stage)
-        else:
-            cached.append("sam_embedding")
-        return sam.predict(point, multimask=multimask, image=entry.sam_image, timer=timer.stage)
-
     def segment(
         self, image: ImageInput, point: tuple[float, float], *, multimask: bool | None = None
     ) -> MaskResult:
@@ -382,12 +316,13 @@ class Octopus:
         multimask = bool(self.defaults.multimask if multimask is None else multimask)
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
-        entry, rgb = self._entry(pending, timer)
+        entry, rgb = self._prefill.entry(pending, timer)
         x, y = float(point[0]), float(point[1])
         if not (np.isfinite(x) and np.isfinite(y)):
             raise InputError(f"point must be finite, got {point}")
         cached: list[str] = []
-        result = self._segment(entry, pending, rgb, (x, y), multimask, timer, cached)
+        result = self.sam.predict_cached(entry, lambda: decoded_rgb(pending, rgb, timer), (x, y),
+                                         multimask=multimask, timer=timer.stage, cached=cached)
         return MaskResult(mask=result.mask, iou=result.iou, cached="sam_embedding" in cached,
                           timings_ms=dict(timer.ms))
 
@@ -396,7 +331,7 @@ class Octopus:
         start = time.perf_counter()
         with timer.stage("read_image"):
             pending = open_image(image, max_pixels=self.max_pixels)
-        logits = self._prefill(pending, question, answer_prefix, timer, cached)[0]
+        logits = self._prefill.run(pending, question, answer_prefix, timer, cached)[0]
         probs = closed_set.closed_set_probs(logits, [self.closed_set[w] for w in words], tau)
         timings = dict(timer.ms)
         timings["total"] = (time.perf_counter() - start) * 1000.0

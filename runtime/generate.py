@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from octopus_rt.bundle import BundleError
-from octopus_rt.manifest import DecoderGraph
+from octopus_rt.manifest_lmm import DecoderGraph
 from octopus_rt.runtime.backends import Graph
 
 __all__ = ["KVState", "DecodeResult", "Decoder", "greedy_loop", "make_decoder"]

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from octopus_rt.errors import InputError, OctopusError
-from octopus_rt.manifest import HDTransformSpec, LmmSection, PromptSpec, VisionGraph, VisionPreprocessSpec
+from octopus_rt.manifest_lmm import HDTransformSpec, LmmSection, PromptSpec, VisionGraph, VisionPreprocessSpec
 from octopus_rt.runtime.prompt import PromptIds, locate_image_tokens, template_prompt_ids
 
 __all__ = ["ImageStage", "LlavaImageStage", "Phi3VImageStage", "image_stage_for"]

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from octopus_rt.errors import OctopusError
-from octopus_rt.manifest import VisionPreprocessSpec
+from octopus_rt.manifest_lmm import VisionPreprocessSpec
 
 __all__ = ["VisionPreprocess"]
 

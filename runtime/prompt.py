@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from octopus_rt.errors import InputError, OctopusError
-from octopus_rt.manifest import PromptSpec
+from octopus_rt.manifest_lmm import PromptSpec
 
 __all__ = ["PromptIds", "check_text", "check_context", "locate_image_tokens", "template_prompt_ids"]
 

@@ -6,7 +6,8 @@
     result.mask, result.iou
 
 `set_image` returns the `SamImage` it holds, so a caller that keeps several images (the runtime's
-per-image cache) can pass one back to `predict(point, image=...)` without re-encoding.
+per-image cache) can pass one back to `predict(point, image=...)` without re-encoding;
+`predict_cached` does that for an entry of runtime/cache.py's per-image cache (what `Octopus` uses).
 
 Frames (runtime/sam_transforms.py, the one numpy implementation of SAM's transforms): the point comes
 in original pixels (x, y); it is mapped into the encoder's resized frame (longest side =
@@ -29,6 +30,7 @@ from octopus_rt.errors import InputError
 from octopus_rt.manifest import SamSection
 from octopus_rt.runtime import sam_transforms
 from octopus_rt.runtime.backends import Backend
+from octopus_rt.runtime.cache import ImageEntry
 from octopus_rt.runtime.results import MaskResult
 
 __all__ = ["SamImage", "SamStage"]
@@ -126,3 +128,23 @@ class SamStage:
                 low_res[:, index : index + 1], self.input_size, image.resized_hw, image.original_hw
             )
         return MaskResult(mask=logits[0] > self.mask_threshold, iou=float(iou[index]))
+
+    def predict_cached(
+        self,
+        entry: ImageEntry,
+        rgb: Callable[[], np.ndarray],
+        point_xy: tuple[float, float],
+        *,
+        multimask: bool,
+        timer: StageTimer,
+        cached: list[str],
+    ) -> MaskResult:
+        """`predict` on a per-image cache entry's image, its embedding computed once per entry (kept in
+        `entry.sam_image`; "sam_embedding" is appended to `cached` when it is reused). rgb: gives the
+        H x W x 3 uint8 image, called only when the embedding must be computed."""
+        self.load()  # session creation stays outside the stage timers (it is reported as load_sessions)
+        if entry.sam_image is None:
+            entry.sam_image = self.set_image(rgb(), timer=timer)
+        else:
+            cached.append("sam_embedding")
+        return self.predict(point_xy, multimask=multimask, image=entry.sam_image, timer=timer)

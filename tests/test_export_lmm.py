@@ -220,7 +220,7 @@ def test_prompt_check_rejects_strings_that_tokenize_differently(tiny_llava_dir, 
     import dataclasses
 
     from octopus_rt.export.lmm_manifest import check_prompt
-    from octopus_rt.manifest import PromptSpec
+    from octopus_rt.manifest_lmm import PromptSpec
 
     section, folder = _section(tiny_lmm_bundle("phi3_clip"))
     processor = AutoProcessor.from_pretrained(tiny_llava_dir("phi3_clip"))
@@ -333,7 +333,7 @@ def test_failed_verification_leaves_no_bundle_and_keeps_an_existing_one(tiny_lla
     from octopus_rt.export import lmm_verify
     from octopus_rt.export.lmm import export_lmm
 
-    from octopus_rt.manifest import VerifyThresholds
+    from octopus_rt.verification import VerifyThresholds
 
     source = tiny_lmm_bundle("phi3_clip")  # built before the thresholds are made impossible
     impossible = VerifyThresholds(rtol=1e-3, atol=1e-4, min_cosine=1.5, min_top1=1.0, identical_tokens=True)

@@ -1,4 +1,5 @@
-"""octopus_rt/manifest.py: one definition of every manifest field, read by the runtime, written by the exporters."""
+"""octopus_rt/manifest.py (with manifest_lmm.py, manifest_section.py): one definition of every manifest field,
+read by the runtime, written by the exporters."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from octopus_rt import bundle, vocab
 from octopus_rt.bundle import BundleError
-from octopus_rt.manifest import Defaults, LmmSection, Manifest, SamSection, parse_manifest
+from octopus_rt.manifest import Defaults, Manifest, SamSection, parse_manifest
+from octopus_rt.manifest_lmm import LmmSection
 
 DEMO = Path(__file__).resolve().parents[1] / "octopus_rt" / "demo" / "bundle"
 
@@ -143,7 +145,7 @@ def _required_paths(cls, data: dict, prefix: tuple) -> list[tuple]:
     import dataclasses
     import typing
 
-    from octopus_rt.manifest import Schema
+    from octopus_rt.schema import Schema
 
     hints = typing.get_type_hints(cls)
     out = []

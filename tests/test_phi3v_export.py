@@ -85,7 +85,7 @@ def test_old_bundles_read_with_the_new_fields_defaulted(runtime_bundle):
 
 
 def test_manifest_refuses_a_phi3v_section_without_hd(phi3v_bundle):
-    from octopus_rt.manifest import ManifestError
+    from octopus_rt.schema import ManifestError
 
     raw = read_manifest(phi3v_bundle)
     del raw["lmm"]["hd"]

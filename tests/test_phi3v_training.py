@@ -98,7 +98,7 @@ def test_padded_batch_of_two_aspect_ratios_equals_single_samples(tiny_phi3v_dir,
 
     from octopus_rt.training.dataset import parse_turns
     from octopus_rt.training.phi3v_collate import Phi3VCollator
-    from octopus_rt.training.train import model_inputs
+    from octopus_rt.training.batches import model_inputs
 
     collator = Phi3VCollator(tiny_phi3v_dir, tiny_phi3v_model.spec)
     rng = np.random.default_rng(3)
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_recomputes_clip_and_decoder_layers(tiny_phi3v_di
     from PIL import Image
 
     from octopus_rt.training.dataset import parse_turns
-    from octopus_rt.training.train import model_inputs
+    from octopus_rt.training.batches import model_inputs
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8))
     turns = parse_turns(conv("Which region is most degraded?", "The top left region."))
@@ -268,7 +268,8 @@ def test_merged_checkpoint_loads_and_answers_like_the_trained_model(trained, lea
     from octopus_rt.export.phi3v_checkpoint import load_phi3v
     from octopus_rt.training.dataset import load_image, read_split
     from octopus_rt.training.phi3v_collate import Phi3VCollator
-    from octopus_rt.training.train import model_inputs, run_validation
+    from octopus_rt.training.batches import model_inputs
+    from octopus_rt.training.validation_metrics import run_validation
 
     merged = load_phi3v(trained.out)
     collator = Phi3VCollator(trained.out, merged.spec)

@@ -61,7 +61,7 @@ def test_loss_falls_and_train_set_positional_accuracy(trained):
 
     from octopus_rt.training.collate import Collator
     from octopus_rt.training.dataset import read_split
-    from octopus_rt.training.train import run_validation
+    from octopus_rt.training.validation_metrics import run_validation
 
     result, data = trained
     first, last = result.losses[0], float(np.mean(result.losses[-20:]))

@@ -9,7 +9,9 @@ So accumulation and several processes give the same update as one large batch.
 
 The model family (LLaVA, Phi-3.5-Vision) is an `Architecture` (training/architectures.py) picked from
 the base model's config.json: it loads the model and its collator, chooses what trains and writes
-the merged result; everything else here is shared.
+the merged result; everything else here is shared. A batch through the model (inputs, answer loss,
+autocast) is training/batches.py, the run's log training/train_log.py, validation
+training/validation_metrics.py.
 
 Extension points for recipes (the demo model): `lm_tuning="full"` trains a small model from its
 initial weights, and `loss_hook(model, batch, outputs, records) -> scalar tensor` adds an auxiliary
@@ -25,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from octopus_rt.errors import InputError
+from octopus_rt.training.batches import answer_loss_sum, autocast, load_images, model_inputs
 from octopus_rt.training.options import TrainOptions
+from octopus_rt.training.train_log import TrainLogger
+from octopus_rt.training.validation_metrics import run_validation
 
-__all__ = ["TrainResult", "train", "run_validation", "model_inputs", "read_datasets", "resolve_precision"]
+__all__ = ["TrainResult", "train", "read_datasets", "resolve_precision"]
 
 
 @dataclass
@@ -97,160 +100,6 @@ def _check_paths(options: TrainOptions) -> None:
                          "or remove it")
 
 
-def _load_images(records, on_error: str, log):
-    """(kept records, their PIL images); with on_error="skip" unloadable images are dropped and logged."""
-    from octopus_rt.training.dataset import load_image
-
-    kept, images = [], []
-    for record in records:
-        try:
-            images.append(load_image(record))
-        except InputError as exc:
-            if on_error == "stop":
-                raise InputError(f"{exc} (use --on-error skip to drop bad records)") from None
-            log(f"skipped: {exc}")
-            continue
-        kept.append(record)
-    return kept, images
-
-
-def model_inputs(batch: dict) -> dict:
-    """The model's keyword inputs of a collated batch: every key but the labels."""
-    return {key: value for key, value in batch.items() if key != "labels"}
-
-
-def _answer_loss_sum(logits, labels):
-    """Sum of next-token cross-entropies over answer positions. logits (B, L, V), labels (B, L)."""
-    import torch.nn.functional as F
-
-    from octopus_rt.training.collate import IGNORE_INDEX
-
-    shifted = labels[:, 1:]
-    keep = shifted != IGNORE_INDEX
-    return F.cross_entropy(logits[:, :-1][keep].float(), shifted[keep], reduction="sum")
-
-
-def _autocast(device, precision: str):
-    import contextlib
-
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def run_validation(model, collator, records, *, dist=None, batch_size: int = 4, precision: str = "fp32",
-                   max_samples: int | None = None, referring_max_new_tokens: int = 48, on_error: str = "stop"):
-    """Validation loss, positional-word accuracy and referring accuracy (see
-    training/validation_metrics.py) of `model` on `records` (sharded over processes when `dist` is
-    given). Positional accuracy counts records of task "grounding", referring accuracy those of task
-    "referring". Returns a ValidationResult. (`octopus-rt eval`, training/evaluate.py, measures an
-    exported bundle instead.)"""
-    import torch
-
-    from octopus_rt import vocab
-    from octopus_rt.training.eval_metrics import distortion_keywords
-    from octopus_rt.training.validation_metrics import (
-        PositionTally,
-        ValidationResult,
-        closed_set_token_ids,
-        position_tally,
-    )
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    device = next(model.parameters()).device
-    records = list(records)[: max_samples] if max_samples else list(records)
-    mine = records[rank::world]
-    tokenizer = collator.tokenizer
-    horizontal = closed_set_token_ids(tokenizer, vocab.HORIZONTAL_WORDS)
-    vertical = closed_set_token_ids(tokenizer, vocab.VERTICAL_WORDS)
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens, tally = 0.0, 0, PositionTally()
-    ref_ok, ref_n = 0, 0
-    with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            chunk, images = _load_images(mine[start: start + batch_size], on_error, lambda _text: None)
-            if not chunk:
-                continue
-            batch = {k: v.to(device) for k, v in collator.collate_records(chunk, images).items()}
-            with _autocast(device, precision):
-                logits = model(**model_inputs(batch)).logits
-            loss_sum += float(_answer_loss_sum(logits, batch["labels"]))
-            tokens += int((batch["labels"][:, 1:] >= 0).sum())
-            # Positional accuracy is a grounding metric: other tasks may restate a region the question named.
-            rows = [i for i, record in enumerate(chunk) if record.task == "grounding"]
-            if rows:
-                tally.add(position_tally(logits[rows].float().cpu().numpy(), batch["labels"][rows].cpu().numpy(),
-                                         horizontal, vertical))
-            for record, image in zip(chunk, images):
-                if record.task != "referring":
-                    continue
-                text = collator.generate(model, record.turns[:1], image, referring_max_new_tokens)
-                ref_n += 1
-                ref_ok += int(distortion_keywords(text) == distortion_keywords(record.turns[1].text))
-    model.train(was_training)
-    sums = np.concatenate([[loss_sum, tokens, ref_ok, ref_n], tally.as_array()]).astype(np.float64)
-    if dist is not None:
-        sums = dist.all_sum(list(sums))
-    loss = float(sums[0] / sums[1]) if sums[1] else None
-    return ValidationResult(loss, int(sums[1]), PositionTally.from_array(sums[4:]), int(sums[2]), int(sums[3]))
-
-
-class _Logger:
-    """Console (tqdm on the main process), JSONL file and TensorBoard (when installed)."""
-
-    def __init__(self, work_dir: Path, enabled: bool, total: int, initial: int, progress: bool) -> None:
-        self.enabled = enabled
-        self.bar = None
-        self.tb = None
-        self.file = None
-        if not enabled:
-            return
-        self.file = open(work_dir / "log.jsonl", "a", encoding="utf-8")
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # TensorBoard is optional
-            SummaryWriter = None
-        if SummaryWriter is not None:
-            self.tb = SummaryWriter(log_dir=str(work_dir / "tensorboard"))
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def advance(self, values: dict) -> None:
-        """One optimizer step done: move the progress bar and show loss, lr and tokens/s."""
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                 tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
-
-    def record(self, entry: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            prefix = "eval/" if entry.get("type") == "eval" else "train/"
-            for key, value in entry.items():
-                if isinstance(value, (int, float)) and key not in ("step", "type"):
-                    self.tb.add_scalar(prefix + key, value, entry["step"])
-
-    def close(self) -> None:
-        for handle in (self.bar, self.tb, self.file):
-            if handle is not None:
-                handle.close()
-
-
 def _lr_lambda(total: int, warmup: int, min_ratio: float):
     def factor(step: int) -> float:  # `step` = optimizer steps taken so far
         if step < warmup:
@@ -279,9 +128,9 @@ def _accumulate(model, collator, micro, global_tokens: float, device, precision:
             if not records:
                 continue
             batch = {k: v.to(device) for k, v in collator.batch(encoded, images).items()}
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 outputs = model(**model_inputs(batch))
-            summed = _answer_loss_sum(outputs.logits, batch["labels"])
+            summed = answer_loss_sum(outputs.logits, batch["labels"])
             loss = summed / global_tokens
             if loss_hook is not None:
                 loss = loss + hook_weight * loss_hook(model, batch, outputs, records)
@@ -365,7 +214,7 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
                 (options.work_dir / "skipped.txt").write_text("\n".join(skipped) + "\n", encoding="utf-8")
         dist.barrier()
 
-        logger = _Logger(options.work_dir, dist.is_main, total_steps, start_step, options.progress)
+        logger = TrainLogger(options.work_dir, dist.is_main, total_steps, start_step, options.progress)
         say = logger.message
         say(f"training {summary.trainable_parameters:,} of {summary.total_parameters:,} parameters "
             f"({len(summary.lora_targets)} LoRA modules), {total_steps} steps of {global_batch} samples, "
@@ -389,7 +238,7 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
             for m in range(options.grad_accum):
                 first = (step - 1) * global_batch + (m * dist.world_size + dist.rank) * options.batch_size
                 records = [dataset.record(sample_key(first + i)) for i in range(options.batch_size)]
-                records, images = _load_images(records, options.on_error, say)
+                records, images = load_images(records, options.on_error, say)
                 micro.append((records, images, [collator.encode(r.turns, image) for r, image in zip(records, images)]))
             local_tokens = sum(e.num_answer_tokens for _, _, enc in micro for e in enc)
             local_inputs = sum(len(e.input_ids) for _, _, enc in micro for e in enc)

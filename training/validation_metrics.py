@@ -1,4 +1,4 @@
-"""Validation metrics of a training run (`train.run_validation`, on the val split while training), scored with the runtime's closed-set code.
+"""Validation of a training run (`run_validation`, on the val split while training), scored with the runtime's closed-set code.
 
 - Grounding positional-word accuracy (teacher forced): in each answer, at the position of the first
   horizontal word (left/right) and of the first vertical word (top/bottom), the model's next-token
@@ -19,8 +19,9 @@ import numpy as np
 
 from octopus_rt import vocab
 from octopus_rt.runtime.closed_set import closed_set_probs
+from octopus_rt.training.batches import answer_loss_sum, autocast, load_images, model_inputs
 
-__all__ = ["closed_set_token_ids", "PositionTally", "position_tally", "ValidationResult"]
+__all__ = ["closed_set_token_ids", "PositionTally", "position_tally", "ValidationResult", "run_validation"]
 
 
 def closed_set_token_ids(tokenizer, words: tuple[str, ...]) -> list[list[int]]:
@@ -121,3 +122,53 @@ class ValidationResult:
                "pos_n": self.position.both_total, "referring_n": self.referring_total,
                "referring_acc": self.referring_correct / self.referring_total if self.referring_total else None}
         return out
+
+
+def run_validation(model, collator, records, *, dist=None, batch_size: int = 4, precision: str = "fp32",
+                   max_samples: int | None = None, referring_max_new_tokens: int = 48, on_error: str = "stop"):
+    """Validation loss, positional-word accuracy and referring accuracy (see
+    training/validation_metrics.py) of `model` on `records` (sharded over processes when `dist` is
+    given). Positional accuracy counts records of task "grounding", referring accuracy those of task
+    "referring". Returns a ValidationResult. (`octopus-rt eval`, training/evaluate.py, measures an
+    exported bundle instead.)"""
+    import torch
+
+    from octopus_rt.training.eval_metrics import distortion_keywords
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    device = next(model.parameters()).device
+    records = list(records)[: max_samples] if max_samples else list(records)
+    mine = records[rank::world]
+    tokenizer = collator.tokenizer
+    horizontal = closed_set_token_ids(tokenizer, vocab.HORIZONTAL_WORDS)
+    vertical = closed_set_token_ids(tokenizer, vocab.VERTICAL_WORDS)
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, tally = 0.0, 0, PositionTally()
+    ref_ok, ref_n = 0, 0
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            chunk, images = load_images(mine[start: start + batch_size], on_error, lambda _text: None)
+            if not chunk:
+                continue
+            batch = {k: v.to(device) for k, v in collator.collate_records(chunk, images).items()}
+            with autocast(device, precision):
+                logits = model(**model_inputs(batch)).logits
+            loss_sum += float(answer_loss_sum(logits, batch["labels"]))
+            tokens += int((batch["labels"][:, 1:] >= 0).sum())
+            # Positional accuracy is a grounding metric: other tasks may restate a region the question named.
+            rows = [i for i, record in enumerate(chunk) if record.task == "grounding"]
+            if rows:
+                tally.add(position_tally(logits[rows].float().cpu().numpy(), batch["labels"][rows].cpu().numpy(),
+                                         horizontal, vertical))
+            for record, image in zip(chunk, images):
+                if record.task != "referring":
+                    continue
+                text = collator.generate(model, record.turns[:1], image, referring_max_new_tokens)
+                ref_n += 1
+                ref_ok += int(distortion_keywords(text) == distortion_keywords(record.turns[1].text))
+    model.train(was_training)
+    sums = np.concatenate([[loss_sum, tokens, ref_ok, ref_n], tally.as_array()]).astype(np.float64)
+    if dist is not None:
+        sums = dist.all_sum(list(sums))
+    loss = float(sums[0] / sums[1]) if sums[1] else None
+    return ValidationResult(loss, int(sums[1]), PositionTally.from_array(sums[4:]), int(sums[2]), int(sums[3]))

@@ -247,7 +247,7 @@ def _validate(torch, sam, samples: list[_ImageSample], seed: int) -> tuple[float
         for sample in samples:
             embedding = sam.image_encoder(torch.from_numpy(sample.image)[None])
             count = sample.masks.shape[0]
-            coords, labels = [], []
+            coords = []
             for r in range(count):
                 x, y = _draw_point(sample.weights[r], rng)
                 coords.append([x * sample.scale[0], y * sample.scale[1]])

@@ -68,6 +68,26 @@ def test_bombs_and_oversize_sources_are_skipped_with_a_reason(tmp_path, capsys):
     assert not (out / ".work").exists()
 
 
+def test_bomb_label_maps_skip_their_source_with_a_reason(tmp_path, capsys):
+    """--labels: a label map whose header claims a huge size is refused before decoding; its source is
+    skipped with the reason in report.json and on stderr, the other sources are still made."""
+    src = _photos(tmp_path / "src", ("a.png", "b.png", "c.png"))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    write_png_header(labels / "a.png", 15000, 15000)  # Pillow itself refuses to open it (DecompressionBombError)
+    write_png_header(labels / "b.png", 12000, 12000)  # 144 MP: over our limit, tiny on disk
+    out = tmp_path / "out"
+    assert _synth(src, out, "--labels", str(labels)) == 0, capsys.readouterr().err
+    skipped = {s["file"]: s["reason"] for s in json.loads((out / "report.json").read_text())["skipped"]}
+    assert set(skipped) == {"a.png", "b.png"}
+    assert "label map a.png is too large" in skipped["a.png"]
+    assert "label map b.png has 12000x12000" in skipped["b.png"] and "above the limit of 64000000" in skipped["b.png"]
+    assert "a.png: label map a.png" in capsys.readouterr().err
+    sources = {json.loads(line)["source"] for split in ("train", "val", "test")
+               for line in (out / f"{split}.jsonl").read_text().splitlines()}
+    assert sources == {"c.png"}
+
+
 def test_a_failed_run_leaves_no_work_folder(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()

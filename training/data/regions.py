@@ -25,7 +25,8 @@ import numpy as np
 
 from octopus_rt.errors import InputError
 
-__all__ = ["RegionOptions", "propose_regions", "label_map_regions", "describe_region", "colour_name", "load_sam"]
+__all__ = ["RegionOptions", "propose_regions", "label_map_regions", "read_label_map", "describe_region", "colour_name",
+           "load_sam"]
 
 _WORK_SIDE = 256
 
@@ -135,6 +136,37 @@ def propose_regions(
         return [np.ones(image.shape[:2], dtype=bool)]
     masks = _to_masks(cleaned, image.shape[:2])
     return sorted(masks, key=lambda m: -int(m.sum()))
+
+
+def read_label_map(path: Path, *, header_only: bool = False) -> np.ndarray | None:
+    """(H, W) int32 labels of a user label map PNG: palette indices or grey values as they are, an RGB
+    colour as one value (R << 16 | G << 8 | B). The runtime's pixel limit (DEFAULT_MAX_PIXELS) is
+    checked from the header before any decoding, so a tiny file claiming a huge size cannot exhaust
+    memory. header_only: only that check (returns None). Raises ValueError (one line) when refused."""
+    import warnings
+
+    from PIL import Image
+
+    from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"label map {path.name} is too large to decode safely ({exc})") from None
+        except OSError as exc:
+            raise ValueError(f"label map {path.name} is unreadable ({exc})") from None
+    with im:
+        if im.width * im.height > DEFAULT_MAX_PIXELS:
+            raise ValueError(f"label map {path.name} has {im.width}x{im.height} = {im.width * im.height} pixels, "
+                             f"above the limit of {DEFAULT_MAX_PIXELS} (downscale it)")
+        if header_only:
+            return None
+        if im.mode in ("P", "L", "I", "I;16"):  # palette indices or grey values are the labels
+            return np.asarray(im).astype(np.int32)
+        rgb = np.asarray(im.convert("RGB")).astype(np.int32)  # colour-coded labels: one value per colour
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
 def label_map_regions(label_map: np.ndarray, options: RegionOptions = RegionOptions()) -> list[tuple[np.ndarray, int]]:

@@ -216,19 +216,13 @@ def _user_regions(labels_dir: str | None, source_path: str, shape: tuple[int, in
     if not labels_dir:
         return None
     import cv2
-    from PIL import Image
 
-    from octopus_rt.training.data.regions import label_map_regions
+    from octopus_rt.training.data.regions import label_map_regions, read_label_map
 
     path = Path(labels_dir) / (Path(source_path).stem + ".png")
     if not path.is_file():
         return None
-    with Image.open(path) as im:
-        if im.mode in ("P", "L", "I", "I;16"):  # palette indices or grey values are the labels
-            label_map = np.asarray(im).astype(np.int32)
-        else:  # colour-coded labels: one value per RGB colour
-            rgb = np.asarray(im.convert("RGB")).astype(np.int32)
-            label_map = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    label_map = read_label_map(path)
     label_map = cv2.resize(label_map.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     names_file = Path(labels_dir) / "names.json"
     names = json.loads(names_file.read_text(encoding="utf-8")) if names_file.is_file() else {}
@@ -315,9 +309,14 @@ def make_sample(task: tuple) -> int:
 
 
 def _probe(task: tuple) -> tuple[str, int | None, str | None]:
-    path, size = task
+    path, size, labels = task
     try:
-        return path, dhash(_load(Path(path), size)), None
+        digest = dhash(_load(Path(path), size))
+        if labels and (label_path := Path(labels) / (Path(path).stem + ".png")).is_file():
+            from octopus_rt.training.data.regions import read_label_map
+
+            read_label_map(label_path, header_only=True)  # a bomb label map skips its source, like a bomb source
+        return path, digest, None
     except Exception as exc:  # noqa: BLE001 - one bad source is skipped with its reason, never ends the run
         return path, None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -386,7 +385,7 @@ def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions =
 
 def _run(src: Path, out: Path, sources: list[Path], options: SynthOptions, user_groups: dict[str, str]) -> SynthReport:
     report = SynthReport()
-    probes = list(_map(_probe, [(str(p), options.size) for p in sources], options.workers, options.progress, "check"))
+    probes = list(_map(_probe, [(str(p), options.size, options.labels) for p in sources], options.workers, options.progress, "check"))
     usable = [(Path(p), h) for p, h, err in probes if err is None]
     report.skipped = [(Path(p).name, err) for p, h, err in probes if err is not None]
     if not usable:

@@ -126,6 +126,13 @@ class Octopus:
     def has_sam(self) -> bool:
         return self.spec.sam is not None and self.spec.sam.files is not None
 
+    @property
+    def agreement_warning(self) -> str | None:
+        """One "WARNING: ..." line when the bundle's lmm was exported under lowered agreement criteria
+        or kept a failure (verification.LmmVerification.agreement_warning); None otherwise."""
+        record = self.spec.lmm.verification
+        return record.agreement_warning() if record is not None else None
+
     def _file(self, name: str) -> Path:
         return section_path(self.bundle_dir, self.manifest["lmm"], name)
 

@@ -50,10 +50,8 @@ def _load(bundle: Optional[Path], device: str, threads: Optional[int], profile_d
     from octopus_rt.runtime.api import Octopus
 
     octo = Octopus(resolve_bundle(bundle), device=device, threads=threads, profile_dir=profile_dir)
-    record = octo.spec.lmm.verification
-    warning = record.agreement_warning() if record is not None else None
-    if warning:
-        typer.echo(warning, err=True)
+    if octo.agreement_warning:
+        typer.echo(octo.agreement_warning, err=True)
     return octo
 
 

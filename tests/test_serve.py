@@ -348,3 +348,29 @@ def test_mask_without_sam_is_refused(tmp_path):
         assert response.status_code == 400 and response.json()["error"]["code"] == "mask_unavailable"
         body["grounding"]["mask"] = False
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_lowered_agreement_criteria_are_logged_once_and_shown_in_ready(tmp_path, capsys, caplog):
+    """A bundle exported with --min-top1 lowered: the server logs the WARNING line `octopus-rt infer`
+    prints, once at start-up, and /ready carries it; the demo bundle (verified at the defaults) has none."""
+    import logging
+    import shutil
+
+    bundle = tmp_path / "lowered"
+    shutil.copytree(DEMO, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["lmm"]["verification"]["overrides"] = {"min_top1": 0.5}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["infer", str(EXAMPLES[0]), QUESTION, "--bundle", str(bundle), "--max-new-tokens", "2"]) == 0
+    infer_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(infer_lines) == 1 and "lowered agreement criteria (--min-top1 0.5)" in infer_lines[0]
+    with caplog.at_level(logging.WARNING, logger="octopus_rt.serve"):
+        with running(create_app(Octopus(bundle, threads=1))) as url:
+            ready = httpx.get(url + "/ready", timeout=60)
+            httpx.get(url + "/ready", timeout=60)
+            assert httpx.post(url + "/v1/chat/completions", json=chat_body(EXAMPLES[0].read_bytes()),
+                              timeout=60).status_code == 200
+    assert ready.status_code == 200 and ready.json()["warning"] == infer_lines[0]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("WARNING")] == infer_lines
+    with running(create_app(Octopus(DEMO, threads=1))) as url:
+        assert "warning" not in httpx.get(url + "/ready", timeout=60).json()

@@ -109,6 +109,8 @@ def create_app(model: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        if model.agreement_warning:  # the line `octopus-rt infer` prints; also in /ready
+            log.warning("%s", model.agreement_warning)
         batcher.start()
         if settings.warmup:
             await asyncio.wrap_future(batcher.submit(Job("call", fn=_warm_up)).future)
@@ -255,6 +257,8 @@ def create_app(model: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
         ok = ready["ok"] and batcher.alive
         body = {"status": "ready" if ok else "not ready", "model": settings.model_name, "device": model.device,
                 "queue_depth": batcher.depth}
+        if model.agreement_warning:
+            body["warning"] = model.agreement_warning
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

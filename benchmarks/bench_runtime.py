@@ -24,9 +24,8 @@ logits, as trained models have) and the eos rows zeroed so answers run to the to
 int8 / int4 exports pass the default agreement checks); SAM is a custom-size segment-anything model.
 Results go to JSON (`--out`) and are printed as a table.
 
---work holds what is built (models, bundles) and is reused by later runs; the benchmark deletes and
-rebuilds sub-folders of it, so it only uses a folder that is new, empty, or marked as its own
-(WORK_MARKER, written when it claims one): anything else is refused before a file is touched.
+--work holds what is built (models, bundles) and is reused by later runs; only a folder that is new,
+empty, or marked as the benchmarks' own is used (benchmarks/bench_work.py builds the models into it).
 """
 
 from __future__ import annotations
@@ -44,114 +43,13 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_work import SIZES, claim_work, prepare  # noqa: E402 - the --work folder and its models, benchmarks/bench_work.py
+from child_rss import peak_rss_mb  # noqa: E402 - VmHWM, as the phi3v_*_rss children read it
+
 QUESTIONS = ("Which region of the image is most degraded?", "What distortion affects the top left region?")
 STAGES_LMM = ("read_image", "decode_image", "preprocess", "vision", "prefill", "decode_per_token", "decode")
 STAGES_SAM = ("sam_preprocess", "sam_encoder", "sam_decoder", "postprocess")
-
-WORK_MARKER = ".octopus-bench-work"
-
-
-def claim_work(work: Path) -> Path:
-    """`work`, made the benchmark's own: created if absent, marked if empty; SystemExit when it holds
-    anything and no marker (a folder the benchmark did not make is never deleted into)."""
-    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
-        raise SystemExit(f"--work {work} is not empty and was not made by the octopus-rt benchmarks "
-                         f"(no {WORK_MARKER} in it); give a new or empty folder")
-    if work.exists() and not work.is_dir():
-        raise SystemExit(f"--work {work} is not a folder")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / WORK_MARKER).touch()
-    return work
-
-
-SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "llava": dict(text_model="phi3", vision_model="clip", chat_template="phi3", text_heads=4, text_kv_heads=2),
-        "sam": {"image_size": 128, "patch_size": 16, "encoder_embed_dim": 64, "encoder_depth": 2,
-                "encoder_num_heads": 2, "encoder_global_attn_indexes": [1], "window_size": 4,
-                "prompt_embed_dim": 64, "decoder_mlp_dim": 128, "decoder_num_heads": 2, "iou_head_hidden_dim": 64},
-    },
-    "100m": {
-        "llava": dict(text_model="phi3", vision_model="clip", chat_template="phi3", image_size=224, patch_size=16,
-                      vision_hidden=384, vision_layers=6, vision_heads=6, text_hidden=768, text_layers=14,
-                      text_heads=12, text_kv_heads=4, text_intermediate=2048, vocab_size=1024),
-        "sam": {"image_size": 512, "patch_size": 16, "encoder_embed_dim": 384, "encoder_depth": 6,
-                "encoder_num_heads": 6, "encoder_global_attn_indexes": [2, 5], "window_size": 8,
-                "prompt_embed_dim": 256, "decoder_mlp_dim": 1024, "decoder_num_heads": 8, "iou_head_hidden_dim": 256},
-    },
-}
-
-
-def prepare(size: str, work: Path, precision: str = "fp32", train_steps: int = 0) -> Path:
-    """Build (once) the model dir, SAM checkpoint and bundle of a size; returns the bundle path.
-
-    A precision other than fp32 exports the same model dir (and SAM) into `bundle-<precision>`; the
-    reference still runs the fp32 PyTorch model. With `train_steps`, the text model is first trained
-    that many steps (training/lm_warmup.py) instead of getting a scaled random head, in its own work
-    folder `trained<steps>/<size>`, so that quantised exports pass the default agreement checks.
-    `work` must be claimable (`claim_work`).
-    """
-    claim_work(work)
-    if train_steps:
-        work = claim_work(work / f"trained{train_steps}")
-    bundle = work / size / "bundle"
-    if precision != "fp32":
-        fp32 = prepare(size, work.parent if train_steps else work, train_steps=train_steps)
-        other = work / size / f"bundle-{precision}"
-        if not ((other / "manifest.json").is_file() and "sam" in json.loads((other / "manifest.json").read_text())):
-            import shutil
-
-            from octopus_rt.export.lmm import export_lmm
-            from octopus_rt.export.sam import export_sam
-
-            shutil.rmtree(other, ignore_errors=True)
-            print(f"[{size}] exporting lmm at {precision}", flush=True)
-            export_lmm(work / size / "model", other, precision=precision)
-            export_sam(work / size / "sam.pth", other, model_type="custom")
-        del fp32
-        return other
-    if (bundle / "manifest.json").is_file() and "sam" in json.loads((bundle / "manifest.json").read_text()):
-        return bundle
-    import shutil
-
-    import torch
-
-    from octopus_rt.export.lmm import export_lmm
-    from octopus_rt.export.sam import export_sam
-    from octopus_rt.export.sam_models import SamConfig, build_sam, save_custom_checkpoint
-    from octopus_rt.training.model_factory import TinyLlavaSpec, build_llava
-
-    torch.set_num_threads(2)
-    if (work / size).exists():
-        shutil.rmtree(work / size)  # inside a claimed --work: a half-built size of an earlier run
-    model_dir = work / size / "model"
-    model, processor = build_llava(model_dir, TinyLlavaSpec(**SIZES[size]["llava"]))
-    if train_steps:
-        from octopus_rt.training.lm_warmup import warm_up_text_model
-
-        tick = time.perf_counter()
-        losses = warm_up_text_model(model, processor.tokenizer, steps=train_steps, batch_size=8, lr=1e-3)
-        (work / size).mkdir(parents=True, exist_ok=True)
-        (work / size / "training.json").write_text(json.dumps(
-            {"steps": train_steps, "loss_first": losses[0], "loss_last": losses[-1],
-             "seconds": time.perf_counter() - tick}))
-        print(f"[{size}] trained {train_steps} steps: loss {losses[0]:.2f} -> {losses[-1]:.2f}", flush=True)
-    with torch.no_grad():
-        if not train_steps:
-            # Peaky logits like a trained LM (fixtures_models.LM_HEAD_SCALE).
-            model.lm_head.weight.mul_(25.0)
-        # No eos: answers run to the token limit, so the per-token figures at token 200 exist.
-        for eos in model.generation_config.eos_token_id:
-            model.lm_head.weight[eos] = 0.0
-    model.save_pretrained(model_dir)
-    print(f"[{size}] exporting lmm ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)", flush=True)
-    del model
-    export_lmm(model_dir, bundle, precision="fp32")
-    config = SamConfig.from_dict(SIZES[size]["sam"])
-    checkpoint, _ = save_custom_checkpoint(build_sam(config, seed=0), config, work / size / "sam.pth")
-    print(f"[{size}] exporting sam", flush=True)
-    export_sam(checkpoint, bundle, model_type="custom")
-    return bundle
 
 
 def photo(path: Path, width: int = 640, height: int = 480) -> Path:
@@ -302,9 +200,7 @@ def child_rss(which: str, bundle: Path, image: Path, threads: int, answer_tokens
         ref.segment(rgb, centre, True)
         torch_loaded = True
     # VmHWM (this process image's peak RSS); ru_maxrss would carry the parent's peak across exec.
-    status = Path("/proc/self/status").read_text()
-    peak_mib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024.0
-    print(json.dumps({"peak_rss_mib": peak_mib, "torch_loaded": torch_loaded}))
+    print(json.dumps({"peak_rss_mib": peak_rss_mb(), "torch_loaded": torch_loaded}))
 
 
 def peak_rss(bundle: Path, image: Path, threads: int, answer_tokens: int) -> dict[str, float]:

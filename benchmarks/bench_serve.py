@@ -15,7 +15,7 @@ time of the level. The goal of issue #15 is requests/s at concurrency 8 >= 2.5x 
 the ~100M model; the server hands `Octopus.ask_batch` whole batches, which prefills each request
 and decodes them together, one decoder call per token for the batch (runtime/generate.py). The client shares the machine's
 cores with the server: on a 2-core machine its own CPU time is part of what is measured.
-The ~100M model is bench_runtime.py's `100m` size (built once into --work, eos disabled so every
+The ~100M model is bench_work.py's `100m` size (built once into --work, eos disabled so every
 answer runs to the token limit); `demo` is the built-in bundle.
 """
 
@@ -169,7 +169,7 @@ def main() -> None:
         if name == "demo":
             bundle = ROOT / "octopus_rt" / "demo" / "bundle"
         else:
-            from bench_runtime import prepare
+            from bench_work import prepare
 
             bundle = prepare("100m", args.work)
         report["bundles"][name] = bench_bundle(name, bundle, args, images)

@@ -2,6 +2,8 @@
 
 A benchmark passes the child's code; the code may call `rss_mb()` (VmRSS now) and `peak_rss_mb()`
 (VmHWM: this process's high-water mark) and must print one JSON line last, which `run_child` returns.
+A benchmark that starts its children itself (bench_runtime, bench_peers) imports `peak_rss_mb` from
+here; CHILD_PRELUDE carries these functions' own source, so every child reads its memory one way.
 VmHWM and not `resource.getrusage(...).ru_maxrss`: on Linux ru_maxrss survives fork + exec, so a
 child started by a benchmark that has just built a 2 GB checkpoint would report the parent's peak
 (measured: a child of a 1.5 GB parent reads 1513 MB from ru_maxrss, 13 MB from VmHWM).
@@ -12,14 +14,13 @@ child started by a benchmark that has just built a 2 GB checkpoint would report 
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 
-__all__ = ["CHILD_PRELUDE", "run_child"]
+__all__ = ["CHILD_PRELUDE", "run_child", "rss_mb", "peak_rss_mb"]
 
-CHILD_PRELUDE = '''
-import json, sys, time
 
 def _status_mb(key):
     for line in open("/proc/self/status"):
@@ -27,12 +28,19 @@ def _status_mb(key):
             return int(line.split()[1]) / 1024
     raise RuntimeError(key + " not in /proc/self/status")
 
+
 def rss_mb():
+    """VmRSS of this process now, in MiB."""
     return _status_mb("VmRSS")
 
+
 def peak_rss_mb():
+    """VmHWM (the high-water mark of this process image) in MiB."""
     return _status_mb("VmHWM")
-'''
+
+
+# The child is `python -c CODE`: it cannot import this file, so it gets the functions' source.
+CHILD_PRELUDE = "\nimport json, sys, time\n\n" + "\n".join(inspect.getsource(f) for f in (_status_mb, rss_mb, peak_rss_mb))
 
 
 def run_child(code: str, *args: object) -> dict:

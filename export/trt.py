@@ -22,9 +22,9 @@ and TensorRT version (e.g. `sm87-trt10.3.0`); targets built earlier on other mac
 Without onnxruntime's TensorRT provider, an NVIDIA GPU or the TensorRT libraries the command fails
 before writing anything, with one line naming what is missing.
 
-Lines that need a GPU (never executed on the machines this was written on): the bodies of
-`OrtSessionFactory.__call__` with TensorRT/CUDA providers, `_build_graph`'s build and context-load
-runs, and the successful path of `build_engines` after `require_tensorrt`.
+Sessions are created and run through export/trt_session.py. Lines that need a GPU (never executed
+on the machines this was written on): `_build_graph`'s build and context-load runs, and the successful
+path of `build_engines` after `require_tensorrt` (and trt_session's GPU sessions).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ import gc
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from octopus_rt import bundle as bundle_mod
 from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.export.trt_parity import compare_outputs, parity_inputs
 from octopus_rt.export.trt_profiles import TRT_GRAPHS_DEFAULT, dynamic_only, graph_profile, tensorrt_build_options
+from octopus_rt.export.trt_session import OrtSessionFactory, Session, SessionFactory, run_reporting
 from octopus_rt.manifest import ENGINES_FORMAT, GRAPHS, EngineGraph, EnginesSection, EngineTarget, ProfileLimits
 from octopus_rt.memory import default_limits
 from octopus_rt.runtime import providers as providers_mod
@@ -54,8 +55,6 @@ from octopus_rt.runtime.provider_plan import DEFAULT_PROVIDERS, cuda_options, gr
 __all__ = [
     "TrtBuildOptions",
     "TrtBuildResult",
-    "SessionFactory",
-    "OrtSessionFactory",
     "TensorRTUnavailable",
     "require_tensorrt",
     "build_engines",
@@ -63,8 +62,6 @@ __all__ = [
 
 _TIMING_DIR = "timing"
 _CACHE_DIR = "cache"
-
-SessionFactory = Callable[[Path, list, bool], Any]
 
 
 class TensorRTUnavailable(providers_mod.ProviderUnavailable):
@@ -112,63 +109,6 @@ class TrtBuildResult:
     target: EngineTarget  # as committed to the manifest's engines.targets[name]
     manifest: dict[str, Any]
 
-
-class _Session(Protocol):  # what the builder needs from an onnxruntime.InferenceSession
-    def get_inputs(self) -> list: ...
-    def get_outputs(self) -> list: ...
-    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list: ...
-
-
-class OrtSessionFactory:
-    """Creates onnxruntime sessions: (model path, providers [(name, options)], disable_optimizations).
-
-    ORT's own graph optimisations are disabled for TensorRT builds and context models: TensorRT
-    optimises the whole graph itself, and fused contrib ops would split it into several engines.
-    GPU sessions go through runtime/providers.create_session: fallback off, the first provider
-    checked, one line with the cause when the provider cannot start. The EP-context model is
-    written by the TensorRT provider from its own options (trt_dump_ep_context_model ...): the
-    session-level ep.context_* entries are not set, since they would make onnxruntime check the
-    same path a second time and refuse a context model left from an earlier build.
-    """
-
-    def __call__(self, path: Path, providers: list, disable_optimizations: bool) -> _Session:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # Warnings too: the TensorRT provider logs why it built nothing (captured for the error line).
-        options.log_severity_level = 3 if providers[0][0] == "CPUExecutionProvider" else 2
-        if disable_optimizations:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if providers[0][0] != "CPUExecutionProvider":
-            return providers_mod.create_session(path, providers, options, what=path.name)
-        names = [p[0] for p in providers]
-        try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=names,
-                                        provider_options=[p[1] for p in providers])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors; one line for the user
-            raise OctopusError(f"onnxruntime could not load {path.name}: {providers_mod.summarize_error(str(exc))}") from exc
-
-
-def _run_reporting(make: Callable[[], _Session], feeds: Mapping[str, np.ndarray], what: str) -> tuple[_Session, list, list[str]]:
-    """Create a session with `make` and run it once, onnxruntime's native log captured throughout:
-    (session, outputs, logged messages). A failure raises OctopusError with the first logged error
-    (TensorRT's own message: a missing profile, a workspace too small for a tactic, ...), not
-    onnxruntime's generic one; a provider that cannot start raises ProviderUnavailable as is."""
-    session = outputs = error = None
-    with providers_mod.captured_native_stderr() as log:
-        try:
-            session = make()
-            outputs = session.run(None, feeds)
-        except providers_mod.ProviderUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-            error = exc
-    messages = providers_mod.logged_messages(log[0] if log else "")
-    if error is not None:
-        cause = providers_mod.summarize_error(messages[0] if messages else str(error))
-        raise OctopusError(f"{what}: {cause}") from error
-    providers_mod.replay(log)
-    return session, outputs, messages
 
 
 def require_tensorrt(env: DeviceInfo) -> str:
@@ -234,7 +174,7 @@ def _source_sha(manifest: Mapping[str, Any], graph: str) -> str | None:
     return section.get("files", {}).get(graph_record(manifest, graph)["file"], {}).get("sha256")
 
 
-def _io(session: _Session) -> tuple[dict[str, list], dict[str, str], list[str]]:
+def _io(session: Session) -> tuple[dict[str, list], dict[str, str], list[str]]:
     shapes = {i.name: list(i.shape) for i in session.get_inputs()}
     types = {i.name: i.type for i in session.get_inputs()}
     return shapes, types, [o.name for o in session.get_outputs()]
@@ -303,7 +243,7 @@ def _build_graph(
     started = time.monotonic()
     build_providers = [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))]
     # The engine is built (and the context model dumped) by the end of the first run at the latest.
-    builder, _, logged = _run_reporting(lambda: factory(source, build_providers, True), feeds,
+    builder, _, logged = run_reporting(lambda: factory(source, build_providers, True), feeds,
                                         f"{graph}: TensorRT could not build the engine")
     del builder
     gc.collect()
@@ -323,7 +263,7 @@ def _build_graph(
     # 3. Parity of the context model, loaded as the runtime loads it.
     load = tensorrt_load_options(device_id=options.device_id, fp16=options.fp16, workspace_bytes=options.workspace_bytes)
     load_providers = [("TensorrtExecutionProvider", load), ("CUDAExecutionProvider", cuda_options(device_id=options.device_id))]
-    engine, ran, _ = _run_reporting(lambda: factory(ctx_file, load_providers, True), feeds,
+    engine, ran, _ = run_reporting(lambda: factory(ctx_file, load_providers, True), feeds,
                                     f"{graph}: the TensorRT engine {ctx_file.name} did not run")
     candidate = dict(zip([o.name for o in engine.get_outputs()], ran))
     del engine

@@ -14,7 +14,8 @@ from PIL import Image
 from octopus_rt import vocab
 from octopus_rt.training.data.composite import order_allowed
 from octopus_rt.training.data.records import read_records
-from octopus_rt.training.data.synth import SynthOptions, dhash, group_sources, synthesize
+from octopus_rt.training.data.sources import dhash
+from octopus_rt.training.data.synth import SynthOptions, group_sources, synthesize
 
 SIZE = 96
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from octopus_rt.training import evaluate as ev
+from octopus_rt.training.eval_data import load_split
 from octopus_rt.training.data.quadrant import make_quadrant_dataset
 from octopus_rt.training.eval_difficulty import MULTI, SINGLE, SINGLE_VISIBLE, difficulty_buckets
 
@@ -56,7 +57,7 @@ def test_figures_per_bucket_and_histogram_match_the_runtime(tiny_grounding_bundl
     from octopus_rt.runtime.api import Octopus
 
     report = ev.evaluate(ev.EvalOptions(tiny_grounding_bundle, mixed_data, split="test", progress=False))
-    records = ev.load_split(mixed_data, "test")
+    records = load_split(mixed_data, "test")
     octopus = Octopus(tiny_grounding_bundle, threads=1)
     per_bucket: dict[str, list[tuple[float, bool]]] = {SINGLE_VISIBLE: [], SINGLE: [], MULTI: []}
     said, truth = [], []

@@ -18,6 +18,8 @@ from scipy import ndimage, stats
 from scipy.special import softmax
 
 from octopus_rt.training import evaluate as ev
+from octopus_rt.training.eval_data import load_split
+from octopus_rt.training.eval_sweep import retemper
 from octopus_rt.training.data.quadrant import make_quadrant_dataset
 
 
@@ -27,7 +29,7 @@ def test_retemper_equals_softmax_of_scaled_scores():
         scores = rng.normal(scale=3.0, size=2)
         p1 = softmax(scores)[0]
         for tau in (0.1, 0.5, 1.0, 3.0):
-            assert ev.retemper(p1, tau) == pytest.approx(softmax(scores / tau)[0], abs=1e-9)
+            assert retemper(p1, tau) == pytest.approx(softmax(scores / tau)[0], abs=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_grounding_figures_match_the_runtime(tiny_grounding_bundle, quad_data):
 
     options = ev.EvalOptions(tiny_grounding_bundle, quad_data, split="test", progress=False)
     report = ev.evaluate(options)
-    records = ev.load_split(quad_data, "test")
+    records = load_split(quad_data, "test")
     octopus = Octopus(tiny_grounding_bundle, threads=1)
     ious, both = [], []
     oracle_ious = []
@@ -75,7 +77,7 @@ def test_grounding_figures_match_the_runtime(tiny_grounding_bundle, quad_data):
         est = report.find("grounding", "all", "mIoU", system)
         assert est is not None and est.n == len(records) and 0.0 <= est.value <= 1.0
     # Majority class from the train split: its accuracy is the test share of the train's most common side.
-    train = ev.load_split(quad_data, "train")
+    train = load_split(quad_data, "train")
     sides = [tuple(r["regions"][r["target_regions"][0]]["position"]) for r in train]
     common = max(set(sides), key=sides.count)
     want = np.mean([tuple(r["regions"][r["target_regions"][0]]["position"]) == common for r in records])

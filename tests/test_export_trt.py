@@ -195,7 +195,7 @@ def test_profile_shapes_are_valid_inputs_of_the_exported_decoder(tiny_lmm_bundle
     """Every corner of the decoder profile (min, opt, max) is a shape the exported graph accepts,
     and the outputs have the shapes the contract promises (present = P + S)."""
     from octopus_rt.bundle import read_manifest, section_path
-    from octopus_rt.export.trt import OrtSessionFactory
+    from octopus_rt.export.trt_session import OrtSessionFactory
     from octopus_rt.export.trt_parity import parity_inputs
 
     bundle = tiny_lmm_bundle("phi3_clip", "flat_kv")  # the TensorRT-friendly decoder form

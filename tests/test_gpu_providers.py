@@ -318,7 +318,7 @@ def test_engines_are_reused_only_by_the_exact_tensorrt_version():
 
 
 def test_export_sessions_set_no_ep_context_session_options(monkeypatch, tmp_path):
-    from octopus_rt.export.trt import OrtSessionFactory
+    from octopus_rt.export.trt_session import OrtSessionFactory
 
     seen = {}
 
@@ -339,7 +339,7 @@ class _BuildFake:
     writes no context model (`fail=None`, `log` warning)."""
 
     def __init__(self, fail: str | None = None, log: str = "") -> None:
-        from octopus_rt.export.trt import OrtSessionFactory
+        from octopus_rt.export.trt_session import OrtSessionFactory
 
         self.cpu, self.fail, self.log = OrtSessionFactory(), fail, log
 

@@ -134,7 +134,7 @@ def test_the_demo_recipe_refuses_a_work_folder_it_did_not_make(tmp_path, monkeyp
 
 
 def test_evaluation_names_a_broken_record_line(tmp_path):
-    from octopus_rt.training.evaluate import load_split
+    from octopus_rt.training.eval_data import load_split
 
     (tmp_path / "test.jsonl").write_text('{"id": "a"}\n{cut off\n')
     with pytest.raises(InputError, match=r"test.jsonl:2: not a JSON record"):

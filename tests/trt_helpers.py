@@ -77,7 +77,7 @@ class FakeTensorRT:
     model answers with a CPU session of the graph it was built from, optionally perturbed."""
 
     def __init__(self, perturb: float = 0.0) -> None:
-        from octopus_rt.export.trt import OrtSessionFactory
+        from octopus_rt.export.trt_session import OrtSessionFactory
 
         self.cpu = OrtSessionFactory()
         self.builds: list[dict] = []

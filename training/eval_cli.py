@@ -1,4 +1,4 @@
-"""`octopus-rt eval BUNDLE DATA_DIR`: thin CLI over training/evaluate.py (imports typer only)."""
+"""`octopus-rt eval BUNDLE DATA_DIR`: thin CLI over training/evaluate.py and training/eval_sweep.py (imports typer only)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         import json
 
         from octopus_rt.training.eval_report import format_table, plot_sweep
-        from octopus_rt.training.evaluate import EvalOptions, evaluate, sweep_defaults
+        from octopus_rt.training.eval_sweep import sweep_defaults
+        from octopus_rt.training.evaluate import EvalOptions, evaluate
 
         options = EvalOptions(bundle, data_dir, split=split, max_records=max_records, baselines=not no_baselines,
                               tau=tau, point_mapping=point_mapping, seed=seed, threads=threads)

@@ -14,12 +14,8 @@ model's position answers as a histogram against the ground truth's (share of eac
 answer and of the most frequent one: a model that always gives one answer shows here).
 Baselines in the same table: majority class (from the train split), the same model on a blank image,
 the segmenter prompted at the image centre, at a seeded random point, and at the oracle point (the
-ground-truth mask's pixel farthest from its border) as the ceiling.
-
-`sweep_defaults` picks tau and the point mapping that maximise mIoU on the VALIDATION split. Points
-for each tau are recomputed from the tau = 1 closed-set probabilities with the runtime's
-`closed_set_probs` (softmax(log p / tau) = softmax(s / tau) for word scores s, exactly), so the
-language model runs once per record and only the SAM decoder runs per (tau, mapping).
+ground-truth mask's pixel farthest from its border) as the ceiling. The tau / point-mapping sweep
+is training/eval_sweep.py.
 """
 
 from __future__ import annotations
@@ -44,10 +40,8 @@ from octopus_rt.training.eval_data import (
     target_region,
 )
 
-__all__ = ["EvalOptions", "Row", "EvalReport", "DEFAULT_TAUS", "evaluate", "sweep_defaults", "retemper",
-           "load_split"]
+__all__ = ["EvalOptions", "Row", "EvalReport", "evaluate", "open_bundle", "ask_model", "segment_at"]
 
-DEFAULT_TAUS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 PIPELINE = "model"
 
 
@@ -108,16 +102,7 @@ class EvalReport:
         return None
 
 
-def retemper(p_first: float, tau: float) -> float:
-    """Probability of an axis' first word (left / top) at temperature tau, from its value at tau = 1,
-    through the runtime's closed-set softmax over the log-probabilities."""
-    from octopus_rt.runtime.closed_set import closed_set_probs
-
-    p = min(max(float(p_first), 1e-12), 1.0 - 1e-12)
-    return float(closed_set_probs(np.log([p, 1.0 - p]), [[0], [1]], tau)[0])
-
-
-def _open_bundle(bundle: Path, threads: int):
+def open_bundle(bundle: Path, threads: int):
     """The runtime API over the bundle: `ask` for the model, `segment` (the SAM stage, embedding
     cached per image with the rest of the image's state) for the point-prompted baselines."""
     from octopus_rt.runtime.api import Octopus
@@ -125,11 +110,12 @@ def _open_bundle(bundle: Path, threads: int):
     return Octopus(Path(bundle), threads=threads)
 
 
-def _ask(octopus, image: Any, question: str, tau: float, mapping: str, segment: bool = True):
+def ask_model(octopus, image: Any, question: str, tau: float, mapping: str, segment: bool = True):
+    """The model's answer (runtime.results.Answer) at this tau and point mapping."""
     return octopus.ask(image, question, tau=tau, point_mapping=mapping, segment=segment)
 
 
-def _segment_at(octopus, rgb: np.ndarray, point: tuple[float, float]) -> np.ndarray | None:
+def segment_at(octopus, rgb: np.ndarray, point: tuple[float, float]) -> np.ndarray | None:
     """Mask (H x W bool) for one positive point, or None without a SAM section."""
     return octopus.segment(rgb, point).mask if octopus.has_sam else None
 
@@ -191,9 +177,9 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
         height, width = gt.shape
         is_whole = bool(target.get("whole_image"))
         question = question_of(record)
-        systems: dict[str, Any] = {PIPELINE: _ask(octopus, rgb, question, tau, mapping)}
+        systems: dict[str, Any] = {PIPELINE: ask_model(octopus, rgb, question, tau, mapping)}
         if options.baselines:
-            systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), question, tau, mapping, segment=False)
+            systems["blank image"] = ask_model(octopus, np.full_like(rgb, 128), question, tau, mapping, segment=False)
         for system, answer in systems.items():
             put(sub, "whole-image recall (whole)" if is_whole else "whole-image recall (local)", system,
                 float(bool(answer.whole_image) == is_whole))
@@ -202,7 +188,7 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
             elif answer.whole_image:
                 pred = np.ones(gt.shape, dtype=bool)
             else:  # the blank image's point, prompted on the real image
-                pred = None if answer.point is None else _segment_at(octopus, rgb, answer.point)
+                pred = None if answer.point is None else segment_at(octopus, rgb, answer.point)
             put(sub, "mIoU", system, m.mask_iou(pred, gt))
             if not is_whole and target.get("position"):
                 want_h, want_v = target["position"]
@@ -228,7 +214,7 @@ def _grounding(octopus, options: EvalOptions, records: list[dict], tau: float, m
                            "SAM @ random point": (float(rng.uniform(0, width)), float(rng.uniform(0, height))),
                            "SAM @ oracle point (ceiling)": m.oracle_point(gt)}
                 for system, point in prompts.items():
-                    put(sub, "mIoU", system, m.mask_iou(_segment_at(octopus, rgb, point), gt))
+                    put(sub, "mIoU", system, m.mask_iou(segment_at(octopus, rgb, point), gt))
     for system, phrases in said.items():
         most = Counter(phrases).most_common(1)[0][0]
         values[(difficulty.HISTOGRAM, "most frequent answer share", system)] = [float(p == most) for p in phrases]
@@ -272,9 +258,9 @@ def _text_tasks(octopus, options: EvalOptions, records: list[dict], tau: float, 
         sub = str(record.get("subtask") or "all")
         reference = m.distortion_keywords(reference_of(record))
         rgb = load_record_rgb(data_dir, record["image"])
-        systems = {PIPELINE: _ask(octopus, rgb, question_of(record), tau, mapping, segment=False).text}
+        systems = {PIPELINE: ask_model(octopus, rgb, question_of(record), tau, mapping, segment=False).text}
         if options.baselines:
-            systems["blank image"] = _ask(octopus, np.full_like(rgb, 128), question_of(record), tau, mapping,
+            systems["blank image"] = ask_model(octopus, np.full_like(rgb, 128), question_of(record), tau, mapping,
                                            segment=False).text
         table = by_task[task]
         for system, text in systems.items():
@@ -351,7 +337,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
     records = load_split(options.data_dir, options.split, options.max_records)
     if not records:
         raise InputError(f"the {options.split} split of {options.data_dir} is empty")
-    octopus = _open_bundle(options.bundle, options.threads)
+    octopus = open_bundle(options.bundle, options.threads)
     tau = float(options.tau if options.tau is not None else octopus.defaults.tau)
     mapping = str(options.point_mapping or octopus.defaults.point_mapping)
     train_path = Path(options.data_dir) / "train.jsonl"
@@ -368,51 +354,3 @@ def evaluate(options: EvalOptions) -> EvalReport:
                         f"random point seeded with {options.seed}; 95% CI: Wilson for proportions, "
                         "percentile bootstrap (2000 resamples) for means")
     return report
-
-
-def sweep_defaults(options: EvalOptions, taus: tuple[float, ...] = DEFAULT_TAUS, write: bool = True) -> dict:
-    """Choose tau and the point mapping by grounding mIoU on the VALIDATION split; write them into
-    the bundle's manifest defaults (bundle.update_defaults) when `write`.
-
-    Returns {"taus", "miou": {mapping: [mIoU per tau]}, "n", "best": {"tau", "point_mapping", "miou"}}.
-    Ties go to the smaller |log tau| (closest to the plain softmax), then to "paper".
-    """
-    from octopus_rt.bundle import update_defaults
-    from octopus_rt.errors import InputError
-    from octopus_rt.runtime.closed_set import POINT_MAPPINGS, point_from_probs
-
-    records = [r for r in load_split(options.data_dir, "val", options.max_records) if r.get("task") == "grounding"]
-    records = [r for r in records if target_region(r) is not None and r.get("answer_mask")]
-    if not records:
-        raise InputError(f"the val split of {options.data_dir} has no grounding records to sweep tau on")
-    octopus = _open_bundle(options.bundle, options.threads)
-    if not octopus.has_sam:
-        raise InputError(f"{options.bundle} has no sam section: the sweep measures mIoU and needs a segmenter")
-    data_dir = Path(options.data_dir)
-    ious = {mapping: [[] for _ in taus] for mapping in POINT_MAPPINGS}
-    for record in progress(records, options.progress, "sweep"):
-        rgb = load_record_rgb(data_dir, record["image"])
-        gt = load_record_mask(data_dir, record["answer_mask"])
-        height, width = gt.shape
-        answer = _ask(octopus, rgb, question_of(record), 1.0, "paper", segment=False)
-        for mapping in POINT_MAPPINGS:
-            for i, tau in enumerate(taus):
-                if answer.whole_image:
-                    pred = np.ones(gt.shape, dtype=bool)
-                elif answer.probs is None:
-                    pred = None
-                else:
-                    p_right = None if "left" not in answer.probs else 1.0 - retemper(answer.probs["left"], tau)
-                    p_bottom = None if "top" not in answer.probs else 1.0 - retemper(answer.probs["top"], tau)
-                    point = point_from_probs(p_right, p_bottom, width, height, mapping)
-                    pred = _segment_at(octopus, rgb, point)
-                ious[mapping][i].append(m.mask_iou(pred, gt))
-    curves = {mapping: [float(np.mean(v)) for v in per_tau] for mapping, per_tau in ious.items()}
-    candidates = [(curves[mp][i], -abs(np.log(t)), mp == "paper", t, mp)
-                  for mp in POINT_MAPPINGS for i, t in enumerate(taus)]
-    best = max(candidates)
-    result = {"taus": list(taus), "miou": curves, "n": len(records), "split": "val",
-              "best": {"tau": float(best[3]), "point_mapping": best[4], "miou": float(best[0])}}
-    if write:
-        update_defaults(options.bundle, {"tau": float(best[3]), "point_mapping": best[4]})
-    return result

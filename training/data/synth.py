@@ -1,10 +1,12 @@
 """`octopus-rt data synth`: a folder of clean images -> a region-wise distortion dataset.
 
 Pipeline per distorted image ("sample" i, source i mod n_sources): load and downscale the source so
-its long side is at most `size`; propose regions that tile it (regions.py); either distort the whole
-image (uniform case) or 1-3 regions, each with one distortion (severity 1-5; 2-5 for the categories
-whose light level is hard to see) or a table-8 ordered pair (severities 1-3 each); write the image
-and the region masks as PNG; build the records (tasks.py).
+its long side is at most `size` (sources.py); propose regions that tile it (regions.py); either
+distort the whole image (uniform case) or 1-3 regions, each with one distortion (severity 1-5; 2-5 for
+the categories whose light level is hard to see) or a table-8 ordered pair (severities 1-3 each); write
+the image and the region masks as PNG; build the records (tasks.py). One sample is synth_sample.py's
+`make_sample`; this module validates the options, groups the sources into splits, runs the samples
+on a process pool and gathers their records.
 
 Splits are made by source group: sources whose perceptual hashes (64-bit dHash) are within
 `hash_distance` bits, or that a group file puts together, share a group, and a group goes to exactly
@@ -23,20 +25,12 @@ import numpy as np
 
 from octopus_rt.errors import InputError
 from octopus_rt.training.data.records import POSITION_MARGIN
+from octopus_rt.training.data.sources import MIN_SIDE, dhash, list_sources, load_source
+from octopus_rt.training.data.synth_sample import make_sample
 
-__all__ = ["SynthOptions", "SynthReport", "IMAGE_EXTENSIONS", "synthesize", "make_sample", "list_sources", "dhash", "group_sources"]
+__all__ = ["SynthOptions", "SynthReport", "synthesize", "group_sources"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MIN_SIDE = 32
-# Sources above this are skipped before decoding (a 420 KB PNG can claim 12000 x 12000 pixels and
-# take gigabytes): the runtime's limit (octopus_rt.runtime.images.DEFAULT_MAX_PIXELS, 64 megapixels).
-MAX_SOURCE_PIXELS = 64_000_000
-# Light levels of these are hard to see (spec): single distortions of them start at severity 2.
-_FAINT_AT_ONE = ("brighten", "darken", "contrast_strengthen", "contrast_weaken", "saturate_strengthen",
-                 "saturate_weaken", "quantization", "oversharpen")
 _GENERATED = ("images", "masks", "train.jsonl", "val.jsonl", "test.jsonl", "report.json", "dataset.json", ".work")
-# Ordered pairs draw severities 1-3 per step (DQ-495K), so they exist only up to this --min-severity.
-_PAIR_MAX_SEVERITY = 3
 
 
 @dataclass(frozen=True)
@@ -75,56 +69,6 @@ class SynthReport:
     samples: int = 0
     records: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def list_sources(src_dir: Path) -> list[Path]:
-    """Image files directly in `src_dir` (by extension), sorted by name."""
-    if not src_dir.is_dir():
-        raise InputError(f"source folder not found: {src_dir}")
-    files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {src_dir}")
-    return files
-
-
-def _load(path: Path, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, long side at most `size`. Raises ValueError / OSError when unusable,
-    ValueError before decoding when the header promises more than MAX_SOURCE_PIXELS pixels."""
-    import warnings
-
-    import cv2
-    from PIL import Image, ImageOps
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError as exc:
-            raise ValueError(f"too large to decode safely ({exc})") from None
-    with im:
-        if im.width * im.height > MAX_SOURCE_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} = {im.width * im.height} pixels, above the limit of "
-                             f"{MAX_SOURCE_PIXELS} (downscale it)")
-        # phone photos store their rotation in EXIF; apply it so masks match what people see
-        image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    height, width = image.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise ValueError(f"too small ({width}x{height} < {MIN_SIDE}x{MIN_SIDE})")
-    scale = size / max(height, width)
-    if scale < 1.0:
-        new = (max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale)))
-        image = cv2.resize(image, new, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(image)
-
-
-def dhash(image: np.ndarray) -> int:
-    """64-bit difference hash of a (H, W, 3) uint8 image (9x8 grayscale, horizontal gradients)."""
-    import cv2
-
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).ravel()
-    return int(sum(1 << i for i, bit in enumerate(bits) if bit))
 
 
 def group_sources(names: list[str], hashes: list[int], max_distance: int, user_groups: dict[str, str]) -> list[int]:
@@ -188,130 +132,10 @@ def _assign_splits(groups: list[int], seed: int) -> dict[int, str]:
     return out
 
 
-# ------------------------------------------------------------------------------------ per-sample
-def _sample_chain(rng: np.random.Generator, pair: bool, category: str | None = None,
-                  min_severity: int = 1) -> list[dict]:
-    from octopus_rt.training.data.composite import ORDERED_PAIRS
-    from octopus_rt.training.data.distortions import CATEGORIES, subtypes
-
-    pair = pair and min_severity <= _PAIR_MAX_SEVERITY
-    if pair:
-        cats = ORDERED_PAIRS[int(rng.integers(len(ORDERED_PAIRS)))]
-        # 1-3 each (DQ-495K); the faint categories from 2, so their label stays perceivable
-        severities = [int(rng.integers(max(2 if c in _FAINT_AT_ONE else 1, min_severity), 4)) for c in cats]
-    else:
-        cat = category or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        cats = (cat,)
-        low = max(2 if cat in _FAINT_AT_ONE else 1, min_severity)
-        severities = [int(rng.integers(low, 6))]
-    chain = []
-    for cat, severity in zip(cats, severities):
-        names = subtypes(cat)
-        chain.append({"category": cat, "subtype": names[int(rng.integers(len(names)))], "severity": severity})
-    return chain
-
-
-def _user_regions(labels_dir: str | None, source_path: str, shape: tuple[int, int]):
-    """(masks, names) from the user's label map for this source, None when there is none."""
-    if not labels_dir:
-        return None
-    import cv2
-
-    from octopus_rt.training.data.regions import label_map_regions, read_label_map
-
-    path = Path(labels_dir) / (Path(source_path).stem + ".png")
-    if not path.is_file():
-        return None
-    label_map = read_label_map(path)
-    label_map = cv2.resize(label_map.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    names_file = Path(labels_dir) / "names.json"
-    names = json.loads(names_file.read_text(encoding="utf-8")) if names_file.is_file() else {}
-    regions = label_map_regions(label_map.astype(np.int32))
-    if not regions:
-        return None
-    return [m for m, _ in regions], [names.get(str(v)) for _, v in regions]
-
-
-def make_sample(task: tuple) -> int:
-    """Worker body: one distorted image, its masks, and its records in ``.work/s<index>.json``
-    (written last, atomically: the marker --resume trusts). Returns the sample index."""
-    import cv2
-
-    from octopus_rt.training.data.composite import apply_chain
-    from octopus_rt.training.data.records import region_from_mask, save_image, save_mask
-    from octopus_rt.training.data.regions import RegionOptions, describe_region, load_sam, propose_regions
-    from octopus_rt.training.data.tasks import build_records
-
-    cv2.setNumThreads(1)  # one process per core already
-    index, source_path, source_id, out_dir, options = task
-    out = Path(out_dir)
-    rng = np.random.default_rng([options["seed"], index])
-    image = _load(Path(source_path), options["size"])
-    height, width = image.shape[:2]
-    sample_id = f"s{index:06d}"
-    sam = load_sam(options["sam"]) if options["sam"] else None
-    # A third of the images get at most 4 regions, all but one distorted (see below).
-    coarse = rng.random() < 0.35
-    user = _user_regions(options["labels"], source_path, (height, width))
-    if user is not None:
-        masks, names = user
-        coarse = coarse and len(masks) <= 4
-    else:
-        masks = propose_regions(image, rng, RegionOptions(max_kept=4) if coarse else RegionOptions(),
-                                sam_generator=sam)
-        names = [None] * len(masks)
-    uniform = len(masks) < 2 or rng.random() < options["uniform_prob"]
-    regions = []
-    if uniform:
-        full = np.ones((height, width), dtype=bool)
-        rel = f"masks/{sample_id}_whole.png"
-        save_mask(full, out / rel)
-        region = region_from_mask(0, full, rel, "whole image", whole_image=True)
-        region.distortions = _sample_chain(rng, rng.random() < options["pair_prob"],
-                                           min_severity=options["min_severity"])
-        image = apply_chain(image, full, region.distortions, rng, options["feather"])
-        regions.append(region)
-    else:
-        labels = [name or describe_region(image, m) for name, m in zip(names, masks)]
-        most = options["max_regions"]
-        k = int(rng.integers(1, min(most, len(masks)) + 1))
-        if coarse:
-            # all regions but one: the clean one is then the unique "least degraded" (HyD-G-min)
-            k = min(len(masks) - 1, most)
-        chosen = sorted(int(i) for i in rng.choice(len(masks), size=k, replace=False))
-        shared = None
-        chains = {}
-        for i in chosen:
-            pair = rng.random() < options["pair_prob"]
-            # Sometimes reuse one category in several regions, so SiD-G can compare intensities.
-            category = shared if (shared is not None and not pair and rng.random() < 0.5) else None
-            chains[i] = _sample_chain(rng, pair, category, options["min_severity"])
-            shared = shared or chains[i][0]["category"]
-        distorted = image
-        for i in chosen:
-            distorted = apply_chain(distorted, masks[i], chains[i], rng, options["feather"])
-        image = distorted
-        for i, mask in enumerate(masks):
-            rel = f"masks/{sample_id}_r{i}.png"
-            save_mask(mask, out / rel)
-            region = region_from_mask(i, mask, rel, labels[i])
-            region.distortions = chains.get(i, [])
-            regions.append(region)
-    image_rel = f"images/{sample_id}.png"
-    save_image(image, out / image_rel)
-    records = build_records(sample_id, image_rel, regions, rng, width=width, height=height, source=source_id)
-    result = {"index": index, "source": source_id, "records": records}
-    part = out / ".work" / f"{sample_id}.json"
-    tmp = part.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
-    tmp.replace(part)  # the part file is the commit marker for --resume
-    return index
-
-
 def _probe(task: tuple) -> tuple[str, int | None, str | None]:
     path, size, labels = task
     try:
-        digest = dhash(_load(Path(path), size))
+        digest = dhash(load_source(Path(path), size))
         if labels and (label_path := Path(labels) / (Path(path).stem + ".png")).is_file():
             from octopus_rt.training.data.regions import read_label_map
 

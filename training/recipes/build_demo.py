@@ -317,7 +317,8 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
 
     # 6. Tau / mapping sweep on val (written into the manifest), then the test-split table.
     from octopus_rt.training.eval_report import format_table, plot_sweep
-    from octopus_rt.training.evaluate import EvalOptions, evaluate, sweep_defaults
+    from octopus_rt.training.eval_sweep import sweep_defaults
+    from octopus_rt.training.evaluate import EvalOptions, evaluate
 
     t = time.monotonic()
     sweep = sweep_defaults(EvalOptions(bundle, data_dir, max_records=recipe.eval_val_records, progress=False,

@@ -144,7 +144,8 @@ def export_bundle(work: Path, model_dir: Path, checkpoint: Path, cfg: BenchConfi
     from octopus_rt.export.sam import export_sam
 
     bundle = work / "bundle"
-    export_lmm(model_dir, bundle, precision=precision, progress=_log)
+    # flat_kv: the benchmark builds TensorRT engines, and TensorRT has no GroupQueryAttention (the gqa form).
+    export_lmm(model_dir, bundle, precision=precision, progress=_log, decoder_form="flat_kv")
     export_sam(checkpoint, bundle, model_type=cfg.sam_type, precision=precision, log=_log)
     return bundle
 

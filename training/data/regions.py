@@ -140,27 +140,12 @@ def propose_regions(
 
 def read_label_map(path: Path, *, header_only: bool = False) -> np.ndarray | None:
     """(H, W) int32 labels of a user label map PNG: palette indices or grey values as they are, an RGB
-    colour as one value (R << 16 | G << 8 | B). The runtime's pixel limit (DEFAULT_MAX_PIXELS) is
+    colour as one value (R << 16 | G << 8 | B). The sources' pixel limit (sources.MAX_SOURCE_PIXELS) is
     checked from the header before any decoding, so a tiny file claiming a huge size cannot exhaust
     memory. header_only: only that check (returns None). Raises ValueError (one line) when refused."""
-    import warnings
+    from octopus_rt.training.data.sources import open_limited
 
-    from PIL import Image
-
-    from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError as exc:
-            raise ValueError(f"label map {path.name} is too large to decode safely ({exc})") from None
-        except OSError as exc:
-            raise ValueError(f"label map {path.name} is unreadable ({exc})") from None
-    with im:
-        if im.width * im.height > DEFAULT_MAX_PIXELS:
-            raise ValueError(f"label map {path.name} has {im.width}x{im.height} = {im.width * im.height} pixels, "
-                             f"above the limit of {DEFAULT_MAX_PIXELS} (downscale it)")
+    with open_limited(path, f"label map {path.name}") as im:
         if header_only:
             return None
         if im.mode in ("P", "L", "I", "I;16"):  # palette indices or grey values are the labels

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from octopus_rt.errors import InputError
+from octopus_rt.runtime.images import DEFAULT_MAX_PIXELS
 
-__all__ = ["IMAGE_EXTENSIONS", "MIN_SIDE", "MAX_SOURCE_PIXELS", "list_sources", "load_source", "dhash"]
+__all__ = ["IMAGE_EXTENSIONS", "MIN_SIDE", "MAX_SOURCE_PIXELS", "list_sources", "open_limited", "load_source", "dhash"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 32
-# Sources above this are skipped before decoding (a 420 KB PNG can claim 12000 x 12000 pixels and
-# take gigabytes): the runtime's limit (octopus_rt.runtime.images.DEFAULT_MAX_PIXELS, 64 megapixels).
-MAX_SOURCE_PIXELS = 64_000_000
+# Sources and label maps above this are skipped before decoding (a 420 KB PNG can claim 12000 x 12000
+# pixels and take gigabytes): the runtime's own limit, 64 megapixels.
+MAX_SOURCE_PIXELS = DEFAULT_MAX_PIXELS
 
 
 def list_sources(src_dir: Path) -> list[Path]:
@@ -33,24 +34,36 @@ def list_sources(src_dir: Path) -> list[Path]:
     return files
 
 
-def load_source(path: Path, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, long side at most `size`. Raises ValueError / OSError when unusable,
-    ValueError before decoding when the header promises more than MAX_SOURCE_PIXELS pixels."""
+def open_limited(path: Path, what: str = "the image"):
+    """The PIL image at `path`, opened lazily (header read, nothing decoded) after checking that it holds
+    at most MAX_SOURCE_PIXELS pixels. ValueError (one line, prefixed with `what`) when it is larger or
+    unreadable as an image (message: `what` is / has ...); use it as a context manager."""
     import warnings
 
-    import cv2
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
         try:
             im = Image.open(path)
         except Image.DecompressionBombError as exc:
-            raise ValueError(f"too large to decode safely ({exc})") from None
-    with im:
-        if im.width * im.height > MAX_SOURCE_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} = {im.width * im.height} pixels, above the limit of "
-                             f"{MAX_SOURCE_PIXELS} (downscale it)")
+            raise ValueError(f"{what} is too large to decode safely ({exc})") from None
+        except OSError as exc:
+            raise ValueError(f"{what} is unreadable ({exc})") from None
+    if im.width * im.height > MAX_SOURCE_PIXELS:
+        size = f"{im.width}x{im.height} = {im.width * im.height}"
+        im.close()
+        raise ValueError(f"{what} has {size} pixels, above the limit of {MAX_SOURCE_PIXELS} (downscale it)")
+    return im
+
+
+def load_source(path: Path, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, long side at most `size`. Raises ValueError / OSError when unusable,
+    ValueError before decoding when the header promises more than MAX_SOURCE_PIXELS pixels."""
+    import cv2
+    from PIL import ImageOps
+
+    with open_limited(path) as im:
         # phone photos store their rotation in EXIF; apply it so masks match what people see
         image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     height, width = image.shape[:2]

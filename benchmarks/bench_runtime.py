@@ -287,6 +287,13 @@ def main() -> None:
         report["sizes"][size] = entry
         _print(size, entry)
     report["load_average_end"] = os.getloadavg()
+    busy = max(report["load_average_start"][0], report["load_average_end"][0])
+    if args.threads > 1 and busy > 1.0:
+        # PyTorch's per-operator thread rendezvous stalls when another process holds a core (measured:
+        # transformers' decode step 33 ms alone, 156-340 ms next to one busy process), onnxruntime's pool
+        # without spinning much less: the reference/runtime ratios then overstate the runtime's gain.
+        print(f"WARNING: load average {busy:.1f} with --threads {args.threads}: the ratios are not trustworthy "
+              "on a busy machine; rerun on a quiet one or with --threads 1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

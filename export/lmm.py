@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from octopus_rt import bundle
-from octopus_rt.errors import InputError, OctopusError
+from octopus_rt.errors import InputError
 from octopus_rt.export.llava_graphs import (
     SUPPORTED_TEXT_MODELS,
     SUPPORTED_VISION_MODELS,
@@ -276,7 +276,7 @@ def _verify(reference, staging: Path, vision_file: str, decoder_file: str, embed
             image_token_id: int, precision: str, form: str, checks, progress: Callable[[str], None]) -> LmmVerification:
     """export/lmm_verify.py on the staged graphs; the section's verification record, or OctopusError
     listing the failed checks (failures the user accepted with --accept-quality-loss are warned about)."""
-    from octopus_rt.export.lmm_verify import verification_record, verify_lmm
+    from octopus_rt.export.lmm_verify import judged_record, verify_lmm
 
     limits, overrides = checks
     progress(f"verifying in onnxruntime ({precision}, {form} decoder)")
@@ -290,10 +290,4 @@ def _verify(reference, staging: Path, vision_file: str, decoder_file: str, embed
         f"logits max|diff| {report.generation_max_abs_diff:.2e}, min cosine {report.generation_min_cosine:.6f}, "
         f"top-1 {report.top1_agreement:.3f}, greedy tokens identical: {report.tokens_identical}"
     )
-    record, refusing = verification_record(report, limits, overrides)
-    if refusing:
-        hint = "" if precision == "fp32" else " (to keep it anyway: --min-cosine / --min-top1 / --accept-quality-loss)"
-        raise OctopusError(f"{precision} export failed verification: " + "; ".join(refusing) + hint)
-    for line in record.accepted_failures:
-        progress(f"WARNING quality loss accepted (--accept-quality-loss): {line}")
-    return record
+    return judged_record(report, limits, overrides, progress)

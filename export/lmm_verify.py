@@ -292,3 +292,20 @@ def verification_record(report: VerifyReport, limits: VerifyThresholds,
     record = LmmVerification(**report.summary(), thresholds=limits, defaults=THRESHOLDS[report.precision],
                              overrides=overrides, quality_loss_accepted=bool(accepted), accepted_failures=accepted)
     return record, refusing
+
+
+def judged_record(report: VerifyReport, limits: VerifyThresholds, overrides: VerifyOverrides,
+                  progress) -> LmmVerification:
+    """verification_record for an export: OctopusError listing the failures that still refuse it (with
+    the options that would keep it, for quantised precisions); a WARNING line through `progress` for each
+    failure the user accepted with --accept-quality-loss. Shared by the LLaVA and Phi-3-V exports."""
+    from octopus_rt.errors import OctopusError
+
+    record, refusing = verification_record(report, limits, overrides)
+    if refusing:
+        precision = report.precision
+        hint = "" if precision == "fp32" else " (to keep it anyway: --min-cosine / --min-top1 / --accept-quality-loss)"
+        raise OctopusError(f"{precision} export failed verification: " + "; ".join(refusing) + hint)
+    for line in record.accepted_failures:
+        progress(f"WARNING quality loss accepted (--accept-quality-loss): {line}")
+    return record

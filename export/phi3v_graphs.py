@@ -8,12 +8,12 @@ and their graphs. The same four pieces as export/llava_graphs.py:
   `auto_map` names remote code, which is never loaded);
 - `export_phi3v_graphs`: vision.onnx (crops N x 3 x S x S, N dynamic -> per-crop projected tokens
   N x m^2 x H, export/phi3v_wrappers.Phi3VVisionWrapper), separators.npy (2 x H projected sub_GN /
-  glb_GN) and decoder.onnx in the requested decoder form (DECODER_FORMS);
+  glb_GN) and decoder.onnx in the requested decoder form (DECODER_EXPORTERS);
 - `graph_specs`: the manifest's typed `vision`, `decoder` and `hd` entries.
 
 Decoder forms: "flat_kv" (docs/bundle.md, "Decoder graph I/O"; the Phi-3 decoder with the
 checkpoint's longrope picked per call inside the graph). A second form (e.g. onnxruntime's
-GroupQueryAttention with fused rotary) registers its exporter in DECODER_FORMS; graph_specs records
+GroupQueryAttention with fused rotary) registers its exporter in DECODER_EXPORTERS; graph_specs records
 the form in `lmm.decoder.form` and the runtime reads it from there.
 """
 
@@ -34,7 +34,7 @@ __all__ = [
     "VISION_FILE",
     "DECODER_FILE",
     "SEPARATORS_FILE",
-    "DECODER_FORMS",
+    "DECODER_EXPORTERS",
     "describe_supported",
     "check_model_dir",
     "load_model",
@@ -87,7 +87,7 @@ def _export_flat_kv(model, path: Path, opset: int) -> None:
 
 
 # form -> exporter(model, path, opset); the form's runtime contract is documented in docs/bundle.md.
-DECODER_FORMS: dict[str, Callable[[Any, Path, int], None]] = {"flat_kv": _export_flat_kv}
+DECODER_EXPORTERS: dict[str, Callable[[Any, Path, int], None]] = {"flat_kv": _export_flat_kv}
 
 
 def export_phi3v_graphs(model, out_dir: Path, opset: int, form: str = "flat_kv") -> None:
@@ -101,8 +101,8 @@ def export_phi3v_graphs(model, out_dir: Path, opset: int, form: str = "flat_kv")
         projected_separators,
     )
 
-    if form not in DECODER_FORMS:
-        raise InputError(f"unknown decoder form {form!r}; choose one of {', '.join(DECODER_FORMS)}")
+    if form not in DECODER_EXPORTERS:
+        raise InputError(f"unknown decoder form {form!r}; choose one of {', '.join(DECODER_EXPORTERS)}")
     side = model.spec.crop_size
     crops = torch.export.Dim("crops", min=1, max=1024)
     export_onnx(
@@ -113,7 +113,7 @@ def export_phi3v_graphs(model, out_dir: Path, opset: int, form: str = "flat_kv")
         opset=opset,
     )
     np.save(out_dir / SEPARATORS_FILE, projected_separators(model).numpy().astype(np.float32))
-    DECODER_FORMS[form](model, out_dir / DECODER_FILE, opset)
+    DECODER_EXPORTERS[form](model, out_dir / DECODER_FILE, opset)
 
 
 def max_image_tokens(num_crops: int, tokens_per_side: int) -> int:

@@ -88,11 +88,10 @@ def _preprocess_spec(spec) -> VisionPreprocessSpec:
 
 
 def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging: Path, precision: str, opset: int,
-                      progress: Callable[[str], None], form: str = "flat_kv", checks=None) -> dict[str, Any]:
+                      progress: Callable[[str], None], *, checks, form: str = "flat_kv") -> dict[str, Any]:
     """Write, convert and verify a Phi-3-V section's files in `staging`; returns the section dict.
     `holder` is [model, tokenizer]; the model is removed from it (and freed) after the ONNX export.
-    checks: (VerifyThresholds, VerifyOverrides) from export.lmm_verify.user_limits (default: the
-    precision's own thresholds, nothing lowered)."""
+    checks: (VerifyThresholds, VerifyOverrides) from export.lmm_verify.user_limits."""
     import onnx
 
     from octopus_rt.export import lmm_manifest
@@ -100,7 +99,7 @@ def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging:
     from octopus_rt.export.phi3v_graphs import SEPARATORS_FILE, export_phi3v_graphs, graph_specs
     from octopus_rt.export.phi3v_reference import official_stop_ids
     from octopus_rt.export import phi3v_verify
-    from octopus_rt.export.lmm_verify import user_limits, verification_record
+    from octopus_rt.export.lmm_verify import judged_record
 
     model, tokenizer = holder[0], holder[1]
     holder[0] = None
@@ -140,7 +139,7 @@ def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging:
         shutil.rmtree(fp32_dir)
 
     progress(f"verifying in onnxruntime ({precision})")
-    limits, overrides = checks if checks is not None else user_limits(precision)
+    limits, overrides = checks
     report, extra = phi3v_verify.verify_phi3v(
         reference, staging / vision.file, staging / decoder.file, np.load(staging / EMBEDDING_FILE, mmap_mode="r"),
         np.load(staging / SEPARATORS_FILE), decoder, closed, precision, limits)
@@ -151,11 +150,7 @@ def export_phi3v_into(holder: list, model_dir: Path, config_json: dict, staging:
         f"closed-set max|diff| {extra['closed_set_max_abs_diff']:.2e}, top-1 {report.top1_agreement:.3f}, "
         f"greedy tokens identical: {report.tokens_identical}"
     )
-    record, refusing = verification_record(report, limits, overrides)
-    if refusing:
-        raise OctopusError(f"{precision} export failed verification: " + "; ".join(refusing))
-    for failure in record.accepted_failures or []:
-        progress(f"WARNING: kept despite a failed check (--accept-quality-loss): {failure}")
+    record = judged_record(report, limits, overrides, progress)
     graph = onnx.load(str(staging / decoder.file), load_external_data=False)
     return lmm_manifest.lmm_section(
         opset=opset, ir_version=int(graph.ir_version), precision=precision, source=source, vision=vision,

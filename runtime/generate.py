@@ -214,9 +214,11 @@ class Decoder:
     ) -> list[DecodeResult]:
         """Decode B prefilled sequences together (module docstring): rows whose caches have the same
         length share one decoder call per step; each other length gets its own call in the same step.
-        A longrope decoder runs each row through `forward` instead, which re-runs a row's cache when it
-        crosses the switch (module docstring)."""
-        if self.rope_switch is not None:
+        When a row of a longrope decoder may cross the switch while decoding, every row runs through
+        `forward` instead, which re-runs a row's cache when it crosses (module docstring); rows that stay
+        on one side of it decode as any other."""
+        switch = self.rope_switch
+        if switch is not None and any(s.length <= switch < s.length + n for s, n in zip(states, limits)):
             return self._greedy_rows(logits, states, limits, eos_ids, axis_ids, on_token)
         groups: dict[int, list[int]] = {}
         for b, state in enumerate(states):

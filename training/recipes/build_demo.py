@@ -24,7 +24,6 @@ from pathlib import Path
 
 __all__ = ["DemoRecipe", "QUICK", "FULL", "DEMO_LLAVA", "build_demo", "main"]
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ class DemoRecipe:
     sam_time: float
     eval_val_records: int  # val records for the tau sweep (grounding ones are used)
     eval_test_records: int | None  # test records measured (None = all)
-    examples: int
     wallpapers: bool = False  # add demo_data.WALLPAPERS (Debian packages) to the training photos
     closed_set_weight: float = 0.0  # weight of the closed-set position-word loss (see closed_set_loss_hook)
     relative_weight: float = 0.0  # within-image patch softmax in vision pretraining (vision_pretrain)
@@ -59,12 +57,12 @@ class DemoRecipe:
 
 FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=2000, vision_time=60 * 60,
                   lmm_steps=1800, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1200,
-                  sam_time=40 * 60, eval_val_records=300, eval_test_records=None, examples=5, wallpapers=True,
+                  sam_time=40 * 60, eval_val_records=300, eval_test_records=None, wallpapers=True,
                   closed_set_weight=1.0, relative_weight=1.0, distill_steps=600, easy_seen=800,
                   easy_vision_steps=600, easy_lmm_steps=600)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
-                   eval_val_records=80, eval_test_records=40, examples=2, closed_set_weight=1.0, relative_weight=1.0,
+                   eval_val_records=80, eval_test_records=40, closed_set_weight=1.0, relative_weight=1.0,
                    easy_seen=20, easy_vision_steps=4, easy_lmm_steps=4)
 
 # The demo LLaVA: SigLIP-style vision tower (square resize, no crop, no CLS: patches map onto the

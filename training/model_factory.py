@@ -15,7 +15,13 @@ from pathlib import Path
 
 from octopus_rt import vocab
 
-__all__ = ["TinyLlavaSpec", "CHAT_TEMPLATES", "SPECIAL_TOKENS", "training_corpus", "build_tokenizer", "build_llava"]
+__all__ = ["TinyLlavaSpec", "CHAT_TEMPLATES", "SPECIAL_TOKENS", "TIMM_TOWERS", "TIMM_STRIDE", "training_corpus",
+           "build_tokenizer", "build_llava"]
+
+# Vision towers built from timm networks (`vision_model` -> timm architecture, channels of its last
+# feature map); they make a FastVLM.
+TIMM_TOWERS = {"efficientnet_lite0": ("tf_efficientnet_lite0", 1280)}
+TIMM_STRIDE = 32
 
 # The special tokens of the tokenizers we build. "<image>" is the LLaVA image placeholder.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -111,7 +117,7 @@ class TinyLlavaSpec:
     """Sizes of a small LLaVA. Defaults give a ~0.3M-parameter model that exports in seconds."""
 
     text_model: str = "phi3"  # phi3 | llama | qwen2
-    vision_model: str = "clip"  # clip | siglip
+    vision_model: str = "clip"  # clip | siglip | efficientnet_lite0 (a FastVLM: timm CNN tower, see build_llava)
     chat_template: str = "phi3"  # key of CHAT_TEMPLATES
     image_size: int = 64
     patch_size: int = 16
@@ -189,14 +195,37 @@ def _vision_parts(spec: TinyLlavaSpec):
         )
         # SigLIP has no CLS token: keep every patch.
         return config, processor, 0, "full"
-    raise ValueError(f"unknown vision model {spec.vision_model!r}; choose clip or siglip")
+    if spec.vision_model in TIMM_TOWERS:
+        from transformers.models.timm_wrapper import TimmWrapperConfig
+
+        # The CNN's last feature map (stride 32) becomes the image tokens (FastVLM flattens it row-major);
+        # the processor resizes the whole image to a square like SigLIP's, so token (i, j) covers
+        # patch (i, j) of the image. Mean / std 0.5 are timm's pretrained_cfg of tf_efficientnet_lite0.
+        architecture, channels = TIMM_TOWERS[spec.vision_model]
+        config = TimmWrapperConfig(architecture=architecture, do_pooling=False, hidden_size=channels)
+        processor = SiglipImageProcessor(
+            size={"height": spec.image_size, "width": spec.image_size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        return config, processor, 0, "full"
+    raise ValueError(f"unknown vision model {spec.vision_model!r}; choose clip, siglip or "
+                     + " or ".join(TIMM_TOWERS))
 
 
 def build_llava(out_dir: str | os.PathLike[str], spec: TinyLlavaSpec | None = None):
     """Build a seeded random LlavaForConditionalGeneration and save it (model, processor, tokenizer,
-    generation config) to `out_dir` with save_pretrained. Returns (model, processor)."""
+    generation config) to `out_dir` with save_pretrained. Returns (model, processor).
+
+    With a timm CNN tower (`spec.vision_model` in TIMM_TOWERS) the model is transformers'
+    FastVlmForConditionalGeneration instead: the LLaVA design (tower -> 2-layer GELU projector -> image
+    tokens spliced at the `<image>` placeholders, LlavaProcessor) whose tower is a timm network and whose
+    tokens are its last feature map, flattened row-major (image_size / 32 squared of them). Its tower
+    weights are random here; the demo recipe loads ImageNet weights (training/recipes/teacher.py)."""
     import torch
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (FastVlmConfig, FastVlmForConditionalGeneration, GenerationConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
 
     spec = spec or TinyLlavaSpec()
     tokenizer = build_tokenizer(spec.vocab_size, spec.max_position_embeddings)
@@ -204,19 +233,24 @@ def build_llava(out_dir: str | os.PathLike[str], spec: TinyLlavaSpec | None = No
     vocab_size = len(tokenizer)
     vision_config, image_processor, extra_tokens, strategy = _vision_parts(spec)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    timm_tower = spec.vision_model in TIMM_TOWERS
+    if timm_tower and spec.patch_size != TIMM_STRIDE:
+        raise ValueError(f"a {spec.vision_model} tower has stride {TIMM_STRIDE}: give patch_size={TIMM_STRIDE}")
     num_image_tokens = (spec.image_size // spec.patch_size) ** 2
-    config = LlavaConfig(
+    common = dict(
         vision_config=vision_config,
         text_config=_text_config(spec, tokenizer, vocab_size),
         image_token_index=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy,
-        vision_feature_layer=-2,
         image_seq_length=num_image_tokens,
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    if timm_tower:
+        model = FastVlmForConditionalGeneration(FastVlmConfig(**common, vision_feature_layer=-1)).eval()
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common, vision_feature_layer=-2)).eval()
     end_ids = [tokenizer.eos_token_id]
     if spec.chat_template == "phi3":
         end_ids.append(tokenizer.convert_tokens_to_ids("<|end|>"))

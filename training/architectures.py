@@ -68,9 +68,10 @@ def with_lora_defaults(options, defaults: LoraDefaults):
 
 
 def load_llava(base_model: Path):
-    """(model float32 on CPU, processor) from a LlavaForConditionalGeneration directory, after checking
-    the architecture. Raises InputError for an unsupported directory."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    """(model float32 on CPU, processor) from a LlavaForConditionalGeneration (or FastVLM: a LLaVA with
+    a timm CNN tower) directory, after checking the architecture. Raises InputError for an unsupported
+    directory."""
+    from transformers import AutoConfig, AutoProcessor, FastVlmForConditionalGeneration, LlavaForConditionalGeneration
 
     from octopus_rt.training.lora import check_architecture
 
@@ -81,13 +82,15 @@ def load_llava(base_model: Path):
     check_architecture(config)
     import torch
 
-    model = LlavaForConditionalGeneration.from_pretrained(base_model, dtype=torch.float32)
+    model_class = FastVlmForConditionalGeneration if config.model_type == "fast_vlm" else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(base_model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(base_model)
     return model, processor
 
 
 class LlavaArchitecture(Architecture):
-    """transformers LlavaForConditionalGeneration (Phi-3, Llama or Qwen2 language model; CLIP or SigLIP).
+    """transformers LlavaForConditionalGeneration (Phi-3, Llama or Qwen2 language model; CLIP or SigLIP), or
+    FastVlmForConditionalGeneration (the same with a timm CNN tower).
     LoRA on every linear layer under the language model (training/lora.py); the merged model is a
     plain `save_pretrained` directory (training/merge.py)."""
 
@@ -107,7 +110,8 @@ class LlavaArchitecture(Architecture):
         from octopus_rt.training.lora import apply_tuning
 
         return apply_tuning(model, options.lm_tuning, rank=options.lora_rank, alpha=options.lora_alpha,
-                            dropout=options.lora_dropout, freeze_vision=options.freeze_vision)
+                            dropout=options.lora_dropout, freeze_vision=options.freeze_vision,
+                            freeze_vision_stages=options.freeze_vision_stages)
 
     def write_merged(self, model, collator, options):
         from octopus_rt.training.merge import merged_model, save_merged
@@ -128,8 +132,8 @@ def architecture_for(base_model: str | Path) -> Architecture:
         from octopus_rt.training.phi3v_training import Phi3VArchitecture
 
         return Phi3VArchitecture()
-    if config.get("model_type") == "llava":
+    if config.get("model_type") in ("llava", "fast_vlm"):
         return LlavaArchitecture()
     found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "unknown"
     raise InputError(f"unsupported base model {found}: octopus-rt train takes a LlavaForConditionalGeneration "
-                     "or an official-layout Phi-3(.5)-Vision (Phi3VForCausalLM) directory")
+                     "(or FastVLM) or an official-layout Phi-3(.5)-Vision (Phi3VForCausalLM) directory")

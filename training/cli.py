@@ -29,6 +29,9 @@ def _train_command(
                                                  "(default: 0.05 for LLaVA, 0 for Phi-3.5-Vision)."),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Freeze the vision tower and projector "
                                        "(default: fully fine-tuned, as in the paper)."),
+    freeze_vision_stages: int = typer.Option(0, "--freeze-vision-stages", help="LLaVA / FastVLM: keep the vision "
+                                             "tower's input layers and first N stages (CNN stages or ViT layers) "
+                                             "frozen; the rest fine-tunes."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (0: never)."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on the val split every N steps "
@@ -52,7 +55,7 @@ def _train_command(
         base_model=base_model, data=[parse_data_arg(d) for d in data], out=out, work_dir=work_dir, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lm_tuning=lm_tuning,
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_vision=freeze_vision,
-        max_steps=max_steps, save_every=save_every, eval_every=eval_every, resume=resume, on_error=on_error,
+        freeze_vision_stages=freeze_vision_stages, max_steps=max_steps, save_every=save_every, eval_every=eval_every, resume=resume, on_error=on_error,
         precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed, progress=not no_progress,
     )
     result = train(options)

@@ -4,7 +4,11 @@ PEFT's usual shortcuts pick the wrong modules on LLaVA: ``["q_proj", "v_proj"]``
 matches CLIP layers (Phi-3 fuses ``qkv_proj`` and ``gate_up_proj``), and ``"all-linear"`` also wraps
 the vision tower and the projector. So the target list is the explicit full names of the
 `nn.Linear` modules under ``model.language_model`` (``lm_head`` sits outside it and stays as is).
-The vision tower and projector are fully fine-tuned (paper 5.1) unless `freeze_vision`.
+The vision tower and projector are fully fine-tuned (paper 5.1) unless `freeze_vision`;
+`freeze_vision_stages` keeps the tower's input layers and its first N stages frozen (a CNN's stages, a
+ViT's encoder layers), so a pretrained tower adapts only its deeper layers, and backpropagation stops there.
+
+The same holds for transformers' FastVLM (a LLaVA whose tower is a timm CNN): same module names.
 """
 
 from __future__ import annotations
@@ -32,20 +36,27 @@ class TuningSummary:
     total_parameters: int
 
 
+# model_type -> (architecture class name, vision tower model types it takes)
+LLAVA_FAMILY = {"llava": ("LlavaForConditionalGeneration", tuple(SUPPORTED_VISION_MODELS)),
+                "fast_vlm": ("FastVlmForConditionalGeneration", ("timm_wrapper",))}
+
+
 def check_architecture(config) -> None:
-    """Raise InputError unless `config` is a LLaVA with a supported language model and vision tower."""
+    """Raise InputError unless `config` is a LLaVA (or FastVLM) with a supported language model and
+    vision tower."""
     architectures = list(getattr(config, "architectures", None) or [])
-    if getattr(config, "model_type", None) != "llava" or (
-        architectures and "LlavaForConditionalGeneration" not in architectures
-    ):
-        found = ", ".join(architectures) or getattr(config, "model_type", "unknown")
-        raise InputError(f"unsupported base model {found}: octopus-rt train takes a LlavaForConditionalGeneration")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAVA_FAMILY or (architectures and LLAVA_FAMILY[model_type][0] not in architectures):
+        found = ", ".join(architectures) or model_type or "unknown"
+        raise InputError(f"unsupported base model {found}: octopus-rt train takes a LlavaForConditionalGeneration "
+                         "or FastVlmForConditionalGeneration")
     text = getattr(config.text_config, "model_type", None)
     vision = getattr(config.vision_config, "model_type", None)
     if text not in SUPPORTED_TEXT_MODELS:
         raise InputError(f"unsupported language model {text!r}; supported: {', '.join(SUPPORTED_TEXT_MODELS)}")
-    if vision not in SUPPORTED_VISION_MODELS:
-        raise InputError(f"unsupported vision tower {vision!r}; supported: clip, siglip")
+    towers = LLAVA_FAMILY[model_type][1]
+    if vision not in towers:
+        raise InputError(f"unsupported vision tower {vision!r} for {model_type}; supported: {', '.join(towers)}")
 
 
 def language_model_linear_names(model) -> list[str]:
@@ -65,8 +76,43 @@ def _vision_modules(model) -> list:
     return [model.model.vision_tower, model.model.multi_modal_projector]
 
 
+def vision_stages(tower) -> list:
+    """The tower's modules from the input on, in order: [input layers, stage 1, stage 2, ...] (a timm
+    CNN: stem, then its `blocks` stages; a CLIP / SigLIP tower: embeddings, then encoder layers)."""
+    timm_model = getattr(tower, "timm_model", None)
+    if timm_model is not None:
+        stem = [m for m in (getattr(timm_model, "conv_stem", None), getattr(timm_model, "bn1", None)) if m is not None]
+        if not stem or not hasattr(timm_model, "blocks"):
+            raise InputError(f"cannot tell the stages of the timm tower {type(timm_model).__name__}")
+        return [stem, *list(timm_model.blocks)]
+    inner = getattr(tower, "vision_model", tower)
+    return [[inner.embeddings], *list(inner.encoder.layers)]
+
+
+def _keep_inference_mode(module, args) -> None:
+    module.train(False)
+
+
+def freeze_stages(tower, count: int) -> None:
+    """Freeze the tower's input layers and its first `count` stages (vision_stages): no gradients, and
+    their normalisation layers always run in inference mode (a forward pre-hook, so `model.train()`
+    cannot switch them back): a frozen BatchNorm keeps its ImageNet running statistics instead of
+    drifting to small training batches. Hooks are not saved: the model on disk is unchanged in form."""
+    from torch import nn
+
+    stages = vision_stages(tower)
+    if count > len(stages) - 1:
+        raise InputError(f"--freeze-vision-stages {count}: the vision tower has {len(stages) - 1} stages")
+    for stage in stages[:count + 1]:
+        for module in (stage if isinstance(stage, list) else [stage]):
+            module.requires_grad_(False)
+            for sub in module.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.register_forward_pre_hook(_keep_inference_mode)
+
+
 def apply_tuning(model, lm_tuning: str, *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.05,
-                 freeze_vision: bool = False):
+                 freeze_vision: bool = False, freeze_vision_stages: int = 0):
     """Set which parameters train and wrap the model with LoRA when `lm_tuning == "lora"`.
 
     model: a LlavaForConditionalGeneration. lm_tuning: "lora" | "full" | "frozen" for the language
@@ -89,6 +135,8 @@ def apply_tuning(model, lm_tuning: str, *, rank: int = 16, alpha: float = 32.0, 
     for module in _vision_modules(inner):
         for parameter in module.parameters():
             parameter.requires_grad_(not freeze_vision)
+    if freeze_vision_stages and not freeze_vision:
+        freeze_stages(inner.model.vision_tower, freeze_vision_stages)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return model, TuningSummary(targets, trainable, total)

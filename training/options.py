@@ -75,6 +75,7 @@ class TrainOptions:
     lora_alpha: float | None = None  # None: LLaVA 32, Phi-3.5-Vision 128
     lora_dropout: float | None = None  # None: LLaVA 0.05, Phi-3.5-Vision 0
     freeze_vision: bool = False  # paper table 4: freezing the vision tower and projector hurts
+    freeze_vision_stages: int = 0  # LLaVA / FastVLM: keep the tower's input layers + first N stages frozen
     max_steps: int | None = None
     save_every: int = 0  # 0: only the final state
     keep_checkpoints: int = 2
@@ -126,6 +127,8 @@ class TrainOptions:
                 raise InputError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
             raise InputError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not isinstance(self.freeze_vision_stages, int) or self.freeze_vision_stages < 0:
+            raise InputError(f"--freeze-vision-stages must be an integer >= 0, got {self.freeze_vision_stages!r}")
         if self.lm_tuning == "frozen" and self.freeze_vision:
             raise InputError("nothing to train: the language model is frozen and --freeze-vision is set")
         if self.precision not in PRECISIONS:

@@ -108,6 +108,8 @@ class Phi3VArchitecture(Architecture):
     def apply_tuning(self, model, options):
         if options.lm_tuning not in ("lora", "full", "frozen"):
             raise InputError(f"unknown language model tuning {options.lm_tuning!r}")
+        if options.freeze_vision_stages:
+            raise InputError("--freeze-vision-stages is for LLaVA / FastVLM; Phi-3.5-Vision takes --freeze-vision")
         for parameter in model.parameters():
             parameter.requires_grad_(options.lm_tuning == "full")
         for parameter in model.vision_embed_tokens.parameters():

@@ -53,13 +53,22 @@ class DemoRecipe:
     # Mirrored twins of the LLaVA training records (demo_augment.FLIPS). Off in FULL: measured in issue 16
     # round 2 (docs/demo.md), they turned the horizontal answer into a constant, not into a reading.
     lmm_flips: tuple[str, ...] = ()
+    # The vision tower: "siglip" (DEMO_LLAVA, trained from scratch) or "efficientnet_lite0" (a FastVLM whose
+    # tower is the teacher itself, ImageNet weights loaded; its input layers + first `freeze_vision_stages`
+    # stages stay frozen in both training stages).
+    vision_model: str = "siglip"
+    freeze_vision_stages: int = 0
+    # The language model's RoPE base; None: Llama's 10000. (4 / pi) ** 24 gives its second frequency a
+    # period of exactly 8 positions, one row of the 8 x 8 image tokens (see _rope_theta_note).
+    rope_theta: float | None = None
 
 
-FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=2000, vision_time=60 * 60,
+FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=500, vision_time=60 * 60,
                   lmm_steps=1800, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1200,
                   sam_time=40 * 60, eval_val_records=300, eval_test_records=None, wallpapers=True,
-                  closed_set_weight=1.0, relative_weight=1.0, distill_steps=600, easy_seen=800,
-                  easy_vision_steps=600, easy_lmm_steps=600)
+                  closed_set_weight=1.0, relative_weight=0.0, distill_steps=0, easy_seen=800,
+                  easy_vision_steps=200, easy_lmm_steps=600, vision_model="efficientnet_lite0",
+                  freeze_vision_stages=5, rope_theta=(4 / 3.141592653589793) ** 24)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=80, eval_test_records=40, closed_set_weight=1.0, relative_weight=1.0,
@@ -72,6 +81,36 @@ QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, visio
 DEMO_LLAVA = dict(text_model="llama", vision_model="siglip", chat_template="llava", image_size=256, patch_size=32,
                   vision_hidden=128, vision_layers=4, vision_heads=4, text_hidden=192, text_layers=3, text_heads=4,
                   text_kv_heads=2, text_intermediate=512)
+
+
+# Why a RoPE base of (4 / pi) ** 24: the image tokens enter the language model row by row, so a token's
+# column is its sequence position modulo 8. With head_dim 48, RoPE's frequencies are base ** (-i / 24);
+# the default base 10000 has none with period 8 (6.3, 9.2, 13.6, ... positions), so the column of an
+# image token is not a simple function of what attention sees, and the first builds learnt the
+# vertical answer (first vs last 32 tokens: a low frequency) but not the horizontal one (issue 16,
+# round 2). base = (4 / pi) ** 24 makes frequency i = 1 exactly 2 pi / 8: every token of one column
+# has the same phase, and cos(2 pi (c - 1.5) / 8) > 0 exactly for the left columns c = 0..3.
+ROPE_THETA_ROW_OF_8 = (4 / 3.141592653589793) ** 24
+
+
+def demo_spec(recipe: DemoRecipe, seed: int):
+    """The TinyLlavaSpec of `recipe`'s base model (DEMO_LLAVA with the recipe's tower and RoPE base)."""
+    from octopus_rt.training.model_factory import TinyLlavaSpec
+
+    extra = {} if recipe.rope_theta is None else {"rope_theta": recipe.rope_theta}
+    return TinyLlavaSpec(**{**DEMO_LLAVA, "vision_model": recipe.vision_model}, seed=seed, extra_text_config=extra)
+
+
+def _build_base(base: Path, recipe: DemoRecipe, seed: int) -> None:
+    """The seeded random base model; a timm tower gets the teacher's ImageNet weights."""
+    from octopus_rt.training.model_factory import TIMM_TOWERS, build_llava
+
+    model, processor = build_llava(base, demo_spec(recipe, seed))
+    if recipe.vision_model in TIMM_TOWERS:
+        from octopus_rt.training.recipes.teacher import load_into_timm
+
+        load_into_timm(model.model.vision_tower.timm_model)
+        model.save_pretrained(base)
 
 
 _WORK_MARKER = ".octopus-demo-work"
@@ -226,7 +265,6 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     stage("data", time.monotonic() - t, splits=json.loads((data_dir / "demo_splits.json").read_text())["records"])
 
     # 2. Base model + dense vision pretraining.
-    from octopus_rt.training.model_factory import TinyLlavaSpec, build_llava
     from octopus_rt.training.recipes.vision_pretrain import VisionPretrainOptions, pretrain_vision
 
     base = work / "base_model"
@@ -236,18 +274,20 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     curriculum = recipe.easy_seen > 0 and (easy_dir / "train.jsonl").exists()
     if not probe_path.exists():
         shutil.rmtree(base, ignore_errors=True)
-        build_llava(base, TinyLlavaSpec(**DEMO_LLAVA, seed=seed))
+        _build_base(base, recipe, seed)
         facts = {}
         if curriculum and recipe.easy_vision_steps > 0:  # easy images first (and the teacher's prior)
             easy = pretrain_vision(VisionPretrainOptions(base, easy_dir, steps=recipe.easy_vision_steps,
                                                          time_limit_s=recipe.vision_time, seed=seed, threads=threads,
                                                          relative_weight=recipe.relative_weight,
-                                                         distill_steps=recipe.distill_steps))
+                                                         distill_steps=recipe.distill_steps,
+                                                         freeze_stages=recipe.freeze_vision_stages))
             facts.update(easy_steps=easy.steps, distill=easy.distill, easy_val_quadrant_accuracy=easy.val_quadrant_accuracy)
         result = pretrain_vision(VisionPretrainOptions(base, data_dir, steps=recipe.vision_steps,
                                                        time_limit_s=recipe.vision_time, seed=seed, threads=threads,
                                                        relative_weight=recipe.relative_weight,
-                                                       distill_steps=0 if facts else recipe.distill_steps),
+                                                       distill_steps=0 if facts else recipe.distill_steps,
+                                                       freeze_stages=recipe.freeze_vision_stages),
                                  probe_out=probe_path)
         stage("vision_pretrain", time.monotonic() - t, steps=result.steps,
               val_patch_accuracy=result.val_patch_accuracy, val_quadrant_accuracy=result.val_quadrant_accuracy,
@@ -276,7 +316,8 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
                                         recipe.lmm_flips)
                 shutil.rmtree(work / f"{name}.train", ignore_errors=True)
                 options = TrainOptions(base_model=start_from, data=[lmm_data], out=out, work_dir=work / f"{name}.train",
-                                       lm_tuning="full", lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,
+                                       lm_tuning="full", freeze_vision_stages=recipe.freeze_vision_stages,
+                                       lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,
                                        max_steps=steps, warmup_steps=max(1, steps // 20),
                                        min_lr_ratio=0.05, max_grad_norm=1.0, eval_max_samples=200, seed=seed,
                                        log_every=20, progress=False, precision="fp32")

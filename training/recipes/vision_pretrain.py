@@ -66,6 +66,7 @@ class VisionPretrainOptions:
     rotate: bool = True  # quarter-turn augmentation on top of horizontal flips
     relative_weight: float = 0.0  # weight of the within-image softmax over patches (see module docstring)
     distill_steps: int = 0  # teacher-distillation steps before the distortion pretraining (teacher.py)
+    freeze_stages: int = 0  # the tower's input layers + first N stages stay frozen (lora.freeze_stages)
 
 
 @dataclass
@@ -157,8 +158,11 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
 
 
 def _features(torch, model, pixel_values):
-    """(B, g*g, D) projected image tokens, exactly as the LLaVA computes them."""
+    """(B, g*g, D) projected image tokens, exactly as the LLaVA (or FastVLM) computes them."""
     config = model.config
+    if config.model_type == "fast_vlm":  # a timm CNN: its last feature map, row-major, is the token grid
+        hidden = model.model.vision_tower(pixel_values, return_dict=True).last_hidden_state
+        return model.model.multi_modal_projector(hidden.flatten(2).transpose(1, 2))
     outputs = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     hidden = outputs.hidden_states[config.vision_feature_layer]
     if config.vision_feature_select_strategy == "default":
@@ -236,17 +240,18 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
     auxiliary loss during instruction tuning.
     """
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from octopus_rt.errors import InputError
+    from octopus_rt.training.architectures import load_llava
+    from octopus_rt.training.lora import freeze_stages
 
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
-    model = LlavaForConditionalGeneration.from_pretrained(options.model_dir, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(options.model_dir)
+    model, processor = load_llava(options.model_dir)
     image_processor = processor.image_processor
-    vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
+    with torch.no_grad():  # the token grid, whatever the tower (a ViT's patches or a CNN's last map)
+        side = image_processor.size["height"]
+        grid = int(round(math.sqrt(_features(torch, model, torch.zeros(1, 3, side, side)).shape[1])))
     if getattr(image_processor, "do_center_crop", False):
         raise InputError("vision pretraining needs a processor that resizes without cropping (SigLIP-style)")
 
@@ -274,9 +279,11 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
     probe = torch.nn.Linear(width, N_TARGETS)
     for param in model.parameters():
         param.requires_grad_(False)
-    trainable = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-    for param in trainable:
+    for param in list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters()):
         param.requires_grad_(True)
+    if options.freeze_stages:
+        freeze_stages(model.model.vision_tower, options.freeze_stages)
+    trainable = [param for param in model.parameters() if param.requires_grad]
     optimiser = torch.optim.AdamW(trainable + list(probe.parameters()), lr=options.lr,
                                   weight_decay=options.weight_decay)
     rng = np.random.default_rng(options.seed)

@@ -78,7 +78,7 @@ def test_vision_graph_equals_transformers_image_features(tiny_fastvlm_dir, tiny_
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
-@pytest.mark.parametrize("text, form", [("llama", "gqa"), ("phi3", "flat_kv")])
+@pytest.mark.parametrize("text, form", [("llama", "gqa"), ("phi3", "flat_kv"), ("qwen2", "gqa")])
 def test_fp32_bundle_matches_transformers_generate(text, form, tiny_fastvlm_dir, tiny_fastvlm_bundle):
     """Batch 3 with left padding, driven the way the runtime drives a bundle, against generate()."""
     from octopus_rt.export.lmm_reference import synthetic_images

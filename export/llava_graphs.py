@@ -1,6 +1,14 @@
 """The LLaVA architecture in `export lmm`: which checkpoints are supported, how they load, and their
 graphs (vision.onnx, decoder.onnx, traced from the wrappers of export/llava_wrappers.py).
 
+Two transformers classes share this path (LLAVA_FAMILY): LlavaForConditionalGeneration (a CLIP /
+SigLIP ViT tower, one hidden layer selected, CLS dropped or kept) and FastVlmForConditionalGeneration
+(a timm CNN tower wrapped by `timm_wrapper`, whose last feature map, flattened row-major, is the image
+tokens). Both have the same projector, language model, processor (LlavaProcessor) and bundle; they
+differ in the class that loads them, the vision wrapper (llava_wrappers.vision_wrapper) and where the
+input side comes from (a ViT config has `image_size`; a timm config has none, so the processor's is
+used: `vision_input_size`).
+
 A second architecture (Phi-3.5-Vision) gets a module of its own with the same four pieces:
 `check_model_dir` (config.json only, no weights), `load_model`, `export_*_graphs(model, out_dir,
 opset, form)` and `graph_specs(..., form)` (the manifest's typed `vision` / `decoder` entries);
@@ -26,19 +34,28 @@ from octopus_rt.manifest_lmm import DECODER_FORMS, DecoderGraph, VisionGraph
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
     "SUPPORTED_VISION_MODELS",
+    "LLAVA_FAMILY",
     "VISION_FILE",
     "DECODER_FILE",
     "describe_supported",
     "check_model_dir",
+    "model_class",
     "load_model",
     "export_llava_graphs",
     "export_flat_kv_decoder",
     "DECODER_EXPORTERS",
     "graph_specs",
+    "vision_input_size",
 ]
 
 SUPPORTED_TEXT_MODELS = ("phi3", "llama", "qwen2")
+# LLaVA's towers (training/lora.py imports this name: what `octopus-rt train` takes).
 SUPPORTED_VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
+# config.json model_type -> (architecture class name, supported vision_config.model_type values).
+LLAVA_FAMILY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "llava": ("LlavaForConditionalGeneration", SUPPORTED_VISION_MODELS),
+    "fast_vlm": ("FastVlmForConditionalGeneration", ("timm_wrapper",)),
+}
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
 # Tracing shapes; verification uses different ones (lmm_reference.DECODER_SHAPES, VISION_BATCHES).
@@ -46,12 +63,8 @@ TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 5, 3
 
 
 def describe_supported() -> str:
-    return (
-        "LlavaForConditionalGeneration with a text model of type "
-        + "/".join(SUPPORTED_TEXT_MODELS)
-        + " and a vision tower of type "
-        + "/".join(SUPPORTED_VISION_MODELS)
-    )
+    towers = " or ".join(f"{name} (vision tower {'/'.join(vision)})" for name, vision in LLAVA_FAMILY.values())
+    return f"{towers}, with a text model of type {'/'.join(SUPPORTED_TEXT_MODELS)}"
 
 
 def check_model_dir(model_dir: Path) -> dict[str, Any]:
@@ -64,48 +77,84 @@ def check_model_dir(model_dir: Path) -> dict[str, Any]:
                               missing=f"not a transformers model directory (no config.json): {model_dir}")
     architectures = config.get("architectures") or []
     text_type = (config.get("text_config") or {}).get("model_type")
-    vision_type = (config.get("vision_config") or {}).get("model_type")
-    if config.get("model_type") != "llava" or "LlavaForConditionalGeneration" not in architectures:
+    vision_config = config.get("vision_config") or {}
+    vision_type = vision_config.get("model_type")
+    family = LLAVA_FAMILY.get(config.get("model_type"))
+    if family is None or family[0] not in architectures:
         shown = ", ".join(architectures) or config.get("model_type") or "unknown"
         raise InputError(f"unsupported architecture {shown} in {model_dir}; supported: {describe_supported()}")
-    if text_type not in SUPPORTED_TEXT_MODELS or vision_type not in SUPPORTED_VISION_MODELS:
+    if text_type not in SUPPORTED_TEXT_MODELS or vision_type not in family[1]:
         raise InputError(
-            f"unsupported LLaVA parts (text {text_type}, vision {vision_type}) in {model_dir}; "
+            f"unsupported {family[0]} parts (text {text_type}, vision {vision_type}) in {model_dir}; "
             f"supported: {describe_supported()}"
         )
+    if (vision_config.get("model_args") or {}).get("features_only"):
+        # A features_only timm network returns a list of feature maps, not one last_hidden_state.
+        raise InputError(f"unsupported timm tower in {model_dir}: model_args.features_only is set; "
+                         "FastVLM takes the network's last feature map")
     return config
 
 
-def load_model(model_dir: Path):
-    """(LlavaForConditionalGeneration in fp32 eval mode, its processor); InputError on a bad directory."""
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def model_class(model_type: str):
+    """The transformers class of a LLAVA_FAMILY model_type ("llava" or "fast_vlm")."""
+    import transformers
 
+    return getattr(transformers, LLAVA_FAMILY[model_type][0])
+
+
+def load_model(model_dir: Path):
+    """(LlavaForConditionalGeneration or FastVlmForConditionalGeneration in fp32 eval mode, its
+    processor); InputError on a bad directory. Call check_model_dir first."""
+    import torch
+    from transformers import AutoProcessor
+
+    model_type = read_json_object(model_dir / "config.json").get("model_type")
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad input directory
         raise InputError(f"cannot load the processor/tokenizer from {model_dir}: {one_line(exc)}") from exc
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        model = model_class(model_type).from_pretrained(model_dir, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt weights surface as many exception types
         raise InputError(f"cannot load model weights from {model_dir}: {one_line(exc)}") from exc
     return model.eval(), processor
 
 
-def export_llava_graphs(model, out_dir: Path, opset: int, form: str = "flat_kv") -> None:
-    """vision.onnx and decoder.onnx (in decoder form `form`) of a LlavaForConditionalGeneration into
-    `out_dir`, in fp32 (docs/bundle.md, "Decoder graph I/O"; batch, sequence and past length dynamic)."""
+def vision_input_size(model, processor) -> tuple[int, int]:
+    """(height, width) of the pixel_values the processor makes: its crop size, else its fixed resize
+    size, else the ViT config's `image_size` (a timm config has none: InputError then)."""
+    cfg = processor.image_processor.to_dict()
+    for key in ("crop_size", "size"):
+        if key == "crop_size" and not cfg.get("do_center_crop"):
+            continue
+        value = cfg.get(key)
+        if isinstance(value, dict) and value.get("height") and value.get("width"):
+            return int(value["height"]), int(value["width"])
+    side = getattr(model.config.vision_config, "image_size", None)
+    if side is None:
+        raise InputError("cannot tell the vision input size: the image processor has no fixed height/width "
+                         "(size or crop_size) and the vision config no image_size")
+    return int(side), int(side)
+
+
+def export_llava_graphs(model, out_dir: Path, opset: int, form: str = "flat_kv", *,
+                        image_size: tuple[int, int] | None = None) -> None:
+    """vision.onnx and decoder.onnx (in decoder form `form`) of a LLAVA_FAMILY model into `out_dir`, in
+    fp32 (docs/bundle.md, "Decoder graph I/O"; batch, sequence and past length dynamic). image_size:
+    (height, width) of the vision input (vision_input_size; default: the vision config's image_size)."""
     import torch
 
-    from octopus_rt.export.llava_wrappers import VISION_INPUT_NAMES, VISION_OUTPUT_NAMES, VisionWrapper
+    from octopus_rt.export.llava_wrappers import VISION_INPUT_NAMES, VISION_OUTPUT_NAMES, vision_wrapper
 
     if form not in DECODER_EXPORTERS:
         raise InputError(f"unknown decoder form {form!r}; choose one of {', '.join(DECODER_EXPORTERS)}")
-    vision_cfg = model.config.vision_config
+    if image_size is None:
+        side = model.config.vision_config.image_size
+        image_size = (side, side)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    pixels = torch.zeros(TRACE_BATCH, 3, vision_cfg.image_size, vision_cfg.image_size)
+    pixels = torch.zeros(TRACE_BATCH, 3, *image_size)
     export_onnx(
-        VisionWrapper(model).eval(), (pixels,), out_dir / VISION_FILE,
+        vision_wrapper(model).eval(), (pixels,), out_dir / VISION_FILE,
         input_names=VISION_INPUT_NAMES, output_names=VISION_OUTPUT_NAMES,
         dynamic_shapes={"pixel_values": {0: batch}},
         dynamic_axes={"pixel_values": {0: "batch"}, "image_features": {0: "batch"}},
@@ -174,9 +223,10 @@ def export_flat_kv_decoder(wrapper, dims, path: Path, opset: int) -> None:
 
 
 def graph_specs(model, num_image_tokens: int, vision_hidden: int, form: str = "flat_kv",
-                form_reason: str | None = None) -> tuple[VisionGraph, DecoderGraph]:
+                form_reason: str | None = None, vision_precision: str | None = None) -> tuple[VisionGraph, DecoderGraph]:
     """The manifest entries of the two graphs `export_llava_graphs` writes (float32 I/O at every
-    precision); the decoder's records its form (a quantised export adds its `quantization`)."""
+    precision); the decoder's records its form (a quantised export adds its `quantization`), the
+    vision graph's its precision when given (export lmm --vision-precision)."""
     from octopus_rt.export.decoder_graph import gqa_input_names, gqa_output_names
     from octopus_rt.export.llava_wrappers import (
         VISION_INPUT_NAMES,
@@ -189,7 +239,8 @@ def graph_specs(model, num_image_tokens: int, vision_hidden: int, form: str = "f
     dims = decoder_dims(model.config.get_text_config())
     names = {"flat_kv": (decoder_input_names, decoder_output_names), "gqa": (gqa_input_names, gqa_output_names)}[form]
     vision = VisionGraph(file=VISION_FILE, input_names=list(VISION_INPUT_NAMES), output_names=list(VISION_OUTPUT_NAMES),
-                         num_image_tokens=int(num_image_tokens), hidden_size=int(vision_hidden))
+                         num_image_tokens=int(num_image_tokens), hidden_size=int(vision_hidden),
+                         precision=vision_precision)
     decoder = DecoderGraph(
         file=DECODER_FILE, input_names=names[0](dims.num_layers), output_names=names[1](dims.num_layers),
         num_layers=dims.num_layers, num_key_value_heads=dims.num_key_value_heads, head_dim=dims.head_dim,

@@ -1,4 +1,5 @@
-"""Export-only nn.Module wrappers around a transformers LlavaForConditionalGeneration.
+"""Export-only nn.Module wrappers around a transformers LlavaForConditionalGeneration (or its
+timm-tower sibling FastVlmForConditionalGeneration, export/llava_graphs.LLAVA_FAMILY).
 
 `torch.onnx.export` cannot take what the model's own methods take or return: `get_image_features`
 returns a per-image Python list (which freezes the batch size in the graph) and the decoder's
@@ -7,7 +8,9 @@ wrappers expose flat tensors instead, and compute exactly what the model compute
 
 - `VisionWrapper`: pixel_values float32 ``B x 3 x H x W`` (normalised, as the processor produces)
   -> image_features float32 ``B x N x hidden`` (vision tower, feature layer, select strategy,
-  projector; N = image tokens per image).
+  projector; N = image tokens per image). `FastVlmVisionWrapper`: the same I/O from a timm CNN
+  tower (its last feature map ``B x C x h x w`` flattened row-major to N = h*w tokens, projector);
+  `vision_wrapper(model)` picks the one the model's config calls for.
 - `DecoderWrapper`: inputs_embeds ``B x S x hidden``, attention_mask int64 ``B x (P+S)``, position_ids
   int64 ``B x S`` and 2*L past tensors ``B x kv_heads x P x head_dim`` -> logits of the last
   position ``B x V`` and 2*L present tensors ``B x kv_heads x (P+S) x head_dim``. The
@@ -26,6 +29,8 @@ from torch import nn
 __all__ = [
     "DecoderDims",
     "VisionWrapper",
+    "FastVlmVisionWrapper",
+    "vision_wrapper",
     "FlatKVDecoder",
     "DecoderWrapper",
     "decoder_dims",
@@ -107,6 +112,28 @@ class VisionWrapper(nn.Module):
             selected = [hidden[:, 1:] for hidden in selected]
         features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
         return self.projector(features)
+
+
+class FastVlmVisionWrapper(nn.Module):
+    """Timm tower + projector, as `FastVlmModel.get_image_features` (which allows only the last layer
+    and the "full" strategy): forward(pixel_values: float32 B x 3 x H x W) -> float32 B x (h*w) x
+    hidden_size, token index i*w + j = feature-map cell (row i, column j)."""
+
+    def __init__(self, fast_vlm_model: nn.Module) -> None:
+        super().__init__()
+        self.vision_tower = fast_vlm_model.model.vision_tower
+        self.projector = fast_vlm_model.model.multi_modal_projector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # do_pooling=False: the pooled output is never used; last_hidden_state is the same either way.
+        features = self.vision_tower(pixel_values, do_pooling=False, return_dict=True).last_hidden_state
+        return self.projector(features.flatten(2).transpose(1, 2))
+
+
+def vision_wrapper(model: nn.Module) -> nn.Module:
+    """The vision wrapper of a LLaVA-family model: FastVlmVisionWrapper for model_type "fast_vlm",
+    else VisionWrapper."""
+    return FastVlmVisionWrapper(model) if model.config.model_type == "fast_vlm" else VisionWrapper(model)
 
 
 class FlatKVDecoder(nn.Module):

@@ -7,13 +7,16 @@ supported LLaVA, whose steps follow.
 
 Steps (each failure is a one-line OctopusError and leaves no new bundle section behind):
 
-1. validate MODEL_DIR (exists, is a transformers dir, a supported LlavaForConditionalGeneration);
+1. validate MODEL_DIR (exists, is a transformers dir, a supported LlavaForConditionalGeneration or
+   FastVlmForConditionalGeneration: export/llava_graphs.LLAVA_FAMILY);
 2. load model (fp32, CPU, eval) and processor; compute the PyTorch reference (lmm_reference);
 3. stage a section folder in the bundle; write tokenizer.json, embed_tokens.npy and, in fp32,
    vision.onnx (torch.onnx.export, export/onnx_export.py) and decoder.onnx in the decoder form
    export/decoder_forms.resolve_form picks (traced flat_kv, or the gqa graph of
    export/decoder_graph.py); free the model;
-4. convert to the requested precision (quantize.py; the recipe is recorded in `decoder.quantization`);
+4. convert to the requested precision (quantize.py; the recipe is recorded in `decoder.quantization`),
+   the vision graph to its own precision (`vision_precision`, default the export's; int4: fp32),
+   recorded in `vision.precision`;
 5. verify in onnxruntime at shapes other than the tracing shapes (lmm_verify; the user may lower
    the quantised agreement thresholds or accept a loss, which the section's `verification` records),
    and check that the pre-rendered prompt strings tokenize exactly as the processor does;
@@ -91,8 +94,14 @@ def export_lmm(
     min_cosine: float | None = None,
     min_top1: float | None = None,
     accept_quality_loss: bool = False,
+    vision_precision: str | None = None,
 ) -> dict[str, Any]:
     """Export MODEL_DIR into bundle OUT_DIR's `lmm` section and return that section (manifest dict).
+
+    vision_precision: LLaVA family only, "fp32" | "fp16" | "int8" for the vision graph (default: the
+    export's precision, fp32 for int4), e.g. an fp16 vision graph next to an fp32 decoder to halve a
+    CNN tower's bytes. A graph below fp32 anywhere makes the quantised criteria apply
+    (lmm_verify.judged_precision).
 
     num_crops: Phi-3-Vision only, the HD crop budget recorded in the bundle (default: the
     checkpoint's preprocessor_config.json, else 4). decoder_form: "auto" | "flat_kv" | "gqa"
@@ -102,8 +111,8 @@ def export_lmm(
     fails; in both cases no new section is committed and the staging folder is removed.
     """
     from octopus_rt.export.decoder_forms import FORM_CHOICES
-    from octopus_rt.export.lmm_verify import user_limits
-    from octopus_rt.export.quantize import PRECISIONS
+    from octopus_rt.export.lmm_verify import judged_precision, user_limits
+    from octopus_rt.export.quantize import PRECISIONS, VISION_PRECISIONS, default_vision_precision
 
     progress = progress or _noop
     model_dir = Path(model_dir).expanduser().resolve()
@@ -112,12 +121,19 @@ def export_lmm(
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if decoder_form not in FORM_CHOICES:
         raise InputError(f"unknown decoder form {decoder_form!r}; choose one of {', '.join(FORM_CHOICES)}")
+    if vision_precision is not None and vision_precision not in VISION_PRECISIONS:
+        raise InputError(f"unknown vision precision {vision_precision!r}; choose one of {', '.join(VISION_PRECISIONS)}")
     check_opset_range(opset, _OPSET_RANGE, "export lmm")
+    phi3v = _is_phi3v(model_dir)
+    if phi3v and vision_precision is not None:
+        raise InputError("--vision-precision applies to LLaVA-family models only (Phi-3-Vision's vision graph "
+                         "follows --precision)")
+    vision_precision = vision_precision or default_vision_precision(precision)
     try:
-        checks = user_limits(precision, min_cosine, min_top1, accept_quality_loss)
+        checks = user_limits(judged_precision(precision, vision_precision), min_cosine, min_top1, accept_quality_loss)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    if _is_phi3v(model_dir):
+    if phi3v:
         return _export_phi3v(model_dir, out_dir, precision, int(opset), progress, num_crops, decoder_form, checks)
     if num_crops is not None:
         raise InputError("--num-crops applies to Phi-3-Vision checkpoints only")
@@ -128,7 +144,7 @@ def export_lmm(
     holder = list(load_model(model_dir))
     with bundle.staged_section(out_dir, "lmm") as staging:
         section = _export_into(holder, model_dir, config_json, staging, precision, int(opset), progress,
-                               decoder_form, checks)
+                               decoder_form, checks, vision_precision)
         manifest = bundle.commit_section(out_dir, "lmm", staging, section)
     progress(f"committed lmm section {manifest['lmm']['dir']} into {out_dir}")
     return manifest["lmm"]
@@ -166,7 +182,7 @@ def _export_phi3v(model_dir: Path, out_dir: Path, precision: str, opset: int, pr
 
 
 def _export_into(holder, model_dir, config_json, staging, precision, opset, progress, decoder_form,
-                 checks) -> dict[str, Any]:
+                 checks, vision_precision: str) -> dict[str, Any]:
     """Write, convert and verify the section's files in `staging`; returns the section dict.
 
     `holder` is [model, processor]; the model is removed from it (and freed) after the ONNX export.
@@ -177,6 +193,7 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
 
     from octopus_rt.export import lmm_manifest
     from octopus_rt.export.decoder_forms import resolve_form
+    from octopus_rt.export.llava_graphs import vision_input_size
     from octopus_rt.export.llava_wrappers import decoder_dims
     from octopus_rt.export.lmm_reference import compute_reference
 
@@ -215,24 +232,25 @@ def _export_into(holder, model_dir, config_json, staging, precision, opset, prog
     closed, closed_forms = lmm_manifest.closed_set_ids(tokenizer_json, progress)
     preprocess = lmm_manifest.preprocess_spec(processor, model)
     embedding = write_embedding(model, staging, precision)
-    vision, decoder = graph_specs(model, num_image_tokens, vision_hidden, form, form_reason)
+    vision, decoder = graph_specs(model, num_image_tokens, vision_hidden, form, form_reason, vision_precision)
 
     progress(f"exporting {vision.file} and {decoder.file} (opset {opset}, fp32, decoder form {form}: {form_reason})")
-    fp32_dir = staging / ".fp32" if precision != "fp32" else staging
+    converted = precision != "fp32" or vision_precision != "fp32"
+    fp32_dir = staging / ".fp32" if converted else staging
     fp32_dir.mkdir(exist_ok=True)
-    export_llava_graphs(model, fp32_dir, opset, form)
+    export_llava_graphs(model, fp32_dir, opset, form, image_size=(preprocess.input_height, preprocess.input_width))
     # The reference and the exported graphs are all we need from PyTorch: free the model before
     # any onnxruntime session (or quantizer) allocates its own copy of the weights.
     del model
     gc.collect()
-    if precision != "fp32":
-        progress(f"converting to {precision}")
-        quantization = convert_graphs(fp32_dir, staging, vision.file, decoder.file, precision, form)
+    if converted:
+        progress(f"converting to {precision} (vision graph {vision_precision})")
+        quantization = convert_graphs(fp32_dir, staging, vision.file, decoder.file, precision, form, vision_precision)
         decoder = dataclasses.replace(decoder, quantization=quantization)
         shutil.rmtree(fp32_dir)
 
     verification = _verify(reference, staging, vision.file, decoder.file, embedding.file, dims, image_token_id,
-                           precision, form, checks, progress)
+                           precision, form, checks, progress, vision_precision)
     graph = onnx.load(str(staging / decoder.file), load_external_data=False)
     return lmm_manifest.lmm_section(
         opset=opset, ir_version=int(graph.ir_version), precision=precision, source=source, vision=vision,
@@ -251,19 +269,19 @@ def write_embedding(model, staging: Path, precision: str) -> EmbeddingTable:
 
 
 def convert_graphs(fp32_dir: Path, staging: Path, vision_file: str, decoder_file: str, precision: str,
-                   form: str = "flat_kv"):
-    """fp32 graphs in `fp32_dir` -> `precision` graphs in `staging` (export/quantize.py); returns the
-    decoder's quantisation record (None for fp16). A gqa decoder keeps its weights in external data."""
+                   form: str = "flat_kv", vision_precision: str | None = None):
+    """fp32 graphs in `fp32_dir` -> a `precision` decoder and a `vision_precision` vision graph
+    (default quantize.default_vision_precision) in `staging` (export/quantize.py); returns the decoder's
+    quantisation record (None for fp32 / fp16). A gqa decoder keeps its weights in external data."""
     from octopus_rt.export import quantize
 
     external = form == "gqa"
-    # int4 is weight-only quantisation of the decoder's MatMuls; the small vision tower stays fp32.
-    vision_convert = quantize.to_int8 if precision == "int8" else (quantize.to_fp16 if precision == "fp16" else None)
-    if vision_convert is None:
-        for path in fp32_dir.glob(f"{vision_file}*"):  # the graph and its external data, if any
-            shutil.copy(path, staging / path.name)
-    else:
-        vision_convert(fp32_dir / vision_file, staging / vision_file)
+    vision_precision = vision_precision or quantize.default_vision_precision(precision)
+    converters = {"int8": quantize.to_int8, "fp16": quantize.to_fp16}
+    _convert_or_copy(fp32_dir, staging, vision_file, converters.get(vision_precision))
+    if precision == "fp32":
+        _convert_or_copy(fp32_dir, staging, decoder_file, None)
+        return None
     if precision == "fp16":
         quantize.to_fp16(fp32_dir / decoder_file, staging / decoder_file)
         return None
@@ -272,19 +290,29 @@ def convert_graphs(fp32_dir: Path, staging: Path, vision_file: str, decoder_file
     return quantize.RECIPES[precision]
 
 
+def _convert_or_copy(fp32_dir: Path, staging: Path, file: str, convert) -> None:
+    """`convert(src, dst)` one graph into staging, or copy it (with its external data, if any)."""
+    if convert is not None:
+        convert(fp32_dir / file, staging / file)
+        return
+    for path in fp32_dir.glob(f"{file}*"):
+        shutil.copy(path, staging / path.name)
+
+
 def _verify(reference, staging: Path, vision_file: str, decoder_file: str, embedding_file: str, dims,
-            image_token_id: int, precision: str, form: str, checks, progress: Callable[[str], None]) -> LmmVerification:
+            image_token_id: int, precision: str, form: str, checks, progress: Callable[[str], None],
+            vision_precision: str) -> LmmVerification:
     """export/lmm_verify.py on the staged graphs; the section's verification record, or OctopusError
     listing the failed checks (failures the user accepted with --accept-quality-loss are warned about)."""
     from octopus_rt.export.lmm_verify import judged_record, verify_lmm
 
     limits, overrides = checks
-    progress(f"verifying in onnxruntime ({precision}, {form} decoder)")
+    progress(f"verifying in onnxruntime ({precision}, {form} decoder, {vision_precision} vision)")
     embed = np.load(staging / embedding_file, mmap_mode="r")
     report = verify_lmm(reference, staging / vision_file, staging / decoder_file, embed, dims, image_token_id,
-                        precision, form=form, limits=limits)
+                        precision, form=form, limits=limits, vision_precision=vision_precision)
     progress(
-        f"verified {precision} ({form} decoder): vision max|diff| {report.vision_max_abs_diff:.2e} "
+        f"verified {precision} ({form} decoder, {vision_precision} vision): vision max|diff| {report.vision_max_abs_diff:.2e} "
         f"(relative {report.vision_max_rel_diff:.1e}), decoder max|diff| {report.decoder_max_abs_diff:.2e} "
         f"(relative {report.decoder_max_rel_diff:.1e}) at {len(reference.decoder)} shapes, {report.steps} steps: "
         f"logits max|diff| {report.generation_max_abs_diff:.2e}, min cosine {report.generation_min_cosine:.6f}, "

@@ -14,12 +14,19 @@ def register(export_app: typer.Typer) -> None:
     @export_app.command("lmm")
     def lmm(
         model_dir: Path = typer.Argument(
-            ..., help="transformers save_pretrained directory of a LlavaForConditionalGeneration (+ processor), "
-            "or an official-layout Phi-3(.5)-Vision checkpoint folder (config.json, safetensors, tokenizer)."
+            ..., help="transformers save_pretrained directory of a LlavaForConditionalGeneration or a "
+            "FastVlmForConditionalGeneration (timm tower) (+ processor), or an official-layout Phi-3(.5)-Vision "
+            "checkpoint folder (config.json, safetensors, tokenizer)."
         ),
         out: Path = typer.Option(..., "--out", help="Bundle directory (created, or updated in place)."),
         precision: str = typer.Option(
             "fp32", "--precision", help="fp32, fp16, int8 (dynamic, CPU/edge) or int4 (MatMulNBits decoder weights)."
+        ),
+        vision_precision: Optional[str] = typer.Option(
+            None, "--vision-precision",
+            help="LLaVA / FastVLM: fp32, fp16 or int8 for the vision graph alone (float32 I/O either way; default: "
+                 "--precision, fp32 for int4). E.g. --vision-precision fp16 with an fp32 decoder halves a CNN "
+                 "tower's bytes; verification then applies the fp16 criteria (cosine / top-1).",
         ),
         opset: int = typer.Option(18, "--opset", help="ONNX opset of the graphs (older TensorRT / Jetson need older)."),
         num_crops: Optional[int] = typer.Option(
@@ -58,7 +65,7 @@ def register(export_app: typer.Typer) -> None:
 
         section = export_lmm(model_dir, out, precision=precision, opset=opset, progress=progress,
                              num_crops=num_crops, decoder_form=decoder_form, min_cosine=min_cosine, min_top1=min_top1,
-                             accept_quality_loss=accept_quality_loss)
+                             accept_quality_loss=accept_quality_loss, vision_precision=vision_precision)
         check = section["verification"]
         status = "ACCEPTED WITH QUALITY LOSS" if check.get("quality_loss_accepted") else "OK"
         if section.get("architecture") == "phi3v":
@@ -72,7 +79,8 @@ def register(export_app: typer.Typer) -> None:
             return
         typer.echo(
             f"{status} lmm ({section['source']['text_model_type']} + {section['source']['vision_model_type']}, "
-            f"{precision}, {section['decoder']['form']} decoder, opset {section['opset']}): "
+            f"{precision}, {section['decoder']['form']} decoder, {section['vision'].get('precision', precision)} vision, "
+            f"opset {section['opset']}): "
             f"{section['vision']['num_image_tokens']} image tokens, "
             f"{section['decoder']['num_layers']} layers; teacher-forced top-1 {check['top1_agreement']:.3f}, "
             f"logits cosine >= {check['generation_min_cosine']:.5f}, max |diff| {check['generation_max_abs_diff']:.2e}"

@@ -38,6 +38,8 @@ def preprocess_spec(processor, model) -> VisionPreprocessSpec:
     """The image processor's recipe as the runtime's numpy preprocessing replays it."""
     from transformers.image_utils import PILImageResampling
 
+    from octopus_rt.export.llava_graphs import vision_input_size
+
     image_processor = processor.image_processor
     cfg = image_processor.to_dict()
     backend = getattr(image_processor, "backend", None)
@@ -58,13 +60,7 @@ def preprocess_spec(processor, model) -> VisionPreprocessSpec:
     do_crop = bool(cfg.get("do_center_crop", False))
     crop = plain_size(cfg.get("crop_size")) if do_crop else None
     size = plain_size(cfg.get("size"))
-    side = model.config.vision_config.image_size
-    if crop:
-        height, width = crop["height"], crop["width"]
-    elif size and "height" in size:
-        height, width = size["height"], size["width"]
-    else:
-        height = width = side
+    height, width = vision_input_size(model, processor)
     return VisionPreprocessSpec(
         image_processor_type=type(image_processor).__name__,
         backend=str(backend),

@@ -6,7 +6,10 @@ twice (Phi-3-mini in fp32 is ~15 GB).
 
 Three kinds of reference, all at shapes other than the ones used to trace the graphs:
 
-- `VisionCase`: processor pixel values (batch 1 and 3; tracing uses 2) -> projected image features.
+- `VisionCase`: processor pixel values (batch 1 and 3; tracing uses 2) -> projected image features,
+  from transformers' own `model.model.get_image_features` (not from the exported wrapper, so the
+  vision graph is checked against the model's code: feature layer and CLS handling for LLaVA, the
+  flattening order of the feature map for FastVLM).
 - `DecoderCase`: random inputs_embeds / KV cache at several (batch, sequence, past, left padding)
   shapes -> last-position logits and presents, from `DecoderWrapper` (the exported module itself).
 - `GenerationCase`: a real processor prompt (chat template, image, left padding, batch 2) run
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from octopus_rt import vocab
-from octopus_rt.export.llava_wrappers import DecoderWrapper, VisionWrapper, decoder_dims
+from octopus_rt.export.llava_wrappers import DecoderWrapper, decoder_dims
 
 __all__ = [
     "VisionCase",
@@ -37,6 +40,7 @@ __all__ = [
     "synthetic_images",
     "build_messages",
     "compute_reference",
+    "transformers_image_features",
 ]
 
 # (batch, new tokens S, past length P, left padding of row 1). Tracing uses (2, 5, 3, 0).
@@ -142,19 +146,31 @@ def _random_decoder_case(wrapper: DecoderWrapper, dims, shape, generator: torch.
     )
 
 
+def transformers_image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """float32 B x N x hidden: the model's own `get_image_features` (LlavaModel / FastVlmModel) with
+    the config's feature layer and strategy, its per-image list stacked."""
+    config = model.config
+    output = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
+    return torch.stack(list(output.pooler_output))
+
+
 def compute_reference(model, processor, *, steps: int = 32, seed: int = 0) -> LmmReference:
-    """Reference outputs of `model` (a LlavaForConditionalGeneration in eval mode, fp32, CPU).
+    """Reference outputs of `model` (a LlavaForConditionalGeneration or FastVlmForConditionalGeneration
+    in eval mode, fp32, CPU).
 
     `processor` is the model's LlavaProcessor. Returns numpy-only data (see module docstring).
     """
     generator = torch.Generator().manual_seed(seed)
     reference = LmmReference()
-    vision = VisionWrapper(model).eval()
     images = synthetic_images(max(VISION_BATCHES), seed=seed)
     for batch in VISION_BATCHES:
         pixels = processor.image_processor(images[:batch], return_tensors="pt")["pixel_values"].float()
         with torch.no_grad():
-            features = vision(pixels)
+            features = transformers_image_features(model, pixels)
         reference.vision.append(VisionCase(pixels.numpy().copy(), features.numpy().copy()))
 
     wrapper = DecoderWrapper(model).eval()

@@ -13,6 +13,11 @@ Criteria (docs/export.md, "What is verified"):
 - other precisions, teacher-forced along the fp32 PyTorch tokens: logits cosine >= min_cosine and
   top-1 agreement >= min_top1 (defaults below; a user may lower them or accept the loss, recorded in
   the manifest and printed by `octopus-rt verify`).
+
+A vision graph converted below fp32 next to an fp32 decoder (export lmm --vision-precision fp16) is
+judged by its precision's criteria (`judged_precision`): the generation cannot match fp32 exactly once
+the image features carry fp16 rounding. The decoder's own cases (random inputs, no image) still get
+the fp32 criterion then, since the decoder graph is fp32.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from octopus_rt.export.lmm_reference import LmmReference
 from octopus_rt.export.llava_wrappers import DecoderDims, decoder_input_names
 from octopus_rt.verification import LmmVerification, VerifyOverrides, VerifyThresholds
 
-__all__ = ["THRESHOLDS", "VerifyReport", "agreement_failures", "cosine_rows", "make_session", "onnx_generate",
-           "scale_aware_failure", "user_limits", "verification_record", "verify_lmm"]
+__all__ = ["THRESHOLDS", "VerifyReport", "agreement_failures", "cosine_rows", "judged_precision", "make_session",
+           "onnx_generate", "scale_aware_failure", "user_limits", "verification_record", "verify_lmm"]
 
 
 # fp32 rtol 1e-3: float32 rounding across ~20 layers measured 1e-7..1e-4 relative to the output's
@@ -47,12 +52,20 @@ THRESHOLDS: dict[str, VerifyThresholds] = {
 }
 
 
+def judged_precision(precision: str, vision_precision: str | None = None) -> str:
+    """Whose THRESHOLDS judge an export: the decoder's precision, or the vision graph's when the
+    decoder is fp32 and the vision graph is not (None: the vision graph follows the decoder)."""
+    return precision if precision != "fp32" or vision_precision is None else vision_precision
+
+
 @dataclass
 class VerifyReport:
-    """Measured agreement; `failures` lists one line per failed check (empty = passed)."""
+    """Measured agreement; `failures` lists one line per failed check (empty = passed). precision: the
+    decoder's (the export's); vision_precision: the vision graph's when recorded separately."""
 
     precision: str
     form: str = "flat_kv"
+    vision_precision: str | None = None
     vision_max_abs_diff: float = 0.0
     vision_max_rel_diff: float = 0.0
     decoder_max_rel_diff: float = 0.0
@@ -150,19 +163,23 @@ def verify_lmm(
     *,
     form: str = "flat_kv",
     limits: VerifyThresholds | None = None,
+    vision_precision: str | None = None,
 ) -> VerifyReport:
     """Run every graph at the reference's shapes and compare; see the module docstring.
 
-    `limits` replaces THRESHOLDS[precision] (user overrides); `form` is the decoder graph's form.
+    `limits` replaces THRESHOLDS[judged_precision(precision, vision_precision)] (user overrides);
+    `form` is the decoder graph's form; `vision_precision` the vision graph's (None: as the decoder).
     """
     from octopus_rt.export.decoder_forms import gqa_decoder_case, gqa_generate
 
-    limits = limits or THRESHOLDS[precision]
-    report = VerifyReport(precision=precision, form=form)
+    limits = limits or THRESHOLDS[judged_precision(precision, vision_precision)]
+    report = VerifyReport(precision=precision, form=form, vision_precision=vision_precision)
     vision = make_session(vision_path)
     decoder = make_session(decoder_path)
-    # (label, max |diff|, max |reference|) of every output, for the scale-aware fp32 criterion.
+    # (label, max |diff|, max |reference|) of every output, for the scale-aware fp32 criterion; the
+    # decoder cases apart, since an fp32 decoder is judged by it even next to an fp16 vision graph.
     outputs: list[tuple[str, float, float]] = []
+    decoder_outputs: list[tuple[str, float, float]] = []
 
     for case in reference.vision:
         got = vision.run(None, {"pixel_values": case.pixel_values})[0]
@@ -192,7 +209,8 @@ def verify_lmm(
         for index, (g, r) in enumerate(zip(got, case.outputs)):
             diff = float(np.abs(g - r).max()) if index == 0 else float(np.abs(np.where(real, g - r, 0.0)).max())
             label = "logits" if index == 0 else f"present {index - 1}"
-            outputs.append((f"decoder {label} at (batch, seq, past, pad)={case.shape}", diff, float(np.abs(r).max())))
+            decoder_outputs.append((f"decoder {label} at (batch, seq, past, pad)={case.shape}", diff,
+                                    float(np.abs(r).max())))
             report.decoder_max_abs_diff = max(report.decoder_max_abs_diff, diff)
             report.decoder_max_rel_diff = max(report.decoder_max_rel_diff, _rel(diff, r))
         report.decoder_min_cosine = min(report.decoder_min_cosine, float(cosine_rows(got[0], case.outputs[0]).min()))
@@ -217,9 +235,17 @@ def verify_lmm(
     report.generation_min_cosine = float(cosine_rows(logits, gen.logits).min())
     report.top1_agreement = float((logits.argmax(-1) == gen.logits.argmax(-1)).mean())
 
-    failure = scale_aware_failure(outputs, limits)
+    strict_decoder = limits.rtol is None and precision == "fp32"
+    failure = scale_aware_failure(outputs + ([] if strict_decoder else decoder_outputs), limits)
     if failure:
         report.failures.append(failure)
+    if strict_decoder:
+        fp32 = THRESHOLDS["fp32"]
+        failure = scale_aware_failure(decoder_outputs, fp32)
+        if failure:
+            report.failures.append(failure)
+        if report.decoder_min_cosine < fp32.min_cosine:
+            report.failures.append(f"decoder logits cosine {report.decoder_min_cosine:.5f} < {fp32.min_cosine}")
     report.failures.extend(agreement_failures(report, limits))
     return report
 
@@ -255,7 +281,8 @@ def agreement_failures(report: VerifyReport, limits: VerifyThresholds) -> list[s
 
 def user_limits(precision: str, min_cosine: float | None = None, min_top1: float | None = None,
                 accept_quality_loss: bool = False) -> tuple[VerifyThresholds, VerifyOverrides]:
-    """THRESHOLDS[precision] with the user's overrides applied, and the overrides' record.
+    """THRESHOLDS[precision] with the user's overrides applied, and the overrides' record
+    (`precision`: the judged one, judged_precision).
 
     Overrides exist for quantised precisions only: an fp32 graph that disagrees with its model is a
     bug, not a trade-off. Raises ValueError for an out-of-range value or an fp32 override.
@@ -289,7 +316,8 @@ def verification_record(report: VerifyReport, limits: VerifyThresholds,
     if overrides.accept_quality_loss:
         accepted = [f for f in refusing if f in agreement]
         refusing = [f for f in refusing if f not in agreement]
-    record = LmmVerification(**report.summary(), thresholds=limits, defaults=THRESHOLDS[report.precision],
+    judged = judged_precision(report.precision, report.vision_precision)
+    record = LmmVerification(**report.summary(), thresholds=limits, defaults=THRESHOLDS[judged],
                              overrides=overrides, quality_loss_accepted=bool(accepted), accepted_failures=accepted)
     return record, refusing
 
@@ -304,8 +332,10 @@ def judged_record(report: VerifyReport, limits: VerifyThresholds, overrides: Ver
     record, refusing = verification_record(report, limits, overrides)
     if refusing:
         precision = report.precision
-        hint = "" if precision == "fp32" else " (to keep it anyway: --min-cosine / --min-top1 / --accept-quality-loss)"
-        raise OctopusError(f"{precision} export failed verification: " + "; ".join(refusing) + hint)
+        judged = judged_precision(precision, report.vision_precision)
+        hint = "" if judged == "fp32" else " (to keep it anyway: --min-cosine / --min-top1 / --accept-quality-loss)"
+        what = precision if judged == precision else f"{precision} (vision {report.vision_precision})"
+        raise OctopusError(f"{what} export failed verification: " + "; ".join(refusing) + hint)
     for line in record.accepted_failures:
         progress(f"WARNING quality loss accepted (--accept-quality-loss): {line}")
     return record

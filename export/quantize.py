@@ -30,9 +30,19 @@ from octopus_rt.export import onnx_export
 from octopus_rt.export.onnx_export import graph_bytes, save_onnx
 from octopus_rt.manifest_lmm import DecoderQuantization
 
-__all__ = ["PRECISIONS", "RECIPES", "to_fp16", "to_int8", "to_int4", "output_matmuls"]
+__all__ = ["PRECISIONS", "VISION_PRECISIONS", "default_vision_precision", "RECIPES", "to_fp16", "to_int8", "to_int4",
+           "output_matmuls"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# What a vision graph may be converted to (export lmm --vision-precision); int4 MatMulNBits has no
+# convolution kernel and the towers are small, so an int4 export keeps its vision graph in fp32.
+VISION_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def default_vision_precision(precision: str) -> str:
+    """The vision graph's precision when the user names none: the export's, fp32 for int4."""
+    return "fp32" if precision == "int4" else precision
+
 # What `to_int8` / `to_int4` do at their defaults, as the manifest records it.
 RECIPES: dict[str, DecoderQuantization] = {
     "int8": DecoderQuantization(method="quantize_dynamic", bits=8, per_channel=True),

@@ -128,10 +128,14 @@ class ReferencePipeline:
         self.predictor = SamPredictor(sam)
 
     def _load_lmm(self, source: Path) -> None:
-        """The PyTorch model and processor (LLaVA here; export/phi3v_reference.py overrides this)."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        """The PyTorch model and processor (LLaVA or FastVLM here, by config.json's model_type;
+        export/phi3v_reference.py overrides this)."""
+        from transformers import AutoProcessor
 
-        self.model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+        from octopus_rt.export.llava_graphs import check_model_dir, model_class
+
+        model_type = check_model_dir(source)["model_type"]
+        self.model = model_class(model_type).from_pretrained(source, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(source)
         inner = self.model.model
         self.hooks.watch(inner.vision_tower, "vision_tower")

@@ -47,13 +47,18 @@ class LmmSource(Schema):
 
 @dataclass(frozen=True)
 class VisionGraph(Schema):
-    """pixel_values B x 3 x H x W float32 -> image_features B x num_image_tokens x hidden_size float32."""
+    """pixel_values B x 3 x H x W float32 -> image_features B x num_image_tokens x hidden_size float32.
+
+    precision: the graph's weights and compute (fp32 | fp16 | int8; its I/O stays float32); absent in
+    bundles written before `export lmm --vision-precision` existed, whose vision graph followed the
+    section's precision (int4: fp32)."""
 
     file: str
     input_names: list[str] = field(default_factory=lambda: ["pixel_values"])
     output_names: list[str] = field(default_factory=lambda: ["image_features"])
     num_image_tokens: int | None = None
     hidden_size: int | None = None
+    precision: str | None = optional()
 
 
 @dataclass(frozen=True)

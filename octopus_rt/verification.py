@@ -57,6 +57,9 @@ class LmmVerification(Schema):
 
     precision: str | None = optional()
     form: str | None = optional()  # the decoder form verified (manifest lmm.decoder.form)
+    # The vision graph's precision when it was set apart from the decoder's (export lmm
+    # --vision-precision; manifest lmm.vision.precision); the criteria are then the lower one's.
+    vision_precision: str | None = optional()
     vision_max_abs_diff: float | None = optional()
     vision_max_rel_diff: float | None = optional()
     vision_min_cosine: float | None = optional()
@@ -105,8 +108,10 @@ class LmmVerification(Schema):
             top1 = f"{self.top1_agreement:.3f}" if self.top1_agreement is not None else "?"
             rel = (f", logits max relative diff {self.generation_max_rel_diff:.1e}"
                    if self.generation_max_rel_diff is not None else "")
+            vision = f", {self.vision_precision} vision" if self.vision_precision else ""
             lines.append(
-                f"{section}: {self.precision or '?'} ({self.form or 'flat_kv'} decoder) verified at export against PyTorch: "
+                f"{section}: {self.precision or '?'} ({self.form or 'flat_kv'} decoder{vision}) verified at export "
+                f"against PyTorch: "
                 f"logits cosine >= {self.generation_min_cosine:.5f}, top-1 {top1}, "
                 f"greedy tokens identical: {self.tokens_identical}{rel}"
             )

@@ -11,3 +11,4 @@ from fixtures_models import *  # noqa: F401,F403
 from fixtures_runtime import *  # noqa: F401,F403
 from fixtures_phi3v import *  # noqa: F401,F403
 from fixtures_phi3v_runtime import *  # noqa: F401,F403
+from fixtures_fastvlm import *  # noqa: F401,F403

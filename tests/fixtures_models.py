@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["LLAVA_KINDS", "LM_HEAD_SCALE", "llava_spec", "build_tiny_llava", "tiny_llava_dir", "tiny_lmm_bundle",
+__all__ = ["LLAVA_KINDS", "LM_HEAD_SCALE", "llava_spec", "build_tiny_llava", "peaky_head", "tiny_llava_dir", "tiny_lmm_bundle",
            "tiny_grounding_bundle"]
 
 LLAVA_KINDS = ("phi3_clip", "llama_clip", "llama_siglip", "qwen2_clip", "qwen2_siglip", "phi3_siglip")
@@ -61,6 +61,15 @@ def build_tiny_llava(kind: str, out_dir: Path) -> Path:
 
     torch.set_num_threads(1)
     model, _ = build_llava(out_dir, llava_spec(kind))
+    peaky_head(model)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peaky_head(model) -> None:
+    """Give a seeded model's lm_head the bigram structure of the module docstring, in place."""
+    import torch
+
     embed = model.get_input_embeddings().weight
     generator = torch.Generator().manual_seed(1234)
     permutation = torch.randperm(embed.shape[0], generator=generator)
@@ -70,8 +79,6 @@ def build_tiny_llava(kind: str, out_dir: Path) -> Path:
         # current, perturbed by attention and MLP) with a clear top-1 margin, as trained LMs have.
         bigram = embed[permutation] / embed[permutation].norm(dim=-1, keepdim=True).clamp_min(1e-6)
         model.lm_head.weight.copy_(LM_HEAD_SCALE * bigram + model.lm_head.weight)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="session")

@@ -71,12 +71,12 @@ def _runtime_style_generate(bundle_dir: Path, questions, images, steps: int):
 
 
 def _transformers_generate(model_dir: Path, questions, images, steps: int):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, AutoModelForImageTextToText
 
     from octopus_rt.export.lmm_reference import processor_inputs
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     inputs = processor_inputs(processor, questions, images)
     with torch.no_grad():
         out = model.generate(
@@ -244,13 +244,13 @@ def _teacher_forced_agreement(bundle_dir: Path, model_dir: Path, steps: int = ST
     own forward pass over the greedy fp32 tokens as the reference, the bundle driven by the runtime's
     decoder loop (embedding table + decoder graph) along the same tokens."""
     import onnxruntime as ort
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, AutoModelForImageTextToText
 
     from octopus_rt.export.lmm_reference import processor_inputs, synthetic_images
     from octopus_rt.runtime import Octopus
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     octo = Octopus(bundle_dir, device="cpu", threads=1)
     section, folder = _section(bundle_dir)
     vision = ort.InferenceSession(str(folder / section["vision"]["file"]), providers=["CPUExecutionProvider"])

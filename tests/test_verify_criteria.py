@@ -75,9 +75,9 @@ def test_wrong_rotary_base_fails_flat_kv_form(tiny_llava_dir, tmp_path, monkeypa
 
     original = lmm.export_llava_graphs
 
-    def export_with_wrong_base(model, staging, opset, form):
+    def export_with_wrong_base(model, staging, opset, form, **options):
         model.model.language_model.rotary_emb.inv_freq.mul_(0.25)
-        return original(model, staging, opset, form)
+        return original(model, staging, opset, form, **options)
 
     monkeypatch.setattr(lmm, "export_llava_graphs", export_with_wrong_base)
     with pytest.raises(OctopusError, match=r"failed verification: .*max \|diff\|.*relative"):

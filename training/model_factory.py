@@ -248,7 +248,15 @@ def build_llava(out_dir: str | os.PathLike[str], spec: TinyLlavaSpec | None = No
     )
     torch.manual_seed(spec.seed)
     if timm_tower:
+        import timm
+
         model = FastVlmForConditionalGeneration(FastVlmConfig(**common, vision_feature_layer=-1)).eval()
+        # timm's own initialisation for the tower: the transformers wrapper's generic one (normal 0.02 for
+        # every convolution) makes activations vanish through the depth (features ~1e-22: an image-blind
+        # model that no parity test could tell from a broken one).
+        torch.manual_seed(spec.seed)
+        fresh = timm.create_model(vision_config.architecture, pretrained=False, num_classes=0)
+        model.model.vision_tower.timm_model.load_state_dict(fresh.state_dict())
     else:
         model = LlavaForConditionalGeneration(LlavaConfig(**common, vision_feature_layer=-2)).eval()
     end_ids = [tokenizer.eos_token_id]

@@ -153,7 +153,7 @@ def test_demo_rope_base_gives_a_period_of_eight_positions():
     head_dim = DEMO_LLAVA["text_hidden"] // DEMO_LLAVA["text_heads"]
     inv_freq = ROPE_THETA_ROW_OF_8 ** (-np.arange(0, head_dim, 2) / head_dim)  # Llama's default rotary
     assert 2 * math.pi / inv_freq[1] == pytest.approx(8.0, rel=1e-9)
-    assert FULL.rope_theta == pytest.approx(ROPE_THETA_ROW_OF_8)
+    assert FULL.rope_theta == pytest.approx(ROPE_THETA_ROW_OF_8)  # the shipped recipe
     # Columns 0..3 vs 4..7 are told apart by the sign of one cosine of that frequency.
     columns = np.arange(8)
     assert list(np.cos(inv_freq[1] * (columns - 1.5)) > 0) == [True] * 4 + [False] * 4

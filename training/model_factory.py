@@ -185,31 +185,23 @@ def _vision_parts(spec: TinyLlavaSpec):
         )
         # CLIP prepends a CLS token; LLaVA's "default" strategy drops it.
         return config, processor, 1, "default"
+    # SigLIP-style preprocessing (square resize, no crop, mean / std 0.5): patch (i, j) of the token grid
+    # covers patch (i, j) of the image. 0.5 is also timm's pretrained_cfg of tf_efficientnet_lite0.
+    square = SiglipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     if spec.vision_model == "siglip":
-        config = SiglipVisionConfig(**common)
-        processor = SiglipImageProcessor(
-            size={"height": spec.image_size, "width": spec.image_size},
-            resample=PILImageResampling.BICUBIC,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
         # SigLIP has no CLS token: keep every patch.
-        return config, processor, 0, "full"
+        return SiglipVisionConfig(**common), square, 0, "full"
     if spec.vision_model in TIMM_TOWERS:
         from transformers.models.timm_wrapper import TimmWrapperConfig
 
-        # The CNN's last feature map (stride 32) becomes the image tokens (FastVLM flattens it row-major);
-        # the processor resizes the whole image to a square like SigLIP's, so token (i, j) covers
-        # patch (i, j) of the image. Mean / std 0.5 are timm's pretrained_cfg of tf_efficientnet_lite0.
+        # The CNN's last feature map (stride 32) becomes the image tokens (FastVLM flattens it row-major).
         architecture, channels = TIMM_TOWERS[spec.vision_model]
-        config = TimmWrapperConfig(architecture=architecture, do_pooling=False, hidden_size=channels)
-        processor = SiglipImageProcessor(
-            size={"height": spec.image_size, "width": spec.image_size},
-            resample=PILImageResampling.BICUBIC,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
-        return config, processor, 0, "full"
+        return TimmWrapperConfig(architecture=architecture, do_pooling=False, hidden_size=channels), square, 0, "full"
     raise ValueError(f"unknown vision model {spec.vision_model!r}; choose clip, siglip or "
                      + " or ".join(TIMM_TOWERS))
 

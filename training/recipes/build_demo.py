@@ -82,7 +82,7 @@ FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=500, vi
                   sam_time=40 * 60, eval_val_records=300, eval_test_records=None, wallpapers=True,
                   closed_set_weight=1.0, relative_weight=0.0, distill_steps=0, easy_seen=800,
                   easy_vision_steps=200, easy_lmm_steps=600, vision_model="efficientnet_lite0",
-                  freeze_vision_stages=5)
+                  freeze_vision_stages=5, rope_theta=ROPE_THETA_ROW_OF_8)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=80, eval_test_records=40, closed_set_weight=1.0, relative_weight=1.0,

@@ -88,6 +88,11 @@ def test_decoder_form_and_verification_record_read_old_bundles_and_check_new_one
     raw = _demo_manifest()
     for key in ("form", "kv_buffer"):
         del raw["lmm"]["decoder"][key]
+    # The verification record as the first exporters wrote it (no form, thresholds, overrides or vision precision).
+    old_keys = ("precision", "vision_max_abs_diff", "vision_min_cosine", "decoder_max_abs_diff", "decoder_min_cosine",
+                "generation_max_abs_diff", "generation_min_cosine", "top1_agreement", "tokens_identical", "steps")
+    raw["lmm"]["verification"] = {key: raw["lmm"]["verification"][key] for key in old_keys}
+    raw["lmm"]["verification"]["precision"] = "fp32"
     parsed = parse_manifest(raw)
     assert (parsed.lmm.decoder.form, parsed.lmm.decoder.kv_buffer, parsed.lmm.decoder.quantization) == (
         "flat_kv", "concat", None)

@@ -39,9 +39,9 @@ def median_ms(run: Callable[[], Any], sync: Callable[[], None], repeats: int, wa
 def time_torch(model_dir: Path, checkpoint: Path, cfg: BenchConfig, feeds, device: str, dtype_name: str) -> dict[str, float]:
     """PyTorch eager through the export wrappers (the computation the graphs hold)."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
-    from octopus_rt.export.llava_wrappers import DecoderWrapper, VisionWrapper
+    from octopus_rt.export.llava_graphs import check_model_dir, model_class
+    from octopus_rt.export.llava_wrappers import DecoderWrapper, vision_wrapper
     from octopus_rt.export.sam_models import SamConfig, load_sam
     from octopus_rt.export.sam_wrappers import SamDecoderWrapper
 
@@ -54,8 +54,9 @@ def time_torch(model_dir: Path, checkpoint: Path, cfg: BenchConfig, feeds, devic
 
     results: dict[str, float] = {}
     with torch.inference_mode():
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        vision, decoder = VisionWrapper(model), DecoderWrapper(model)
+        model_type = check_model_dir(model_dir)["model_type"]  # LLaVA or FastVLM
+        model = model_class(model_type).from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        vision, decoder = vision_wrapper(model), DecoderWrapper(model)
         pixels = t("pixel_values", feeds["vision"]["pixel_values"])
         results["vision"] = median_ms(lambda: vision(pixels), sync, cfg.repeats, cfg.warmup)
         for stage in ("prefill", "decode"):

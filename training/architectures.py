@@ -71,8 +71,9 @@ def load_llava(base_model: Path):
     """(model float32 on CPU, processor) from a LlavaForConditionalGeneration (or FastVLM: a LLaVA with
     a timm CNN tower) directory, after checking the architecture. Raises InputError for an unsupported
     directory."""
-    from transformers import AutoConfig, AutoProcessor, FastVlmForConditionalGeneration, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
 
+    from octopus_rt.export.llava_graphs import model_class
     from octopus_rt.training.lora import check_architecture
 
     try:
@@ -82,8 +83,7 @@ def load_llava(base_model: Path):
     check_architecture(config)
     import torch
 
-    model_class = FastVlmForConditionalGeneration if config.model_type == "fast_vlm" else LlavaForConditionalGeneration
-    model = model_class.from_pretrained(base_model, dtype=torch.float32)
+    model = model_class(config.model_type).from_pretrained(base_model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(base_model)
     return model, processor
 
@@ -123,6 +123,7 @@ class LlavaArchitecture(Architecture):
 def architecture_for(base_model: str | Path) -> Architecture:
     """The family of the model directory `base_model`, from its config.json. InputError (one line)
     for a missing directory or an unsupported model."""
+    from octopus_rt.export.llava_graphs import LLAVA_FAMILY
     from octopus_rt.export.phi3v_config import is_phi3v_config
 
     base_model = Path(base_model)
@@ -132,7 +133,7 @@ def architecture_for(base_model: str | Path) -> Architecture:
         from octopus_rt.training.phi3v_training import Phi3VArchitecture
 
         return Phi3VArchitecture()
-    if config.get("model_type") in ("llava", "fast_vlm"):
+    if config.get("model_type") in LLAVA_FAMILY:
         return LlavaArchitecture()
     found = ", ".join(config.get("architectures") or []) or config.get("model_type") or "unknown"
     raise InputError(f"unsupported base model {found}: octopus-rt train takes a LlavaForConditionalGeneration "

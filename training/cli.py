@@ -55,7 +55,8 @@ def _train_command(
         base_model=base_model, data=[parse_data_arg(d) for d in data], out=out, work_dir=work_dir, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lm_tuning=lm_tuning,
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_vision=freeze_vision,
-        freeze_vision_stages=freeze_vision_stages, max_steps=max_steps, save_every=save_every, eval_every=eval_every, resume=resume, on_error=on_error,
+        freeze_vision_stages=freeze_vision_stages, max_steps=max_steps, save_every=save_every, eval_every=eval_every,
+        resume=resume, on_error=on_error,
         precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed, progress=not no_progress,
     )
     result = train(options)

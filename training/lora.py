@@ -16,7 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from octopus_rt.errors import InputError
-from octopus_rt.export.llava_graphs import SUPPORTED_TEXT_MODELS, SUPPORTED_VISION_MODELS  # what export lmm takes
+from octopus_rt.export.llava_graphs import (  # what export lmm takes
+    LLAVA_FAMILY,
+    SUPPORTED_TEXT_MODELS,
+    SUPPORTED_VISION_MODELS,
+)
 
 __all__ = [
     "SUPPORTED_TEXT_MODELS",
@@ -34,11 +38,6 @@ class TuningSummary:
     lora_targets: list[str]
     trainable_parameters: int
     total_parameters: int
-
-
-# model_type -> (architecture class name, vision tower model types it takes)
-LLAVA_FAMILY = {"llava": ("LlavaForConditionalGeneration", tuple(SUPPORTED_VISION_MODELS)),
-                "fast_vlm": ("FastVlmForConditionalGeneration", ("timm_wrapper",))}
 
 
 def check_architecture(config) -> None:

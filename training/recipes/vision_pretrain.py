@@ -158,16 +158,11 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
 
 
 def _features(torch, model, pixel_values):
-    """(B, g*g, D) projected image tokens, exactly as the LLaVA (or FastVLM) computes them."""
-    config = model.config
-    if config.model_type == "fast_vlm":  # a timm CNN: its last feature map, row-major, is the token grid
-        hidden = model.model.vision_tower(pixel_values, return_dict=True).last_hidden_state
-        return model.model.multi_modal_projector(hidden.flatten(2).transpose(1, 2))
-    outputs = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    hidden = outputs.hidden_states[config.vision_feature_layer]
-    if config.vision_feature_select_strategy == "default":
-        hidden = hidden[:, 1:]
-    return model.model.multi_modal_projector(hidden)
+    """(B, g*g, D) projected image tokens, exactly as the LLaVA (or FastVLM) computes them: through the
+    export's vision wrapper (export/llava_wrappers.vision_wrapper, parity-tested against the model)."""
+    from octopus_rt.export.llava_wrappers import vision_wrapper
+
+    return vision_wrapper(model)(pixel_values)
 
 
 def _loss(torch, pred, target, relative: float = 0.0):

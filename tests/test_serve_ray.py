@@ -29,8 +29,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Ray Serve gives its HTTP proxy actor 5 s to report ready and marks it unhealthy after three misses; on a
+# loaded 2-core CI machine the proxy can take longer to start, and the fixture then failed with ActorDiedError
+# (seen once, load 4). Ray's own settings, read from the environment its processes inherit from ray.init.
+_RAY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 @pytest.fixture(scope="module")
 def ray_url():
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in _RAY_PATIENCE.items():
+            patch.setenv(name, value)
+        yield from _serve_on_local_ray()
+
+
+def _serve_on_local_ray():
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", configure_logging=False,
              _node_ip_address="127.0.0.1")  # Ray's own services on loopback too

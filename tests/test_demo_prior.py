@@ -65,7 +65,7 @@ def test_distillation_lowers_the_feature_regression_loss(tiny_llava_dir):
     from transformers import LlavaForConditionalGeneration
 
     from octopus_rt.training.recipes.teacher import distill
-    from octopus_rt.training.recipes.vision_pretrain import _features
+    from octopus_rt.export.llava_wrappers import vision_wrapper
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir("llama_siglip"), dtype=torch.float32)
@@ -75,6 +75,6 @@ def test_distillation_lowers_the_feature_regression_loss(tiny_llava_dir):
     rng = np.random.default_rng(0)
     images = np.stack([smooth_texture(rng, size) for _ in range(8)]).astype(np.float32)
     pixels = torch.from_numpy((images / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)
-    summary = distill(torch, model, lambda b: _features(torch, model, b), pixels, 60, batch_size=4, lr=3e-3,
+    summary = distill(torch, model, vision_wrapper(model), pixels, 60, batch_size=4, lr=3e-3,
                       log_every=1000)
     assert summary["steps"] == 60 and summary["loss_last"] < 0.9 * summary["loss_first"]

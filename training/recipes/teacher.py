@@ -88,7 +88,7 @@ def distill(torch, model, features_fn, pixels, steps: int, *, batch_size: int = 
     """Train the vision tower + projector of `model` so that a linear head on its image tokens
     regresses the teacher's standardised features of the same images (flips move both together).
 
-    features_fn(pixels) -> (B, g*g, D) image tokens (vision_pretrain._features). pixels: (N, 3, H, W)
+    features_fn(pixels) -> (B, g*g, D) image tokens (export's vision_wrapper(model)). pixels: (N, 3, H, W)
     preprocessed training images (float16 or float32). Returns {"steps", "seconds", "loss_first",
     "loss_last", "explained"} where explained = 1 - MSE / variance on the last 100 steps (0 = nothing
     learnt, 1 = the tokens carry the teacher's features linearly)."""

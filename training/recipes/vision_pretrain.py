@@ -157,14 +157,6 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
     return images, np.stack(targets) if targets else np.zeros((0, grid, grid, N_TARGETS), np.float32)
 
 
-def _features(torch, model, pixel_values):
-    """(B, g*g, D) projected image tokens, exactly as the LLaVA (or FastVLM) computes them: through the
-    export's vision wrapper (export/llava_wrappers.vision_wrapper, parity-tested against the model)."""
-    from octopus_rt.export.llava_wrappers import vision_wrapper
-
-    return vision_wrapper(model)(pixel_values)
-
-
 def _loss(torch, pred, target, relative: float = 0.0):
     """pred / target: (B, g*g, N_TARGETS). BCE on fractions, MSE on intensity and position; plus
     `relative` x the within-image patch softmax cross-entropy (`relative_loss`)."""
@@ -198,8 +190,9 @@ def _quadrant_of(mass: np.ndarray) -> int:
     return int(np.argmax(sums))
 
 
-def _probe_accuracy(torch, model, probe, pixels, targets: np.ndarray, grid: int):
-    """(patch accuracy, quadrant accuracy) of the probe's "distorted" output on preprocessed images.
+def _probe_accuracy(torch, features, probe, pixels, targets: np.ndarray, grid: int):
+    """(patch accuracy, quadrant accuracy) of the probe's "distorted" output on preprocessed images;
+    features: the model's image tokens (vision_wrapper).
 
     Patch: distorted yes / no (fraction >= 0.5) per patch. Quadrant: on images with local distortions,
     the quadrant holding the most predicted distorted mass is the one holding the most true mass.
@@ -207,7 +200,7 @@ def _probe_accuracy(torch, model, probe, pixels, targets: np.ndarray, grid: int)
     if pixels is None or len(targets) == 0:
         return None, None
     with torch.no_grad():
-        pred = torch.cat([probe(_features(torch, model, pixels[i:i + 64])) for i in range(0, len(targets), 64)])
+        pred = torch.cat([probe(features(pixels[i:i + 64])) for i in range(0, len(targets), 64)])
     return patch_and_quadrant_accuracy(torch.sigmoid(pred[..., 0]).reshape(-1, grid, grid).numpy(), targets[..., 0])
 
 
@@ -237,16 +230,20 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
     import torch
 
     from octopus_rt.errors import InputError
+    from octopus_rt.export.llava_wrappers import vision_wrapper
     from octopus_rt.training.architectures import load_llava
     from octopus_rt.training.lora import freeze_stages
 
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     model, processor = load_llava(options.model_dir)
+    # (B, g*g, D) projected image tokens exactly as the LLaVA (or FastVLM) computes them: the export's
+    # vision wrapper (parity-tested against the model), built once; it shares the model's modules.
+    features = vision_wrapper(model)
     image_processor = processor.image_processor
     with torch.no_grad():  # the token grid, whatever the tower (a ViT's patches or a CNN's last map)
         side = image_processor.size["height"]
-        grid = int(round(math.sqrt(_features(torch, model, torch.zeros(1, 3, side, side)).shape[1])))
+        grid = int(round(math.sqrt(features(torch.zeros(1, 3, side, side)).shape[1])))
     if getattr(image_processor, "do_center_crop", False):
         raise InputError("vision pretraining needs a processor that resizes without cropping (SigLIP-style)")
 
@@ -265,7 +262,7 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
     if options.distill_steps > 0:
         from octopus_rt.training.recipes.teacher import distill
 
-        distilled = distill(torch, model, lambda batch: _features(torch, model, batch), train_pixels,
+        distilled = distill(torch, model, features, train_pixels,
                             options.distill_steps, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
                             threads=options.threads, log_every=options.log_every)
     targets = torch.from_numpy(train_targets)
@@ -308,7 +305,7 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
             batch = torch.rot90(batch, turns, dims=(-2, -1))
             target = torch.rot90(target, turns, dims=(1, 2))
         target[..., -2:] = canonical
-        pred = probe(_features(torch, model, batch))
+        pred = probe(features(batch))
         loss = _loss(torch, pred, target.reshape(len(idx), grid * grid, N_TARGETS), options.relative_weight)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -325,8 +322,8 @@ def _pretrain_vision(options: VisionPretrainOptions, probe_out: Path | None = No
             print(f"[vision] time limit reached after {step + 1} steps", flush=True)
             break
     model.eval()
-    patch_acc, quad_acc = _probe_accuracy(torch, model, probe, val_pixels, val_targets, grid)
-    train_patch_acc, train_quad_acc = _probe_accuracy(torch, model, probe, train_pixels[:200].float(),
+    patch_acc, quad_acc = _probe_accuracy(torch, features, probe, val_pixels, val_targets, grid)
+    train_patch_acc, train_quad_acc = _probe_accuracy(torch, features, probe, train_pixels[:200].float(),
                                                       train_targets[:200], grid)
     for param in model.parameters():
         param.requires_grad_(True)

@@ -70,15 +70,14 @@ class DemoRecipe:
 # that the language model could not pool image tokens by column. Measured in round 3 (docs/demo.md): it
 # did not make the old SigLIP tower's model read the horizontal side (run A), and with the ImageNet tower
 # val is equal to base 10000 (test both axes 43.0 vs 37.6 %, one seed each); the horizontal failure was
-# perception. FULL keeps it because the
-# shipped bundle was trained with it.
+# perception. FULL keeps it because the shipped bundles (rounds 3 and 4) were trained with it.
 ROPE_THETA_ROW_OF_8 = (4 / 3.141592653589793) ** 24
 
 
 # Issue 16 round 3: the tower is the teacher itself (ImageNet weights; a 40-step probe on the easy images
 # already found the distorted quadrant 40 % of the time on val, which the SigLIP tower never reached
 # after 2600 steps), the relative objective is off (it lowered the yardstick: docs/demo.md), and the RoPE
-# base is the shipped run's (ROPE_THETA_ROW_OF_8). Round 4: the tower's last four stages learn (freeze 3, was 5):
+# base is kept (ROPE_THETA_ROW_OF_8). Round 4: the tower's last four stages learn (freeze 3, was 5):
 # val quadrant accuracy of the easy vision stage 73 % (was 60 %), test both axes on single-region severity >= 3
 # 78 % (was 51 %); freezing only 2 was not better on val and took the recipe past 90 minutes (docs/demo.md).
 FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=500, vision_time=60 * 60,

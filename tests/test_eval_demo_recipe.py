@@ -138,7 +138,7 @@ def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     from transformers import AutoTokenizer
 
     from octopus_rt.training.validation_metrics import closed_set_token_ids
-    from octopus_rt.training.recipes.build_demo import closed_set_loss_hook
+    from octopus_rt.training.recipes.demo_losses import closed_set_loss_hook
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir("llama_siglip"))
     (left, right), (top, bottom) = (closed_set_token_ids(tokenizer, w) for w in (("left", "right"), ("top", "bottom")))
@@ -204,3 +204,69 @@ def test_examples_are_picked_by_ground_truth_one_per_quadrant_and_a_whole_image(
     picked = pick_examples(records)
     assert [(kind, r["id"]) for kind, r in picked] == [("top left", "r5"), ("top right", "r8"), ("bottom left", "r6"),
                                                        ("bottom right", "r3"), ("whole image", "r7")]
+
+
+class _Row:
+    """The two TrainRecord fields the decision hooks read."""
+
+    def __init__(self, task: str, subtask: str | None) -> None:
+        self.task, self.subtask = task, subtask
+
+
+def test_whole_image_hook_is_the_two_class_softmax_at_the_first_decisive_word(tiny_llava_dir):
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from octopus_rt.training.recipes.demo_losses import whole_image_loss_hook
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava_dir("llama_siglip"))
+    tid = {w: tokenizer.encode(" " + w, add_special_tokens=False)[-1] for w in ("whole", "top", "bottom", "left", "right")}
+    labels = torch.full((3, 7), -100)
+    labels[0, 2], labels[0, 3] = tid["whole"], tid["left"]  # "whole" first: the reference is "whole"
+    labels[1, 3], labels[1, 4] = tid["bottom"], tid["whole"]  # a position word first: "local"
+    labels[2, 2] = tid["whole"]  # not a grounding record: ignored
+    logits = torch.randn(3, 7, len(tokenizer), generator=torch.Generator().manual_seed(1), requires_grad=True)
+    rows = [_Row("grounding", "HyD-G-max"), _Row("grounding", "SiD-G-max"), _Row("referring", "short-single")]
+    loss = whole_image_loss_hook(tokenizer, 3.0)(None, {"labels": labels}, type("O", (), {"logits": logits}), rows)
+
+    z = logits.detach().numpy()
+    local = [tid[w] for w in ("top", "bottom", "left", "right")]
+
+    def nll(row, col, target):  # logits at t predict the label at t + 1
+        pair = np.array([z[row, col - 1, tid["whole"]], np.log(np.exp(z[row, col - 1, local]).sum())])
+        return -(pair[target] - np.log(np.exp(pair).sum()))
+
+    assert float(loss.detach()) == pytest.approx(3.0 * (nll(0, 2, 0) + nll(1, 3, 1)) / 2, rel=1e-5)
+    loss.backward()
+    assert float(logits.grad[0, 1, tid["whole"]]) < 0 < float(logits.grad[0, 1, tid["top"]])
+    assert float(logits.grad[1, 2, tid["whole"]]) > 0 > float(logits.grad[1, 2, tid["bottom"]])
+    assert float(logits.grad[2].abs().sum()) == 0.0 and float(logits.grad[0, 2].abs().sum()) == 0.0
+
+
+def test_answer_mean_hook_weights_each_chosen_answer_equally(tiny_llava_dir):
+    import numpy as np
+    import torch
+
+    from octopus_rt.training.recipes.demo_losses import answer_mean_loss_hook
+
+    vocab_size = 11
+    labels = torch.full((3, 8), -100)
+    labels[0, 1:3] = torch.tensor([4, 5])  # short referring answer: 2 tokens
+    labels[1, 1:7] = torch.tensor([1, 2, 3, 4, 5, 6])  # grounding answer: 6 tokens
+    labels[2, 2:4] = torch.tensor([7, 8])  # referring long: not chosen below
+    logits = torch.randn(3, 8, vocab_size, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    rows = [_Row("referring", "short-single"), _Row("grounding", "HyD-G-max"), _Row("referring", "long-multi")]
+    hook = answer_mean_loss_hook(("referring/short", "grounding"), 0.5)
+    loss = hook(None, {"labels": labels}, type("O", (), {"logits": logits}), rows)
+
+    z = logits.detach().numpy()
+
+    def mean_nll(row):
+        cols = [c for c in range(1, 8) if int(labels[row, c]) != -100]
+        return np.mean([np.log(np.exp(z[row, c - 1]).sum()) - z[row, c - 1, int(labels[row, c])] for c in cols])
+
+    assert float(loss.detach()) == pytest.approx(0.5 * (mean_nll(0) + mean_nll(1)) / 2, rel=1e-5)
+    none = answer_mean_loss_hook(("global_description",), 1.0)(None, {"labels": labels},
+                                                                type("O", (), {"logits": logits}), rows)
+    assert float(none) == 0.0

@@ -61,13 +61,13 @@ def test_checkpoint_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
 
 def test_a_crafted_probe_is_never_unpickled(tmp_path):
-    from octopus_rt.training.recipes.build_demo import _patch_hook
+    from octopus_rt.training.recipes.demo_losses import patch_loss_hook
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "vision_probe.pt"
     torch.save(_Evil(marker), evil)
     with pytest.raises(Exception):
-        _patch_hook(tmp_path, evil, grid=2)
+        patch_loss_hook(tmp_path, evil, grid=2)
     assert not marker.exists()
     probe = torch.nn.Linear(3, 2)
     torch.save(probe.state_dict(), tmp_path / "good.pt")

@@ -60,6 +60,11 @@ class DemoRecipe:
     freeze_vision_stages: int = 0
     # The language model's RoPE base; None: Llama's 10000 (ROPE_THETA_ROW_OF_8: a period of one image row).
     rope_theta: float | None = None
+    # Decision losses of the LLaVA phase (demo_losses): the whole-image / local closed set of grounding
+    # answers, and a per-record mean answer loss for the record kinds in `answer_mean_kinds`.
+    whole_image_weight: float = 0.0
+    answer_mean_weight: float = 0.0
+    answer_mean_kinds: tuple[str, ...] = ("referring/short",)
 
 
 # Why a RoPE base of (4 / pi) ** 24: the image tokens enter the language model row by row, so a token's
@@ -162,84 +167,6 @@ def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int, flips: tupl
     return out
 
 
-def _patch_hook(data_dir: Path, probe_path: Path, grid: int, weight: float = 0.5, relative: float = 0.0):
-    """loss_hook for the trainer: the dense per-patch loss of vision pretraining, through the frozen
-    probe, on the image tokens the LLaVA just computed (keeps the vision features grounded while the
-    language model learns to read them)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from octopus_rt.training.recipes.vision_pretrain import _loss, load_probe, patch_targets
-
-    probe = load_probe(probe_path)
-    probe.requires_grad_(False)
-    cache: dict[str, torch.Tensor] = {}
-
-    def targets_of(record) -> torch.Tensor:
-        key = str(record.image)
-        if key not in cache:
-            regions = record.raw["regions"]
-            masks = {r["mask"]: np.asarray(Image.open(data_dir / r["mask"]).convert("L")) >= 128 for r in regions}
-            cache[key] = torch.from_numpy(patch_targets(regions, masks, grid)).reshape(grid * grid, -1)
-        return cache[key]
-
-    def hook(model, batch, outputs, records):
-        features = outputs.image_hidden_states
-        if features is None:
-            raise RuntimeError("the LLaVA returned no image_hidden_states; the per-patch loss needs them")
-        features = features.reshape(len(records), grid * grid, -1)
-        target = torch.stack([targets_of(r) for r in records])
-        return weight * _loss(torch, probe(features), target, relative)
-
-    return hook
-
-
-def closed_set_loss_hook(tokenizer, weight: float):
-    """loss_hook for the trainer: at every answer token that is a position word, the paper's
-    closed-set softmax over that axis's words ({left, right} or {top, bottom}; a word's logit is the
-    logsumexp over its surface forms' token ids) against the reference word, averaged over those
-    tokens. Why: the plain answer loss averages over ~20 template tokens per answer, so the two
-    position words that text-to-point reads get a tenth of the gradient; measured on the first demo
-    build, training loss 0.07 while position words stayed near chance even on training images."""
-    import torch
-
-    from octopus_rt import vocab
-    from octopus_rt.training.validation_metrics import closed_set_token_ids
-
-    axes = [closed_set_token_ids(tokenizer, words) for words in (vocab.HORIZONTAL_WORDS, vocab.VERTICAL_WORDS)]
-    id_tensors = [[torch.tensor(ids) for ids in word_ids] for word_ids in axes]
-
-    def hook(model, batch, outputs, records):
-        labels = batch["labels"][:, 1:]
-        logits = outputs.logits[:, :-1]
-        losses = []
-        for word_ids, tensors in zip(axes, id_tensors):
-            for index, ids in enumerate(tensors):
-                at = torch.isin(labels, ids.to(labels.device))
-                if not at.any():
-                    continue
-                picked = logits[at]  # (n, V)
-                word_logits = torch.stack([picked[:, w].logsumexp(-1) for w in word_ids], dim=-1)
-                target = torch.full((len(picked),), index, dtype=torch.long, device=picked.device)
-                losses.append(torch.nn.functional.cross_entropy(word_logits, target, reduction="none"))
-        if not losses:
-            return outputs.logits.new_zeros(())
-        return weight * torch.cat(losses).mean()
-
-    return hook
-
-
-def _sum_hooks(*hooks):
-    """One loss_hook that adds the given hooks' losses (None entries skipped)."""
-    active = [h for h in hooks if h is not None]
-
-    def hook(model, batch, outputs, records):
-        return sum(h(model, batch, outputs, records) for h in active)
-
-    return hook
-
-
 def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool = True, threads: int = 1,
                workers: int = 1) -> dict:
     """Run every stage (see module docstring); returns a summary dict (also WORK/summary.json)."""
@@ -312,8 +239,16 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
         from transformers import AutoTokenizer
 
         grid = DEMO_LLAVA["image_size"] // DEMO_LLAVA["patch_size"]
-        position_hook = (closed_set_loss_hook(AutoTokenizer.from_pretrained(base), recipe.closed_set_weight)
-                         if recipe.closed_set_weight > 0 else None)
+        from octopus_rt.training.recipes.demo_losses import (answer_mean_loss_hook, closed_set_loss_hook,
+                                                              patch_loss_hook, sum_hooks, whole_image_loss_hook)
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        decision_hooks = [
+            closed_set_loss_hook(tokenizer, recipe.closed_set_weight) if recipe.closed_set_weight > 0 else None,
+            whole_image_loss_hook(tokenizer, recipe.whole_image_weight) if recipe.whole_image_weight > 0 else None,
+            answer_mean_loss_hook(recipe.answer_mean_kinds, recipe.answer_mean_weight)
+            if recipe.answer_mean_weight > 0 else None,
+        ]
         phases = [("model", data_dir, recipe.lmm_steps)]
         if curriculum and recipe.easy_lmm_steps > 0:  # one clearly distorted region first, then the full mix
             phases.insert(0, ("model_easy", easy_dir, recipe.easy_lmm_steps))
@@ -330,8 +265,8 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
                                        max_steps=steps, warmup_steps=max(1, steps // 20),
                                        min_lr_ratio=0.05, max_grad_norm=1.0, eval_max_samples=200, seed=seed,
                                        log_every=20, progress=False, precision="fp32")
-                hook = _sum_hooks(_patch_hook(lmm_data, probe_path, grid, relative=recipe.relative_weight),
-                                  position_hook)
+                hook = sum_hooks(patch_loss_hook(lmm_data, probe_path, grid, relative=recipe.relative_weight),
+                                 *decision_hooks)
                 result = train(options, loss_hook=hook)
                 facts[name] = {"steps": len(result.steps), "final_loss": result.losses[-1] if result.losses else None}
             start_from = out

@@ -147,6 +147,7 @@ def answer_mean_loss_hook(kinds: tuple[str, ...], weight: float):
     such answer counts as much as any other, whatever its length (the trainer's loss weights by tokens)."""
     import torch
 
+    from octopus_rt.training.batches import answer_loss_sum
     from octopus_rt.training.collate import IGNORE_INDEX
 
     def wanted(record) -> bool:
@@ -157,13 +158,12 @@ def answer_mean_loss_hook(kinds: tuple[str, ...], weight: float):
         return False
 
     def hook(model, batch, outputs, records):
-        labels = batch["labels"][:, 1:]
-        logits = outputs.logits[:, :-1]
+        labels = batch["labels"]
         means = []
         for row, record in enumerate(records):
-            keep = labels[row] != IGNORE_INDEX
-            if wanted(record) and keep.any():
-                means.append(torch.nn.functional.cross_entropy(logits[row][keep].float(), labels[row][keep]))
+            count = int((labels[row, 1:] != IGNORE_INDEX).sum())  # answer tokens (labels shift by one)
+            if wanted(record) and count:
+                means.append(answer_loss_sum(outputs.logits[row:row + 1], labels[row:row + 1]) / count)
         if not means:
             return outputs.logits.new_zeros(())
         return weight * torch.stack(means).mean()

@@ -8,7 +8,9 @@ An `Architecture` owns what differs between families:
 - `enable_gradient_checkpointing(model)`;
 - `apply_tuning(model, options) -> (model, TuningSummary)`: which parameters train;
 - `write_merged(model, collator, options) -> (out_dir, final model)`: the result in the base's format;
-- `lora_defaults`: rank, alpha and dropout when the options leave them unset.
+- `lora_defaults`: rank, alpha and dropout when the options leave them unset;
+- `shares_images`: whether `forward_shared_images(model, inputs, inverse)` (one vision-tower pass per
+  distinct image of a batch, `--group-by-image`) works for the family.
 
 Collators share one interface (collate.Collator for LLaVA, phi3v_collate.Phi3VCollator):
 `encode(turns, image) -> EncodedText`, `batch(encoded, images) -> dict` (labels plus the model's
@@ -43,6 +45,7 @@ class Architecture:
 
     name = ""
     lora_defaults = LoraDefaults(16, 32.0, 0.05)
+    shares_images = False
 
     def load(self, base_model: Path):
         raise NotImplementedError
@@ -96,6 +99,7 @@ class LlavaArchitecture(Architecture):
 
     name = "llava"
     lora_defaults = LoraDefaults(16, 32.0, 0.05)
+    shares_images = True  # training/shared_images.py
 
     def load(self, base_model: Path):
         from octopus_rt.training.collate import Collator

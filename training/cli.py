@@ -42,6 +42,9 @@ def _train_command(
                                   "fp32 on CPU)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
                                                 help="Recompute activations in the backward pass to save memory."),
+    group_by_image: bool = typer.Option(False, "--group-by-image", help="LLaVA family: keep each image's records "
+                                        "together in batches and run the vision tower once per distinct image "
+                                        "(faster when the data asks several questions per image)."),
     seed: int = typer.Option(0, "--seed", help="Seed of LoRA init, data order and dropout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (logs still go to log.jsonl)."),
 ) -> None:
@@ -57,7 +60,8 @@ def _train_command(
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_vision=freeze_vision,
         freeze_vision_stages=freeze_vision_stages, max_steps=max_steps, save_every=save_every, eval_every=eval_every,
         resume=resume, on_error=on_error,
-        precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed, progress=not no_progress,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, group_by_image=group_by_image, seed=seed,
+        progress=not no_progress,
     )
     result = train(options)
     if result.out is not None:

@@ -167,14 +167,19 @@ class MixedDataset:
 
     `epoch_order(epoch)` returns a list of (dataset index, record index) pairs; the same seed and epoch
     always give the same order on every process, so the step number alone says where training is.
+    With `group_by_image`, the records of one image file are consecutive in that order (images in a
+    seeded random order, records shuffled within each image), so that a batch holds a few images'
+    questions and the vision tower runs once per image (training/shared_images.py).
     """
 
-    def __init__(self, datasets: list[list[TrainRecord]], weights: list[float], seed: int) -> None:
+    def __init__(self, datasets: list[list[TrainRecord]], weights: list[float], seed: int,
+                 group_by_image: bool = False) -> None:
         if len(datasets) != len(weights):
             raise ValueError("one weight per dataset")
         self.datasets = datasets
         self.weights = weights
         self.seed = seed
+        self.group_by_image = group_by_image
         self.samples_per_epoch = sum(self._count(len(d), w) for d, w in zip(datasets, weights))
 
     @staticmethod
@@ -194,4 +199,11 @@ class MixedDataset:
             picks = list(range(n)) * whole + sorted(rng.choice(n, size=rest, replace=False).tolist() if rest else [])
             keys.extend((index, int(i)) for i in picks)
         permutation = rng.permutation(len(keys))
-        return [keys[i] for i in permutation]
+        order = [keys[i] for i in permutation]
+        if not self.group_by_image:
+            return order
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for key in order:  # the permutation already shuffled each image's records
+            groups.setdefault(str(self.record(key).image), []).append(key)
+        members = list(groups.values())
+        return [key for g in rng.permutation(len(members)) for key in members[g]]

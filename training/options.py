@@ -85,6 +85,7 @@ class TrainOptions:
     on_error: str = "stop"
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    group_by_image: bool = False  # LLaVA family: each image's records share batches and one vision-tower pass
     seed: int = 0
     log_every: int = 1
     progress: bool = True

@@ -84,7 +84,8 @@ def read_datasets(options: TrainOptions, log: Callable[[str], None]):
         skipped += val.skipped
     if skipped:
         log(f"skipped {len(skipped)} bad record(s); first: {skipped[0]}")
-    return MixedDataset(train_sets, [d.weight for d in options.data], options.seed), val_records, skipped
+    return MixedDataset(train_sets, [d.weight for d in options.data], options.seed,
+                        group_by_image=options.group_by_image), val_records, skipped
 
 
 def _check_paths(options: TrainOptions) -> None:
@@ -111,25 +112,34 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float):
 
 
 def _accumulate(model, collator, micro, global_tokens: float, device, precision: str, scaler, loss_hook,
-                hook_weight: float) -> float:
+                hook_weight: float, share_images: bool = False) -> float:
     """Forward and backward over one process's micro-batches of a step; returns the summed answer loss.
 
     micro: list of (records, images, encoded). Each micro-batch's loss is its summed answer-token
     cross-entropy divided by `global_tokens` (plus hook_weight * the hook's loss), so the gradients
     accumulated over micro-batches and summed over processes are those of the global batch.
-    Grad mode is switched on here: callers (or a previous export in the same process) may have
-    turned it off globally.
+    share_images: run the vision tower once per distinct image file of a micro-batch
+    (training/shared_images.py). Grad mode is switched on here: callers (or a previous export in the
+    same process) may have turned it off globally.
     """
     import torch
+
+    from octopus_rt.training.shared_images import distinct_rows, forward_shared_images
 
     loss_sum = 0.0
     with torch.enable_grad():
         for records, images, encoded in micro:
             if not records:
                 continue
+            if share_images:
+                firsts, inverse = distinct_rows([str(r.image) for r in records])
+                images = [images[i] for i in firsts]
             batch = {k: v.to(device) for k, v in collator.batch(encoded, images).items()}
             with autocast(device, precision):
-                outputs = model(**model_inputs(batch))
+                if share_images:
+                    outputs = forward_shared_images(model, model_inputs(batch), inverse)
+                else:
+                    outputs = model(**model_inputs(batch))
             summed = answer_loss_sum(outputs.logits, batch["labels"])
             loss = summed / global_tokens
             if loss_hook is not None:
@@ -163,6 +173,8 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
         if not dist.all_ok(refused is None):
             raise refused or InputError("another process refused the output or work directory")
         architecture = architecture_for(options.base_model)
+        if options.group_by_image and not architecture.shares_images:
+            raise InputError(f"--group-by-image works for LLaVA-family models, not {architecture.name}")
         options = with_lora_defaults(options, architecture.lora_defaults)
         precision = resolve_precision(options.precision, dist.device)
         say = print if dist.is_main else (lambda _text: None)
@@ -247,7 +259,8 @@ def train(options: TrainOptions, *, loss_hook: Callable | None = None) -> TrainR
             if global_tokens == 0:
                 raise InputError(f"step {step}: the global batch holds no answer tokens (empty answers?)")
             loss_sum = _accumulate(model, collator, micro, global_tokens, dist.device, precision, scaler,
-                                   loss_hook, hook_weight=1.0 / (options.grad_accum * dist.world_size))
+                                   loss_hook, hook_weight=1.0 / (options.grad_accum * dist.world_size),
+                                   share_images=options.group_by_image)
             dist.sum_gradients(params)
             if scaler is not None:
                 scaler.unscale_(optimizer)

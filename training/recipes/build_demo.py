@@ -65,6 +65,8 @@ class DemoRecipe:
     whole_image_weight: float = 0.0
     answer_mean_weight: float = 0.0
     answer_mean_kinds: tuple[str, ...] = ("referring/short",)
+    # LLaVA phase batches of whole images' records, one vision-tower pass per image (training/shared_images.py).
+    lmm_group_by_image: bool = False
 
 
 # Why a RoPE base of (4 / pi) ** 24: the image tokens enter the language model row by row, so a token's
@@ -270,6 +272,7 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
                                        lr=recipe.lmm_lr, batch_size=recipe.lmm_batch,
                                        max_steps=steps, warmup_steps=max(1, steps // 20),
                                        min_lr_ratio=0.05, max_grad_norm=1.0, eval_max_samples=200, seed=seed,
+                                       group_by_image=recipe.lmm_group_by_image,
                                        log_every=20, progress=False, precision="fp32")
                 hook = sum_hooks(patch_loss_hook(lmm_data, probe_path, grid, relative=recipe.relative_weight),
                                  *decision_hooks)

@@ -90,20 +90,23 @@ ROPE_THETA_ROW_OF_8 = (4 / 3.141592653589793) ** 24
 # Round 5: the decision losses of demo_losses (whole-image closed set; per-record answer mean of referring and
 # grounding answers), chosen on val among four variants: val sweep mIoU 0.326 (was 0.277), test whole-image
 # recall 88 % (was 65 %) with the local class at 98 %.
+# Round 6: LLaVA batches of whole images' records with one tower pass per image (lmm_group_by_image), batch 24,
+# 360 + 1090 steps in the LLaVA stage's old time: 34,800 records seen instead of 19,200; chosen on val between
+# batch 16 (540 + 1620 steps) and 24 by the rule in docs/demo.md (val sweep mIoU 0.335, was 0.326).
 FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=500, vision_time=60 * 60,
-                  lmm_steps=1800, lmm_batch=8, lmm_lr=1e-3, description_share=0.2, sam_steps=1200,
+                  lmm_steps=1090, lmm_batch=24, lmm_lr=1e-3, description_share=0.2, sam_steps=1200,
                   sam_time=40 * 60, eval_val_records=300, eval_test_records=None, wallpapers=True,
                   closed_set_weight=1.0, relative_weight=0.0, distill_steps=0, easy_seen=800,
-                  easy_vision_steps=200, easy_lmm_steps=600, vision_model="efficientnet_lite0",
+                  easy_vision_steps=200, easy_lmm_steps=360, vision_model="efficientnet_lite0",
                   freeze_vision_stages=3, rope_theta=ROPE_THETA_ROW_OF_8, whole_image_weight=1.0,
-                  answer_mean_weight=1.0, answer_mean_kinds=("referring", "grounding"))
+                  answer_mean_weight=1.0, answer_mean_kinds=("referring", "grounding"), lmm_group_by_image=True)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=80, eval_test_records=40, closed_set_weight=1.0, relative_weight=1.0,
                    easy_seen=20, easy_vision_steps=4, easy_lmm_steps=4, vision_model=FULL.vision_model,
                    freeze_vision_stages=FULL.freeze_vision_stages, rope_theta=FULL.rope_theta,
                    whole_image_weight=FULL.whole_image_weight, answer_mean_weight=FULL.answer_mean_weight,
-                   answer_mean_kinds=FULL.answer_mean_kinds)
+                   answer_mean_kinds=FULL.answer_mean_kinds, lmm_group_by_image=FULL.lmm_group_by_image)
 
 # The demo LLaVA: SigLIP-style vision tower (square resize, no crop, no CLS: patches map onto the
 # image exactly, so positions are kept) at 256 px with 32 px patches (8 x 8 image tokens: the patch

@@ -1,10 +1,11 @@
 """One vision-tower pass per distinct image of a batch (`octopus-rt train --group-by-image`).
 
 Why: the data engine asks several questions about each image (4.7 per image in the demo recipe's LLaVA
-training data), and in a small LLaVA with a CNN tower the tower is most of a training step (measured on the demo model, 256 px,
-batch 8, one thread: tower forward + backward 1.2 s of a 1.4 s step). When a batch holds the records of a few
-images (`MixedDataset(group_by_image=True)` keeps each image's records together in the epoch order), the tower runs
-once per distinct image and its projected features are copied onto every record's image tokens.
+training data), and in a small LLaVA with a CNN tower the tower is most of a training step (measured on the
+demo model, 256 px, batch 8, one thread: tower forward + backward 1.2 s of a 1.4 s step). When a batch holds
+the records of a few images (`MixedDataset(group_by_image=True)` keeps each image's records together in the
+epoch order), the tower runs once per distinct image and its projected features are copied onto every
+record's image tokens.
 
 The result equals the plain per-record forward: the features are a function of the image alone and the
 gradients of the copies add up in the backward pass. One exception: BatchNorm layers in training mode take

@@ -3,7 +3,9 @@
 Exporters build these objects and write them with `to_dict()` (export lmm, export sam); the runtime
 reads a manifest with `parse_manifest` (or one section with `LmmSection.from_dict` etc.), which
 checks that every required field is present and of its type and fills in the documented defaults,
-raising `BundleError` with the field's path (`lmm.decoder.num_layers is missing`). docs/bundle.md
+raising `BundleError` with the field's path (`lmm.decoder.num_layers is missing`); code that needs a
+few fields of a manifest that may be incomplete elsewhere (the provider plan, the TensorRT build)
+reads each with `Manifest.lookup(manifest, "lmm", "decoder", "form")`, by the same declarations. docs/bundle.md
 describes the fields; octopus_rt/bundle.py owns the folder layout, hashing and atomic commits.
 
 Rules of the schema:
@@ -23,6 +25,7 @@ its `verification` record; octopus_rt/manifest_section.py the fields every secti
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +48,8 @@ __all__ = [
     "EngineGraph",
     "EngineTarget",
     "EnginesSection",
+    "read_engines",
+    "DEFAULT_PROVIDERS",
     "Defaults",
     "Manifest",
     "parse_manifest",
@@ -63,6 +68,15 @@ Device = Literal["cpu", "cuda", "tensorrt"]
 DEVICE_NAMES: tuple[str, ...] = typing.get_args(Device)
 # Value of engines.format: onnxruntime TensorRT EP-context models (docs/deploy.md explains why).
 ENGINES_FORMAT = "onnxruntime-tensorrt-ep-context"
+# defaults.providers of a graph the bundle records none for: TensorRT engines for vision and SAM, CUDA
+# for the decoder loop (IO binding keeps the KV cache on the GPU; docs/deploy.md). `export trt` writes
+# them, with its own graphs set to tensorrt.
+DEFAULT_PROVIDERS: dict[str, Device] = {
+    "vision": "tensorrt",
+    "sam_encoder": "tensorrt",
+    "sam_decoder": "tensorrt",
+    "decoder": "cuda",
+}
 
 
 # ---------------------------------------------------------------------------------- sam
@@ -202,6 +216,18 @@ class EnginesSection(Section):
     targets: dict[str, EngineTarget] = field(default_factory=dict)
 
 
+def read_engines(manifest: Mapping[str, Any]) -> tuple[EnginesSection | None, str]:
+    """The manifest's `engines` section, typed, when it lists targets in ENGINES_FORMAT; else (None, why
+    not). Format and targets are looked at before the section is parsed (like a manifest's header): a
+    section another exporter wrote in another format is reported as such, not read as this one."""
+    raw = manifest.get("engines")
+    if not isinstance(raw, dict) or not raw.get("targets"):
+        return None, "the bundle has no TensorRT engines (run `octopus-rt export trt` on the target)"
+    if raw.get("format") != ENGINES_FORMAT:
+        return None, f"engines format {raw.get('format')!r} is not {ENGINES_FORMAT!r}"
+    return EnginesSection.from_dict(raw, "engines"), ""
+
+
 # ------------------------------------------------------------------------------ manifest
 @dataclass(frozen=True)
 class Defaults(Schema):
@@ -217,6 +243,10 @@ class Defaults(Schema):
         unknown = [g for g in (self.providers or {}) if g not in GRAPHS]
         if unknown:
             raise ManifestError(f"{where}.providers.{unknown[0]} is not a graph ({', '.join(GRAPHS)})")
+
+    def provider(self, graph: str) -> str:
+        """The device the bundle prefers for `graph`: providers[graph], else DEFAULT_PROVIDERS."""
+        return (self.providers or {}).get(graph, DEFAULT_PROVIDERS.get(graph, "cuda"))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 `Schema.from_dict` checks every field of a dataclass against its annotation (int, float, str, bool,
 lists, dicts, `Literal` values, nested schemas, `X | None`), fills in the declared defaults, runs the
 class's own `check`, and raises `ManifestError` naming the field's path ("lmm.decoder.num_layers is
-missing"); `to_dict` writes the JSON form back. octopus_rt/manifest.py declares the manifest with it.
+missing"); `to_dict` writes the JSON form back. `Schema.lookup` reads one field deep inside the JSON
+form by the same declarations, without reading the rest (for code that needs a few fields of a
+manifest that may not be complete, e.g. the provider plan). octopus_rt/manifest.py declares the
+manifest with it.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Schema:
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             path = f"{where}.{f.name}" if where else f.name
             if f.name not in data:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if _required(f):
                     raise ManifestError(f"{path} is missing")
                 continue
             values[f.name] = _read(hints[f.name], data[f.name], path)
@@ -62,6 +65,42 @@ class Schema:
     def check(self, where: str) -> None:
         """Rules across or inside fields beyond their types (ManifestError); none by default."""
 
+    @classmethod
+    def lookup(cls, data: Any, *keys: str, where: str = "") -> Any:
+        """The value at `keys` inside `data` (this schema's JSON form), read as `from_dict` reads it:
+        checked against its annotation, nested schemas built, the declared default when absent.
+
+        Only the objects on the way are looked at, so the rest of `data` may be incomplete:
+        `Manifest.lookup(m, "lmm", "decoder", "form")` is "flat_kv" for a decoder record without
+        `form`, whatever else the lmm section holds. Where an object on the way is absent its
+        declared default is followed (None below a None default); an absent key of a dict field
+        (e.g. one file of `files`) is None; a required field that is absent, or a value of the wrong
+        type, raises ManifestError naming its path. `check` rules are not applied. Keys that the
+        schema does not declare are a programming error (TypeError).
+        """
+        kind: Any = cls
+        value = data
+        path = where
+        for depth, key in enumerate(keys):
+            kind, nullable = _container(kind, path)
+            if value is None and nullable:  # an optional object that is null
+                return None
+            if not isinstance(value, dict):
+                raise ManifestError(f"{path or cls.__name__} must be an object, got {type(value).__name__}")
+            path = f"{path}.{key}" if path else key
+            if isinstance(kind, type) and issubclass(kind, Schema):
+                fields = {f.name: f for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+                if key not in fields:
+                    raise TypeError(f"{kind.__name__} declares no field {key!r}")
+                if key not in value:
+                    return _follow(_default(fields[key], path), keys[depth + 1:])
+                value, kind = value[key], typing.get_type_hints(kind)[key]
+            else:  # dict[str, X]
+                if key not in value:
+                    return None
+                value, kind = value[key], typing.get_args(kind)[1]
+        return _read(kind, value, path or cls.__name__)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -70,6 +109,45 @@ class Schema:
                 continue
             out[f.name] = _write(value)
         return out
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field, path: str) -> Any:
+    """The declared default of field `f` (a fresh one from its factory); ManifestError if it has none."""
+    if _required(f):
+        raise ManifestError(f"{path} is missing")
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _follow(value: Any, keys: tuple[str, ...]) -> Any:
+    """`keys` followed through a default value: Schema instances by attribute, dicts by key, None stays None."""
+    for key in keys:
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, Schema) and key in {f.name for f in dataclasses.fields(value)}:  # type: ignore[arg-type]
+            value = getattr(value, key)
+        else:
+            raise TypeError(f"{type(value).__name__} declares no field {key!r}")
+    return value
+
+
+def _container(kind: Any, path: str) -> tuple[Any, bool]:
+    """(the Schema class or dict type that `lookup` descends into, whether None is allowed there):
+    X of `X | None`. TypeError where the annotation has nothing to descend into (a programming error)."""
+    nullable = False
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        nullable = len(options) < len(typing.get_args(kind))
+        if len(options) == 1:
+            kind = options[0]
+    if (isinstance(kind, type) and issubclass(kind, Schema)) or typing.get_origin(kind) is dict:
+        return kind, nullable
+    raise TypeError(f"{path or 'the schema'} has no fields to look up (annotation {kind})")
 
 
 def _write(value: Any) -> Any:

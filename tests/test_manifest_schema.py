@@ -111,6 +111,40 @@ def test_decoder_form_and_verification_record_read_old_bundles_and_check_new_one
     assert parse_manifest(quantised).to_dict() == quantised
 
 
+def test_lookup_reads_one_field_as_the_full_parse_reads_it():
+    """`Manifest.lookup` (how the provider plan and the TensorRT build read a manifest) gives what
+    parse_manifest gives for the same field, defaults included, and reads nothing off its path."""
+    raw = _demo_manifest()
+    for key in ("form", "kv_buffer"):
+        del raw["lmm"]["decoder"][key]
+    del raw["sam"]["encoder"]["input_size"]
+    raw["defaults"] = {}
+    parsed = parse_manifest(raw)
+    vision = parsed.lmm.vision.file
+    assert Manifest.lookup(raw, "lmm", "decoder", "form") == parsed.lmm.decoder.form == "flat_kv"
+    assert Manifest.lookup(raw, "sam", "encoder", "input_size") == parsed.sam.encoder.input_size == 1024
+    assert Manifest.lookup(raw, "lmm", "files", vision, "sha256") == parsed.lmm.files[vision].sha256
+    assert Manifest.lookup(raw, "lmm", "dir") == parsed.lmm.dir
+    assert Manifest.lookup(raw, "defaults") == parsed.defaults and Manifest.lookup(raw, "defaults", "providers") is None
+    assert Manifest.lookup(raw, "engines") is parsed.engines is None
+    # Only the path is read: the rest of this lmm section is far from complete.
+    partial = {"lmm": {"dir": "lmm-0", "decoder": {"file": "d.onnx"}, "files": {"d.onnx": {"sha256": "x"}}}}
+    assert Manifest.lookup(partial, "lmm", "decoder", "form") == "flat_kv"
+    assert Manifest.lookup(partial, "lmm", "files", "d.onnx", "sha256") == "x"
+    assert Manifest.lookup(partial, "lmm", "files", "other.onnx", "sha256") is None
+    assert Manifest.lookup(partial, "sam", "encoder", "input_size") is None  # no sam section
+    assert Manifest.lookup(partial, "defaults").provider("vision") == "tensorrt"
+    with pytest.raises(BundleError, match=r"lmm\.decoder\.num_layers is missing"):
+        Manifest.lookup(partial, "lmm", "decoder", "num_layers")
+    with pytest.raises(BundleError, match=r"lmm\.files\.d\.onnx\.size is missing"):
+        Manifest.lookup(partial, "lmm", "files", "d.onnx", "size")
+    partial["lmm"]["decoder"]["form"] = 2
+    with pytest.raises(BundleError, match=r"lmm\.decoder\.form must be a string, got int"):
+        Manifest.lookup(partial, "lmm", "decoder", "form")
+    with pytest.raises(TypeError, match="declares no field 'shape'"):  # a reader asking for an undeclared field
+        Manifest.lookup(partial, "lmm", "decoder", "shape")
+
+
 def test_unknown_keys_are_ignored_when_reading():
     raw = _demo_manifest()
     raw["lmm"]["decoder"]["graph_form"] = "a later exporter's field"

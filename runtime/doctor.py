@@ -102,7 +102,7 @@ def diagnose(env: DeviceInfo, bundle_dir: str | os.PathLike[str] | None = None, 
     for graph in graphs:
         try:
             plan = plan_graph(bundle_dir, manifest, graph, env, requested=requested_provider(manifest, graph, device))
-        except InputError as exc:
+        except OctopusError as exc:  # the device cannot run it (InputError), or a field it needs is malformed
             return fail(str(exc))
         report.plans[graph] = plan.provider
         add(f"  {graph:<12} -> {plan.provider:<8} {plan.file.relative_to(bundle_dir)}  ({plan.reason})")

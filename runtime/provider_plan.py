@@ -1,7 +1,10 @@
 """Which file and execution providers each graph of a bundle runs with (pure functions).
 
 Plain Python over the manifest dict and a `DeviceInfo` (runtime/device_info.py): no onnxruntime, no
-GPU. The one place that knows
+GPU. Manifest fields are read through the schema (`Manifest.lookup`, `read_engines`,
+`Defaults.provider` in octopus_rt/manifest.py), which holds their names, types and defaults; only
+the fields a plan needs are read, so a manifest that is incomplete elsewhere still plans. The one
+place that knows
 
 - how an engine target is named (`engine_name`, e.g. ``sm87-trt10.3.0``: a serialized TensorRT
   engine only deserializes on the compute capability and the exact TensorRT version that built it,
@@ -30,8 +33,9 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from octopus_rt.errors import InputError
-from octopus_rt.manifest import ENGINES_FORMAT, GRAPHS, EngineTarget, EnginesSection
+from octopus_rt.manifest import DEFAULT_PROVIDERS, GRAPHS, EngineTarget, Manifest, read_engines
 from octopus_rt.runtime.providers import DEVICES
+from octopus_rt.schema import ManifestError
 
 if TYPE_CHECKING:
     from octopus_rt.runtime.device_info import DeviceInfo
@@ -41,6 +45,7 @@ __all__ = [
     "GQA_ON_CPU",
     "GraphPlan",
     "graph_record",
+    "graph_sha256",
     "engine_name",
     "tensorrt_version",
     "tensorrt_load_options",
@@ -53,13 +58,6 @@ __all__ = [
 GQA_ON_CPU = ("the gqa decoder form runs on the CPU provider (onnxruntime's CUDA GroupQueryAttention has no "
               "float32 kernel, TensorRT no contrib ops); for a GPU decoder re-export with "
               "`octopus-rt export lmm --decoder-form flat_kv`")
-# Preferred provider per graph on a GPU machine; written to manifest defaults["providers"].
-DEFAULT_PROVIDERS: dict[str, str] = {
-    "vision": "tensorrt",
-    "sam_encoder": "tensorrt",
-    "sam_decoder": "tensorrt",
-    "decoder": "cuda",
-}
 
 
 @dataclass
@@ -76,7 +74,11 @@ class GraphPlan:
 
 
 def graph_record(manifest: Mapping[str, Any], graph: str) -> dict[str, Any] | None:
-    """The manifest record of `graph` (e.g. manifest["sam"]["encoder"]), or None if absent."""
+    """The manifest record of `graph` (e.g. manifest["sam"]["encoder"]), or None if absent.
+
+    Only finds the record (where it lives is manifest.GRAPHS); its fields are read through the
+    schema: `Manifest.lookup(manifest, *GRAPHS[graph], "file")`.
+    """
     if graph not in GRAPHS:
         raise InputError(f"unknown graph {graph!r}; known: {', '.join(GRAPHS)}")
     section_name, key = GRAPHS[graph]
@@ -84,6 +86,21 @@ def graph_record(manifest: Mapping[str, Any], graph: str) -> dict[str, Any] | No
     if not isinstance(section, dict) or not isinstance(section.get(key), dict):
         return None
     return section[key]
+
+
+def graph_sha256(manifest: Mapping[str, Any], graph: str) -> str | None:
+    """The recorded sha256 of `graph`'s ONNX file (None if the section lists no such file): what an
+    engine records as its `source_sha256` when it is built, and is compared with before it is used."""
+    section, key = GRAPHS[graph]
+    return Manifest.lookup(manifest, section, "files", Manifest.lookup(manifest, section, key, "file"), "sha256")
+
+
+def _section_dir(manifest: Mapping[str, Any], section: str) -> str:
+    """`dir` of a manifest section, which a section whose files are planned with must have."""
+    folder = Manifest.lookup(manifest, section, "dir")
+    if folder is None:
+        raise ManifestError(f"{section}.dir is missing")
+    return folder
 
 
 _CC = re.compile(r"^\s*(?:sm_?)?(\d+)(?:\.(\d+))?\s*$")
@@ -149,12 +166,10 @@ def find_engine_target(
     manifest: Mapping[str, Any], device: DeviceInfo
 ) -> tuple[str | None, EngineTarget | None, str]:
     """(name, target, reason) of the engines built for this machine, or (None, None, why not)."""
-    raw = manifest.get("engines")
-    if not isinstance(raw, dict) or not raw.get("targets"):
-        return None, None, "the bundle has no TensorRT engines (run `octopus-rt export trt` on the target)"
-    if raw.get("format") != ENGINES_FORMAT:
-        return None, None, f"engines format {raw.get('format')!r} is not {ENGINES_FORMAT!r}"
-    targets = EnginesSection.from_dict(raw, "engines").targets
+    section, why_not = read_engines(manifest)
+    if section is None:
+        return None, None, why_not
+    targets = section.targets
     built = ", ".join(sorted(targets))
     if not device.can_run("tensorrt"):
         return None, None, f"engines built for {built}, but {device.missing('tensorrt')}"
@@ -188,9 +203,8 @@ def _target_gpu(name: str) -> str | None:
 
 
 def _preferred(manifest: Mapping[str, Any], graph: str) -> str:
-    """The bundle's preferred device for `graph`: defaults.providers, else DEFAULT_PROVIDERS."""
-    recorded = (manifest.get("defaults") or {}).get("providers") or {}
-    return recorded.get(graph, DEFAULT_PROVIDERS.get(graph, "cuda"))
+    """The bundle's preferred device for `graph` (manifest.Defaults.provider)."""
+    return Manifest.lookup(manifest, "defaults").provider(graph)
 
 
 def requested_provider(manifest: Mapping[str, Any], graph: str, device: str) -> str:
@@ -228,15 +242,14 @@ def plan_graph(
     if requested not in DEVICES:
         raise InputError(f"device must be one of {', '.join(DEVICES)}; got {requested!r}")
     bundle_dir = Path(bundle_dir)
-    section = manifest[GRAPHS[graph][0]]
-    onnx_file = bundle_dir / section["dir"] / record["file"]
+    section, key = GRAPHS[graph]
+    onnx_file = bundle_dir / _section_dir(manifest, section) / Manifest.lookup(manifest, section, key, "file")
     cpu = ("CPUExecutionProvider", {})
-    if graph == "decoder" and record.get("form", "flat_kv") == "gqa":
+    if graph == "decoder" and Manifest.lookup(manifest, section, key, "form") == "gqa":
         return GraphPlan(graph, onnx_file, "cpu", [cpu], False, GQA_ON_CPU)
     name, target, why = find_engine_target(manifest, device)
     engine_graph = target.graphs.get(graph) if target is not None else None
-    current_sha = section.get("files", {}).get(record["file"], {}).get("sha256")
-    if engine_graph is not None and engine_graph.source_sha256 not in (None, current_sha):
+    if engine_graph is not None and engine_graph.source_sha256 not in (None, graph_sha256(manifest, graph)):
         # The graph was re-exported after the engine was built: the engine is stale.
         why = f"engines {name} were built from another export of {graph}; rebuild with `octopus-rt export trt`"
         engine_graph, target = None, None
@@ -250,7 +263,7 @@ def plan_graph(
                 if requested == "tensorrt":
                     raise InputError(f"cannot run {graph} on TensorRT: {reasons[-1]}")
                 continue
-            ctx = bundle_dir / manifest["engines"]["dir"] / engine_graph.file
+            ctx = bundle_dir / _section_dir(manifest, "engines") / engine_graph.file
             providers = [
                 ("TensorrtExecutionProvider", tensorrt_load_options(device_id=device_id, fp16=target.precision == "fp16")),
                 ("CUDAExecutionProvider", cuda_options(device_id=device_id)),

@@ -9,7 +9,7 @@ import pytest
 
 from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.runtime.device_info import DeviceInfo
-from octopus_rt.runtime.provider_plan import cuda_options, engine_name, plan_graph
+from octopus_rt.runtime.provider_plan import cuda_options, engine_name, find_engine_target, plan_graph
 from trt_helpers import GIB, TRT, FakeTensorRT, orin, phi3_manifest, with_engines
 
 
@@ -90,6 +90,23 @@ def test_plan_mismatched_or_stale_engines_fall_back_to_cuda():
     stale = plan_graph("/b", manifest, "vision", matching)
     assert stale.provider == "cuda" and "another export" in stale.reason
     assert plan_graph("/b", manifest, "sam_encoder", matching).provider == "tensorrt"
+
+
+def test_engines_of_another_format_are_reported_not_read():
+    """An engines section without targets or in another format gives the reason, never a parse error."""
+    device = DeviceInfo(providers=TRT, compute_capability="8.7", tensorrt="10.3.0")
+    for engines, why in (
+        ({"format": "trt-engines-v0", "targets": {"sm87-trt10.3.0": {"plan": 1}}}, "engines format 'trt-engines-v0' is not"),
+        ({"format": 2, "targets": {"sm87-trt10.3.0": {}}}, "engines format 2 is not"),
+        ({"targets": {"sm87-trt10.3.0": {}}}, "engines format None is not"),
+        ({"format": "trt-engines-v0"}, "the bundle has no TensorRT engines"),
+        ([], "the bundle has no TensorRT engines"),
+    ):
+        manifest = phi3_manifest()
+        manifest["engines"] = engines
+        assert find_engine_target(manifest, device)[:2] == (None, None) and why in find_engine_target(manifest, device)[2]
+        plan = plan_graph("/b", manifest, "vision", device)
+        assert plan.provider == "cuda" and why in plan.reason
 
 
 def test_backend_takes_files_and_options_from_the_plan(tiny_sam_bundle, tmp_path, monkeypatch):

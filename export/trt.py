@@ -46,11 +46,21 @@ from octopus_rt.errors import InputError, OctopusError
 from octopus_rt.export.trt_parity import compare_outputs, parity_inputs
 from octopus_rt.export.trt_profiles import TRT_GRAPHS_DEFAULT, dynamic_only, graph_profile, tensorrt_build_options
 from octopus_rt.export.trt_session import OrtSessionFactory, Session, SessionFactory, run_reporting
-from octopus_rt.manifest import ENGINES_FORMAT, GRAPHS, EngineGraph, EnginesSection, EngineTarget, ProfileLimits
+from octopus_rt.manifest import (
+    DEFAULT_PROVIDERS,
+    ENGINES_FORMAT,
+    GRAPHS,
+    EngineGraph,
+    EnginesSection,
+    EngineTarget,
+    Manifest,
+    ProfileLimits,
+    read_engines,
+)
 from octopus_rt.memory import default_limits
 from octopus_rt.runtime import providers as providers_mod
 from octopus_rt.runtime.device_info import DeviceInfo
-from octopus_rt.runtime.provider_plan import DEFAULT_PROVIDERS, cuda_options, graph_record, tensorrt_load_options
+from octopus_rt.runtime.provider_plan import cuda_options, graph_record, graph_sha256, tensorrt_load_options
 
 __all__ = [
     "TrtBuildOptions",
@@ -140,17 +150,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _carry_over(bundle_dir: Path, manifest: Mapping[str, Any], staging: Path, name: str) -> list[str]:
+def _carry_over(bundle_dir: Path, manifest: Mapping[str, Any], staging: Path, name: str) -> dict[str, EngineTarget]:
     """Copy the other targets of the current engines section into `staging`, and this target's
-    timing cache (reused across builds). Returns the names of the targets kept."""
-    engines = manifest.get("engines")
-    if not isinstance(engines, dict) or engines.get("format") != ENGINES_FORMAT:
-        return []
-    old = bundle_dir / engines["dir"]
-    kept = []
-    for target in engines.get("targets", {}):
+    timing cache (reused across builds). Returns the targets kept, by name."""
+    engines, _ = read_engines(manifest)
+    if engines is None:
+        return {}
+    old = bundle_dir / (engines.dir or "")  # a section with files has its dir (Section.check)
+    kept = {}
+    for target, record in engines.targets.items():
         prefix = f"{target}/"
-        for rel in engines.get("files", {}):
+        for rel in engines.files or {}:
             if not rel.startswith(prefix):
                 continue
             if target == name and not rel.startswith(f"{name}/{_TIMING_DIR}/"):
@@ -165,13 +175,8 @@ def _carry_over(bundle_dir: Path, manifest: Mapping[str, Any], staging: Path, na
             else:
                 _link_or_copy(old / rel, staging / rel)
         if target != name:
-            kept.append(target)
+            kept[target] = record
     return kept
-
-
-def _source_sha(manifest: Mapping[str, Any], graph: str) -> str | None:
-    section = manifest[GRAPHS[graph][0]]
-    return section.get("files", {}).get(graph_record(manifest, graph)["file"], {}).get("sha256")
 
 
 def _io(session: Session) -> tuple[dict[str, list], dict[str, str], list[str]]:
@@ -181,10 +186,7 @@ def _io(session: Session) -> tuple[dict[str, list], dict[str, str], list[str]]:
 
 
 def _embeddings(bundle_dir: Path, manifest: Mapping[str, Any]) -> np.ndarray | None:
-    embedding = manifest.get("lmm", {}).get("embedding")
-    if not embedding:
-        return None
-    path = bundle_mod.section_path(bundle_dir, manifest["lmm"], embedding["file"])
+    path = bundle_mod.section_path(bundle_dir, manifest["lmm"], Manifest.lookup(manifest, "lmm", "embedding", "file"))
     return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
@@ -198,8 +200,8 @@ def _build_graph(
     factory: SessionFactory,
     log: Callable[[str], None],
 ) -> EngineGraph:
-    record = graph_record(manifest, graph)
-    source = bundle_mod.section_path(bundle_dir, manifest[GRAPHS[graph][0]], record["file"])
+    file = Manifest.lookup(manifest, *GRAPHS[graph], "file")
+    source = bundle_mod.section_path(bundle_dir, manifest[GRAPHS[graph][0]], file)
     full = graph_profile(manifest, graph, limits)
 
     # 1. CPU reference (also tells which inputs the ONNX graph declares dynamic).
@@ -275,8 +277,8 @@ def _build_graph(
         raise OctopusError(f"{graph}: the TensorRT engine disagrees with the CPU path: " + "; ".join(parity.failures))
     return EngineGraph(
         file=f"{target_dir.name}/{ctx_file.name}",
-        source=f"{GRAPHS[graph][0]}/{record['file']}",
-        source_sha256=_source_sha(manifest, graph),
+        source=f"{GRAPHS[graph][0]}/{file}",
+        source_sha256=graph_sha256(manifest, graph),
         profile={n: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for n, r in profile.items()},
         layer_norm_fp32_fallback=bool(trt["trt_layer_norm_fp32_fallback"]),
         build_seconds=round(seconds, 1),
@@ -339,16 +341,14 @@ def build_engines(
             builder_optimization_level=options.builder_optimization_level,
             built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        previous = EnginesSection.from_dict(manifest["engines"], "engines") if kept else None
-        targets = {t: previous.targets[t] for t in kept} if previous else {}
-        targets[name] = target
+        targets = {**kept, name: target}
         section = EnginesSection(
             format=ENGINES_FORMAT,
             versions={**bundle_mod.package_versions("octopus-rt"), "onnxruntime": env.onnxruntime, "tensorrt": env.tensorrt},
             targets=targets,
         )
         new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section.to_dict())
-    providers = dict(DEFAULT_PROVIDERS, **new_manifest.get("defaults", {}).get("providers", {}))
+    providers = dict(DEFAULT_PROVIDERS, **(Manifest.lookup(new_manifest, "defaults", "providers") or {}))
     providers.update({g: "tensorrt" for g in built})
     new_manifest = bundle_mod.update_defaults(bundle_dir, {"providers": providers})
     log(f"committed engines {name} ({', '.join(built)}) into {bundle_dir}")

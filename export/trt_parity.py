@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from octopus_rt.manifest import Manifest
+
 __all__ = ["ParityResult", "parity_inputs", "compare_outputs"]
 
 # Parity thresholds against the CPU fp32 path. fp16 engines differ by rounding; a broken engine
@@ -74,7 +76,7 @@ def parity_inputs(
             ids = rng.integers(0, embeddings.shape[0], size=shape[:2])
             value = np.asarray(embeddings[ids.reshape(-1)], dtype=np.float32).reshape(shape)
         elif name == "point_coords":
-            size = int(manifest["sam"]["encoder"]["input_size"])
+            size = Manifest.lookup(manifest, "sam", "encoder", "input_size")
             value = rng.uniform(0.1 * size, 0.9 * size, size=shape)
         elif name == "point_labels":
             value = np.ones(shape)

@@ -1,8 +1,9 @@
 """TensorRT optimisation profiles and build options, computed from a bundle manifest (pure functions).
 
 Build-time only (export/trt.py, benchmarks/bench_gpu.py); the runtime runs built engines through
-runtime/provider_plan.py and never imports this. Plain Python over the manifest dict: no onnxruntime,
-no GPU. It knows
+runtime/provider_plan.py and never imports this. Plain Python over the manifest dict, whose fields
+are read through the schema (`Manifest.lookup`: the types and defaults of octopus_rt/manifest.py):
+no onnxruntime, no GPU. It knows
 
 - the TensorRT optimisation-profile shapes of every graph input (min / opt / max), from the
   manifest's sizes and the build limits (`manifest.ProfileLimits`: batch, prefill length S, past
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from octopus_rt.errors import InputError
-from octopus_rt.manifest import GRAPHS, ProfileLimits
+from octopus_rt.manifest import GRAPHS, Manifest, ProfileLimits
 from octopus_rt.runtime.provider_plan import graph_record
 
 __all__ = [
@@ -61,16 +62,6 @@ class ShapeRange:
         )
 
 
-def _vision_input_hw(lmm: Mapping[str, Any]) -> tuple[int, int]:
-    pre = lmm.get("preprocess", {})
-    if pre.get("input_height") and pre.get("input_width"):
-        return int(pre["input_height"]), int(pre["input_width"])
-    crop = pre.get("crop_size") or pre.get("size") or {}
-    if "height" in crop and "width" in crop:
-        return int(crop["height"]), int(crop["width"])
-    raise InputError("manifest lmm.preprocess has no input_height/input_width; re-export the lmm section")
-
-
 def graph_profile(manifest: Mapping[str, Any], graph: str, limits: ProfileLimits) -> dict[str, ShapeRange]:
     """min/opt/max shape of every input of `graph`, in the graph's input order.
 
@@ -82,24 +73,30 @@ def graph_profile(manifest: Mapping[str, Any], graph: str, limits: ProfileLimits
     sam_decoder image_embeddings 1 x C x h x w, point_coords 1 x N x 2, point_labels 1 x N
                 (N in 1..MAX_SAM_POINTS), mask_input 1 x 1 x 4h x 4w, has_mask_input 1
     """
-    record = graph_record(manifest, graph)
-    if record is None:
+    if graph_record(manifest, graph) is None:
         raise InputError(f"the bundle has no {GRAPHS[graph][0]}.{GRAPHS[graph][1]} graph")
-    names = list(record.get("input_names") or [])
+
+    def record_field(name: str) -> Any:  # a field of the graph's record, typed and defaulted by the schema
+        return Manifest.lookup(manifest, *GRAPHS[graph], name)
+
+    names = list(record_field("input_names") or [])
     b = (1, limits.opt_batch, limits.max_batch)
     shapes: dict[str, ShapeRange] = {}
     if graph == "vision":
-        h, w = _vision_input_hw(manifest["lmm"])
+        # The size the vision graph takes, as the runtime's preprocessing produces it.
+        h = Manifest.lookup(manifest, "lmm", "preprocess", "input_height")
+        w = Manifest.lookup(manifest, "lmm", "preprocess", "input_width")
         for name in names:
             shapes[name] = ShapeRange((b[0], 3, h, w), (b[1], 3, h, w), (b[2], 3, h, w))
     elif graph == "decoder":
-        if record.get("form", "flat_kv") != "flat_kv":
+        form = record_field("form")
+        if form != "flat_kv":
             raise InputError(
-                f"the bundle's decoder is in the {record['form']} form (onnxruntime contrib ops), which TensorRT "
+                f"the bundle's decoder is in the {form} form (onnxruntime contrib ops), which TensorRT "
                 "cannot build; re-export with `octopus-rt export lmm --decoder-form flat_kv` for a TensorRT decoder"
             )
-        hidden = int(record["hidden_size"])
-        kv, hd = int(record["num_key_value_heads"]), int(record["head_dim"])
+        hidden = record_field("hidden_size")
+        kv, hd = record_field("num_key_value_heads"), record_field("head_dim")
         s = (1, limits.opt_seq, limits.max_seq)
         # A decode step has P = past tokens; prefill has P = 0. TensorRT accepts zero-length dims.
         p = (0, limits.opt_past, limits.max_past)
@@ -115,12 +112,12 @@ def graph_profile(manifest: Mapping[str, Any], graph: str, limits: ProfileLimits
             else:
                 raise InputError(f"decoder input {name!r} is not in the bundle contract (docs/bundle.md)")
     elif graph == "sam_encoder":
-        size = int(record["input_size"])
+        size = record_field("input_size")
         for name in names:
             shapes[name] = ShapeRange(*([(1, 3, size, size)] * 3))
     elif graph == "sam_decoder":
-        emb = tuple(int(d) for d in manifest["sam"]["encoder"]["embedding_shape"])
-        low = tuple(int(d) for d in record.get("mask_input_size") or (4 * emb[2], 4 * emb[3]))
+        emb = tuple(Manifest.lookup(manifest, "sam", "encoder", "embedding_shape"))
+        low = tuple(record_field("mask_input_size") or (4 * emb[2], 4 * emb[3]))
         n = (1, _SAM_OPT_POINTS, MAX_SAM_POINTS)
         fixed = {
             "image_embeddings": emb,

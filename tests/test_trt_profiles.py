@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from octopus_rt.errors import InputError
+from octopus_rt.errors import BundleError, InputError
 from octopus_rt.export.trt_profiles import (
     MAX_SAM_POINTS,
     ShapeRange,
@@ -67,6 +67,31 @@ def test_vision_and_sam_profiles_and_dynamic_filter():
         "point_coords": decoder["point_coords"], "point_labels": decoder["point_labels"]}
     odd = dynamic_only({"x": ShapeRange((1, 1), (1, 2), (4, 8))}, {"x": [1, "n"]})
     assert odd["x"] == ShapeRange((1, 1), (1, 2), (1, 8))
+
+
+def test_profiles_read_fields_as_the_schema_declares_them():
+    """Fields a record may leave out take the defaults octopus_rt/manifest.py declares (the ones the
+    runtime runs with): SAM vit_b's 1024 x 1024 input and 256 x 64 x 64 embeddings, the documented
+    input names; before, an absent input_names gave an empty profile and input_size a KeyError. The
+    vision size is lmm.preprocess.input_height x input_width, the size the runtime feeds the graph,
+    never crop_size."""
+    manifest = phi3_manifest()
+    del manifest["lmm"]["vision"]["input_names"]
+    for key in ("input_names", "input_size", "embedding_shape"):
+        del manifest["sam"]["encoder"][key]
+    del manifest["sam"]["decoder"]["input_names"]
+    limits = ProfileLimits(max_batch=4, max_seq=8, max_past=8, opt_past=4)
+    assert graph_profile(manifest, "vision", limits) == {
+        "pixel_values": ShapeRange((1, 3, 336, 336), (1, 3, 336, 336), (4, 3, 336, 336))}
+    assert graph_profile(manifest, "sam_encoder", limits) == {"image": ShapeRange(*[(1, 3, 1024, 1024)] * 3)}
+    decoder = graph_profile(manifest, "sam_decoder", limits)
+    assert list(decoder) == ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"]
+    assert decoder["image_embeddings"].max == (1, 256, 64, 64) and decoder["mask_input"].max == (1, 1, 256, 256)
+    preprocess = manifest["lmm"]["preprocess"]
+    del preprocess["input_height"], preprocess["input_width"]
+    preprocess["crop_size"] = {"height": 224, "width": 224}
+    with pytest.raises(BundleError, match="lmm.preprocess.input_height is missing"):
+        graph_profile(manifest, "vision", limits)
 
 
 def test_profile_strings_format():

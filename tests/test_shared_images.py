@@ -185,3 +185,24 @@ def test_group_by_image_trains_from_the_cli_and_is_refused_for_phi3v(base_dir, s
     with pytest.raises(InputError, match="--group-by-image works for LLaVA-family models"):
         train(TrainOptions(base_model=tiny_phi3v_dir, data=[shared_data], out=tmp_path / "phi", progress=False,
                            group_by_image=True, max_steps=1))
+
+
+def test_load_images_decodes_each_image_file_once(shared_data, monkeypatch):
+    from octopus_rt.runtime import images as runtime_images
+    from octopus_rt.training.batches import load_images
+
+    records = _read(shared_data)
+    calls = Counter()
+    original = runtime_images.load_image
+
+    def counting(path, *args, **kwargs):
+        calls[str(path)] += 1
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime_images, "load_image", counting)
+    kept, images = load_images(records, "stop", print)
+    assert kept == records
+    assert sorted(calls.values()) == [1, 1, 1]  # three distinct files among six records
+    for record, image in zip(records, images):  # each record still gets its own file's pixels
+        expected = np.asarray(Image.open(record.image).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(image), expected)

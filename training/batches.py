@@ -13,13 +13,21 @@ __all__ = ["load_images", "model_inputs", "answer_loss_sum", "autocast"]
 
 
 def load_images(records, on_error: str, log):
-    """(kept records, their PIL images); with on_error="skip" unloadable images are dropped and logged."""
+    """(kept records, their PIL images); with on_error="skip" unloadable images are dropped and logged.
+
+    Records that name the same image file share one decoded PIL image (the same object): batches grouped
+    by image (`--group-by-image`) hold several questions about each image, and the callers never modify
+    the images they are given."""
     from octopus_rt.training.dataset import load_image
 
     kept, images = [], []
+    decoded: dict[str, object] = {}
     for record in records:
+        key = str(record.image)
         try:
-            images.append(load_image(record))
+            if key not in decoded:
+                decoded[key] = load_image(record)
+            images.append(decoded[key])
         except InputError as exc:
             if on_error == "stop":
                 raise InputError(f"{exc} (use --on-error skip to drop bad records)") from None

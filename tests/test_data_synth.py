@@ -211,6 +211,24 @@ def test_two_workers_from_a_program_on_standard_input_finish(dataset, tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "3"
 
 
+def test_two_workers_from_an_unguarded_script_fail_with_a_hint(dataset, tmp_path):
+    """A script that calls synthesize() at top level without `if __name__ == "__main__":` makes every
+    spawned worker re-run it; with multiprocessing.Pool this respawned workers forever (a silent hang).
+    Now the workers stop before touching the output folder and the run fails with the hint."""
+    import subprocess
+    import sys
+
+    root, _, _ = dataset
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from octopus_rt.training.data.synth import SynthOptions, synthesize\n"
+                      f"synthesize({str(root / 'src')!r}, {str(tmp_path / 'out')!r}, "
+                      f"SynthOptions(num=3, seed=0, size={SIZE}, workers=2, progress=False))\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert 'if __name__ == "__main__"' in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
 def test_other_seed_differs(dataset, tmp_path):
     root, _, options = dataset
     other = tmp_path / "other"

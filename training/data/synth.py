@@ -163,15 +163,32 @@ def _map(fn, tasks: list, workers: int, progress: bool, desc: str):
         yield from tqdm(map(fn, tasks), **bar)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    # spawn, not fork: the parent may hold OpenCV / torch thread pools that fork would break.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from tqdm(pool.imap(fn, tasks), **bar)
+    # spawn, not fork: the parent may hold OpenCV / torch thread pools that fork would break. An executor,
+    # not multiprocessing.Pool: a worker that dies (e.g. at start-up) breaks it with an error, where a Pool
+    # would replace the worker forever and the run would hang.
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield from tqdm(pool.map(fn, tasks), **bar)
+    except BrokenProcessPool:
+        raise InputError(f"a worker process of the data engine died ({desc}); if you call it from your own script with "
+                         "workers > 1, put the call under `if __name__ == \"__main__\":` (each worker re-imports "
+                         "the script), or use workers=1") from None
 
 
 def synthesize(src_dir: str | Path, out_dir: str | Path, options: SynthOptions = SynthOptions()) -> SynthReport:
     """Build a dataset in `out_dir` from the images in `src_dir` (see the module docstring)."""
+    import multiprocessing
+
     from octopus_rt.training.data.outdir import discard_unstarted, prepare_run
+
+    # A spawned worker is importing a script that calls synthesize() at top level: stop before touching
+    # out_dir (the parent's run owns it); the parent then reports the dead worker (_map).
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise InputError("synthesize() called while a worker process imports the main script: "
+                         "guard the call with `if __name__ == \"__main__\":`")
 
     src, out = Path(src_dir), Path(out_dir)
     sources = list_sources(src)

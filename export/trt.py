@@ -47,7 +47,6 @@ from octopus_rt.export.trt_parity import compare_outputs, parity_inputs
 from octopus_rt.export.trt_profiles import TRT_GRAPHS_DEFAULT, dynamic_only, graph_profile, tensorrt_build_options
 from octopus_rt.export.trt_session import OrtSessionFactory, Session, SessionFactory, run_reporting
 from octopus_rt.manifest import (
-    DEFAULT_PROVIDERS,
     ENGINES_FORMAT,
     GRAPHS,
     EngineGraph,
@@ -348,7 +347,8 @@ def build_engines(
             targets=targets,
         )
         new_manifest = bundle_mod.commit_section(bundle_dir, "engines", staging, section.to_dict())
-    providers = dict(DEFAULT_PROVIDERS, **(Manifest.lookup(new_manifest, "defaults", "providers") or {}))
+    defaults = Manifest.lookup(new_manifest, "defaults")
+    providers = {graph: defaults.provider(graph) for graph in GRAPHS}
     providers.update({g: "tensorrt" for g in built})
     new_manifest = bundle_mod.update_defaults(bundle_dir, {"providers": providers})
     log(f"committed engines {name} ({', '.join(built)}) into {bundle_dir}")

@@ -33,7 +33,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from octopus_rt.errors import InputError
-from octopus_rt.manifest import DEFAULT_PROVIDERS, GRAPHS, EngineTarget, Manifest, read_engines
+from octopus_rt.manifest import GRAPHS, EngineTarget, Manifest, read_engines
 from octopus_rt.runtime.providers import DEVICES
 from octopus_rt.schema import ManifestError
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from octopus_rt.runtime.device_info import DeviceInfo
 
 __all__ = [
-    "DEFAULT_PROVIDERS",
     "GQA_ON_CPU",
     "GraphPlan",
     "graph_record",

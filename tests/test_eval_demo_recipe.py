@@ -75,6 +75,34 @@ def test_quick_recipe_builds_an_evaluated_bundle(tmp_path):
     assert answer.image_size[0] > 0
 
 
+def test_the_recipe_threads_are_the_build_default(tmp_path, monkeypatch):
+    """The bundle's bytes depend on the thread count, so the recipe carries it; --threads overrides it."""
+    import dataclasses
+
+    import torch
+
+    from octopus_rt.training.recipes import build_demo as bd
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(count):
+        seen.append(count)
+        raise Stop  # before the first stage: nothing is written
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    with pytest.raises(Stop):
+        bd.build_demo(tmp_path / "a", dataclasses.replace(bd.QUICK, threads=3))
+    with pytest.raises(Stop):
+        bd.build_demo(tmp_path / "b", dataclasses.replace(bd.QUICK, threads=3), threads=1)
+    with pytest.raises(Stop):
+        bd.main(["--work", str(tmp_path / "c"), "--no-install"])
+    assert seen == [3, 1, bd.FULL.threads] and bd.FULL.threads == 2
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_patch_targets_follow_the_masks():
     import numpy as np
 

@@ -1,12 +1,14 @@
 """Rebuild the demo bundle from scratch, seeded: photos -> data -> vision pretraining -> LLaVA training
 -> export lmm -> segmenter -> export sam -> eval --sweep -> octopus_rt/demo/bundle + examples/.
 
-    .venv/bin/python -m octopus_rt.training.recipes.build_demo --work /tmp/demo_build
+    .venv/bin/python -m octopus_rt.training.recipes.build_demo --work /tmp/demo_build --workers 2
     .venv/bin/python -m octopus_rt.training.recipes.build_demo --quick --work /tmp/demo_quick --no-install
 
 Every stage is seeded (numpy / torch seeds from --seed); the data engine's output is byte-identical
 for one seed. Stage budgets (steps) are fixed numbers, so two runs do the same work; the time limits
-only guard the 2-hour budget on a busy 2-core CPU and are reported when they cut a stage short.
+only guard the 2-hour budget on a busy 2-core CPU and are reported when they cut a stage short. The
+recipe's `threads` is part of it: the step counts are sized for that many cores, and the bundle's bytes
+depend on it (torch splits float reductions per thread), so another --threads gives a different bundle.
 Stages write into WORK/ and are skipped when their output exists (delete a folder to redo a stage).
 See docs/demo.md for the measured figures and what each stage does.
 """
@@ -67,6 +69,9 @@ class DemoRecipe:
     answer_mean_kinds: tuple[str, ...] = ("referring/short",)
     # LLaVA phase batches of whole images' records, one vision-tower pass per image (training/shared_images.py).
     lmm_group_by_image: bool = False
+    # torch / onnxruntime threads of every stage. FULL: 2, both cores of the CPU it is sized for (issue 16
+    # round 8: a vision step 0.77 s instead of 1.5 s, a LLaVA step 1.0 s instead of 1.76 s).
+    threads: int = 1
 
 
 # Why a RoPE base of (4 / pi) ** 24: the image tokens enter the language model row by row, so a token's
@@ -102,7 +107,8 @@ FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=800, vi
                   closed_set_weight=1.0, relative_weight=0.0, distill_steps=0, easy_seen=800,
                   easy_vision_steps=200, easy_lmm_steps=360, vision_model="efficientnet_lite0",
                   freeze_vision_stages=3, rope_theta=ROPE_THETA_ROW_OF_8, whole_image_weight=1.0,
-                  answer_mean_weight=1.0, answer_mean_kinds=("referring", "grounding"), lmm_group_by_image=True)
+                  answer_mean_weight=1.0, answer_mean_kinds=("referring", "grounding"), lmm_group_by_image=True,
+                  threads=2)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=80, eval_test_records=40, closed_set_weight=1.0, relative_weight=1.0,
@@ -181,12 +187,15 @@ def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int, flips: tupl
     return out
 
 
-def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool = True, threads: int = 1,
+def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool = True, threads: int | None = None,
                workers: int = 1) -> dict:
-    """Run every stage (see module docstring); returns a summary dict (also WORK/summary.json)."""
+    """Run every stage (see module docstring); returns a summary dict (also WORK/summary.json).
+    threads: None runs the recipe's own `threads` (the count its bundle and stage times are for)."""
     import torch
 
     from octopus_rt.errors import InputError
+
+    threads = recipe.threads if threads is None else threads
 
     # The stages delete and rewrite sub-folders of WORK (data, src_train, base_model, lmm_data, ...):
     # only in a new or empty folder, or one this recipe made (its marker, or summary.json of older runs).
@@ -196,7 +205,7 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
     (work / _WORK_MARKER).touch()
-    summary: dict = {"recipe": asdict(recipe), "seed": seed, "stages": {}}
+    summary: dict = {"recipe": asdict(recipe), "seed": seed, "threads": threads, "stages": {}}
     began = time.monotonic()
 
     def stage(name: str, seconds: float, **facts) -> None:
@@ -351,15 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-install", action="store_true", help="do not copy into octopus_rt/demo and examples/")
-    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads (1 is fastest on a busy 2-core CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch / onnxruntime threads (default: the recipe's, 2 for the full build; another "
+                             "count trains the same steps but gives a different bundle)")
     parser.add_argument("--workers", type=int, default=1, help="data engine worker processes")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    recipe = QUICK if args.quick else FULL
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or recipe.threads))
     from octopus_rt.errors import OctopusError
 
     try:
-        build_demo(args.work, QUICK if args.quick else FULL, seed=args.seed, install=not args.no_install,
-                   threads=args.threads, workers=args.workers)
+        build_demo(args.work, recipe, seed=args.seed, install=not args.no_install, threads=args.threads,
+                   workers=args.workers)
     except OctopusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

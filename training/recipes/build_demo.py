@@ -2,6 +2,7 @@
 -> export lmm -> segmenter -> export sam -> eval --sweep -> octopus_rt/demo/bundle + examples/.
 
     .venv/bin/python -m octopus_rt.training.recipes.build_demo --work /tmp/demo_build --workers 2
+    .venv/bin/python -m octopus_rt.training.recipes.build_demo --work /tmp/demo_fast --workers 2 --threads 2
     .venv/bin/python -m octopus_rt.training.recipes.build_demo --quick --work /tmp/demo_quick --no-install
 
 Every stage is seeded (numpy / torch seeds from --seed); the data engine's output is byte-identical
@@ -69,8 +70,9 @@ class DemoRecipe:
     answer_mean_kinds: tuple[str, ...] = ("referring/short",)
     # LLaVA phase batches of whole images' records, one vision-tower pass per image (training/shared_images.py).
     lmm_group_by_image: bool = False
-    # torch / onnxruntime threads of every stage. FULL: 2, both cores of the CPU it is sized for (issue 16
-    # round 8: a vision step 0.77 s instead of 1.5 s, a LLaVA step 1.0 s instead of 1.76 s).
+    # torch / onnxruntime threads of every stage. FULL: 1, the count its shipped bundle was built with. Two
+    # threads rebuild it in 48 min instead of about 85 but give another bundle, measured worse on val (issue 16
+    # round 8, docs/demo.md: the thread count acts like a seed).
     threads: int = 1
 
 
@@ -108,7 +110,7 @@ FULL = DemoRecipe(num_seen=2400, num_heldout=400, size=256, vision_steps=800, vi
                   easy_vision_steps=200, easy_lmm_steps=360, vision_model="efficientnet_lite0",
                   freeze_vision_stages=3, rope_theta=ROPE_THETA_ROW_OF_8, whole_image_weight=1.0,
                   answer_mean_weight=1.0, answer_mean_kinds=("referring", "grounding"), lmm_group_by_image=True,
-                  threads=2)
+                  threads=1)
 QUICK = DemoRecipe(num_seen=140, num_heldout=8, size=128, vision_steps=10, vision_time=120, lmm_steps=6,
                    lmm_batch=4, lmm_lr=1e-3, description_share=0.2, sam_steps=6, sam_time=120,
                    eval_val_records=80, eval_test_records=40, closed_set_weight=1.0, relative_weight=1.0,
@@ -361,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-install", action="store_true", help="do not copy into octopus_rt/demo and examples/")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch / onnxruntime threads (default: the recipe's, 2 for the full build; another "
-                             "count trains the same steps but gives a different bundle)")
+                        help="torch / onnxruntime threads (default: the recipe's, 1: the shipped bundle's; 2 is about "
+                             "1.8x faster on 2 cores but trains a different bundle, docs/demo.md)")
     parser.add_argument("--workers", type=int, default=1, help="data engine worker processes")
     args = parser.parse_args(argv)
     recipe = QUICK if args.quick else FULL

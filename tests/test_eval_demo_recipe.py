@@ -234,6 +234,22 @@ def test_examples_are_picked_by_ground_truth_one_per_quadrant_and_a_whole_image(
                                                        ("bottom right", "r3"), ("whole image", "r7")]
 
 
+def test_whole_image_hook_refuses_a_tokenizer_that_splits_its_words():
+    """A clear input error at construction (the recipe's CLI prints it), not a bare ValueError mid-build."""
+    from octopus_rt.errors import InputError
+    from octopus_rt.training.recipes.demo_losses import whole_image_loss_hook
+
+    class Splitting:
+        def encode(self, text, add_special_tokens=False):
+            return [7, 8]
+
+        def decode(self, ids):
+            return "w"
+
+    with pytest.raises(InputError, match="one token of this tokenizer"):
+        whole_image_loss_hook(Splitting(), 1.0)
+
+
 class _Row:
     """The two TrainRecord fields the decision hooks read."""
 

@@ -106,12 +106,14 @@ def whole_image_loss_hook(tokenizer, weight: float):
     import torch
 
     from octopus_rt import vocab
+    from octopus_rt.errors import InputError
 
     def single(text: str) -> int:
         ids = tokenizer.encode(text, add_special_tokens=False)
         ids = [i for i in ids if tokenizer.decode([i]).strip()]
         if len(ids) != 1:
-            raise ValueError(f"the whole-image loss needs {text!r} to be one token, got {ids}")
+            raise InputError(f"the whole-image loss needs {text!r} to be one token of this tokenizer, got {ids}; "
+                             "train with whole_image_weight 0 or a tokenizer that keeps the position words whole")
         return int(ids[0])
 
     whole = single(" whole")

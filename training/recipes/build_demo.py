@@ -368,11 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="data engine worker processes")
     args = parser.parse_args(argv)
     recipe = QUICK if args.quick else FULL
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or recipe.threads))
+    threads = recipe.threads if args.threads is None else args.threads
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # before torch is imported
     from octopus_rt.errors import OctopusError
 
     try:
-        build_demo(args.work, recipe, seed=args.seed, install=not args.no_install, threads=args.threads,
+        build_demo(args.work, recipe, seed=args.seed, install=not args.no_install, threads=threads,
                    workers=args.workers)
     except OctopusError as exc:
         print(f"error: {exc}", file=sys.stderr)

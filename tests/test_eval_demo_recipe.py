@@ -160,6 +160,64 @@ def test_missing_wallpapers_fail_with_the_install_command(tmp_path, monkeypatch)
         demo_data.prepare_photos(tmp_path / "work", seed=0, wallpapers=True)
 
 
+def test_more_photos_leave_the_other_photos_data_as_it_was(tmp_path, monkeypatch):
+    """MORE_PHOTOS are synthesised in a folder of their own: with them, every file of the other photos'
+    part (images, masks, records, their split) is byte for byte what it is without them, and the
+    merged splits list their records after the others'."""
+    import numpy as np
+    from PIL import Image
+
+    from octopus_rt.training.data.records import read_records
+
+    rng = np.random.default_rng(3)
+    photos = {}
+    for name, shape in (("krank/levels/level-01", (600, 800, 3)), ("scratch/Nature/lake", (360, 480, 3)),
+                        ("darknet/data/kite", (400, 500, 3))):
+        path = tmp_path / "pkg" / f"{name}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(path)
+        photos[str(path)] = "CC0-1.0"
+    monkeypatch.setattr(demo_data, "MORE_PHOTOS", photos)
+    monkeypatch.setattr(demo_data, "CROP_SCALES", ((1, 0.55, 0.85),))
+
+    def build(work, more):
+        demo_data.build_dataset(work, seed=0, num_seen=30, num_heldout=2, size=64, workers=1, progress=False,
+                                num_easy=10, num_more=12 if more else 0, num_more_easy=6 if more else 0)
+
+    build(tmp_path / "without", False)
+    build(tmp_path / "with", True)
+    for part in ("data/seen", "data/heldout", "data_easy/seen"):
+        before = {p.relative_to(tmp_path / "without" / part): p.read_bytes()
+                  for p in (tmp_path / "without" / part).rglob("*") if p.is_file() and p.name != "dataset.json"}
+        after = {p.relative_to(tmp_path / "with" / part): p.read_bytes()
+                 for p in (tmp_path / "with" / part).rglob("*") if p.is_file() and p.name != "dataset.json"}
+        assert before and before == after, part
+    old, new = read_records(tmp_path / "without" / "data"), read_records(tmp_path / "with" / "data")
+    for split in ("train", "val"):
+        assert new[split][:len(old[split])] == old[split]
+        assert all(r["image"].startswith("more/") for r in new[split][len(old[split]):])
+    assert len(new["train"]) + len(new["val"]) > len(old["train"]) + len(old["val"]) and new["test"] == old["test"]
+    easy = read_records(tmp_path / "with" / "data_easy")
+    assert any(r["image"].startswith("more/") for r in easy["train"] + easy["val"])
+    # One group per photo; crops of the 480 x 360 photo whose longer side is under 192 px are not made.
+    lines = dict(line.split(",") for line in (tmp_path / "with" / "groups_more.csv").read_text().split())
+    assert set(lines.values()) == {"wp_krlevel01", "wp_lake", "wp_dnkite"}
+    for filename in lines:
+        with Image.open(tmp_path / "with" / "src_more" / filename) as image:
+            assert max(image.size) >= 192
+
+
+def test_more_photo_names_are_unique_and_missing_ones_name_the_packages(tmp_path, monkeypatch):
+    from octopus_rt.errors import InputError
+
+    names = [demo_data._photo_name(p) for p in [*demo_data.WALLPAPERS, *demo_data.MORE_PHOTOS]]
+    assert len(names) == len(set(names)) and len(demo_data.MORE_PHOTOS) >= 100
+    assert demo_data._photo_group("/s/city-with-water2.jpg") == demo_data._photo_group("/s/city-with-water.jpg")
+    monkeypatch.setattr(demo_data, "MORE_PHOTOS", {str(tmp_path / "absent.jpg"): "CC0-1.0"})
+    with pytest.raises(InputError, match="apt-get install krank scratch"):
+        demo_data.prepare_more_photos(tmp_path / "work")
+
+
 def test_closed_set_hook_is_the_axis_softmax_at_position_words(tiny_llava_dir):
     import numpy as np
     import torch

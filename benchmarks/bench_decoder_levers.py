@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from octopus_rt.bundle import read_manifest, section_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -118,13 +120,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decoder_levers.json")
     args = parser.parse_args()
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    section = manifest["lmm"]
-    folder = args.bundle / section["dir"]
+    # Through the bundle's own reader: validated, and every file resolved inside the bundle.
+    section = read_manifest(args.bundle, runnable=True)["lmm"]
     if section["decoder"].get("form") != "gqa" or section["precision"] != "fp32":
         sys.exit("--bundle must hold an fp32 lmm section exported with --decoder-form gqa")
-    table = np.load(folder / section["embedding"]["file"], mmap_mode="r")
-    variants = derive(folder / section["decoder"]["file"], args.work)
+    table = np.load(section_path(args.bundle, section, section["embedding"]["file"]), mmap_mode="r")
+    variants = derive(section_path(args.bundle, section, section["decoder"]["file"]), args.work)
     ids = np.random.default_rng(0).integers(16, table.shape[0], 220).tolist()
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     names = list(variants)

@@ -177,7 +177,7 @@ def _lmm_dataset(data_dir: Path, out: Path, share: float, seed: int, flips: tupl
         except OSError:
             shutil.copy2(src, dst)
 
-    for sub in ("seen", "heldout"):
+    for sub in ("seen", "more", "heldout"):  # demo_data.build_dataset's parts
         if (data_dir / sub).exists():
             shutil.copytree(data_dir / sub, out / sub, copy_function=link)
     rng = np.random.default_rng([seed, 11])

@@ -57,6 +57,24 @@ def test_merge_puts_heldout_only_in_test(tmp_path):
         assert all((tmp_path / region["mask"]).is_file() for region in record["regions"])
 
 
+def test_lmm_dataset_keeps_every_part_of_a_merged_dataset(tmp_path):
+    """The LLaVA stage's dataset folder holds every image a record names, the MORE_PHOTOS part included
+    (it once linked only seen/ and heldout/, and training stopped at the first more/ record)."""
+    from octopus_rt.training.data.quadrant import make_quadrant_dataset
+    from octopus_rt.training.data.records import read_jsonl
+    from octopus_rt.training.recipes.build_demo import _lmm_dataset
+
+    data = tmp_path / "data"
+    for part, seed in (("seen", 0), ("more", 1), ("heldout", 2)):
+        make_quadrant_dataset(data / part, 12, seed=seed)
+    demo_data.merge_datasets([data / "seen", data / "more"], data / "heldout", data)
+    out = _lmm_dataset(data, tmp_path / "lmm", 1.0, 0)
+    records = read_jsonl(out / "train.jsonl") + read_jsonl(out / "val.jsonl")
+    assert {r["image"].split("/")[0] for r in records} == {"seen", "more"}
+    for record in records:
+        assert (out / record["image"]).is_file() and (out / record["answer_mask"]).is_file()
+
+
 @pytest.mark.slow
 def test_quick_recipe_builds_an_evaluated_bundle(tmp_path):
     from octopus_rt.runtime.api import Octopus

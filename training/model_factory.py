@@ -20,7 +20,8 @@ __all__ = ["TinyLlavaSpec", "CHAT_TEMPLATES", "SPECIAL_TOKENS", "TIMM_TOWERS", "
 
 # Vision towers built from timm networks (`vision_model` -> timm architecture, channels of its last
 # feature map); they make a FastVLM.
-TIMM_TOWERS = {"efficientnet_lite0": ("tf_efficientnet_lite0", 1280)}
+TIMM_TOWERS = {"efficientnet_lite0": ("tf_efficientnet_lite0", 1280),
+               "efficientnet_lite2": ("tf_efficientnet_lite2", 1280)}
 TIMM_STRIDE = 32
 
 # The special tokens of the tokenizers we build. "<image>" is the LLaVA image placeholder.
@@ -117,7 +118,7 @@ class TinyLlavaSpec:
     """Sizes of a small LLaVA. Defaults give a ~0.3M-parameter model that exports in seconds."""
 
     text_model: str = "phi3"  # phi3 | llama | qwen2
-    vision_model: str = "clip"  # clip | siglip | efficientnet_lite0 (a FastVLM: timm CNN tower, see build_llava)
+    vision_model: str = "clip"  # clip | siglip | a TIMM_TOWERS name (a FastVLM: timm CNN tower, see build_llava)
     chat_template: str = "phi3"  # key of CHAT_TEMPLATES
     image_size: int = 64
     patch_size: int = 16

@@ -148,7 +148,7 @@ def _build_base(base: Path, recipe: DemoRecipe, seed: int) -> None:
     if recipe.vision_model in TIMM_TOWERS:
         from octopus_rt.training.recipes.teacher import load_into_timm
 
-        load_into_timm(model.model.vision_tower.timm_model)
+        load_into_timm(model.model.vision_tower.timm_model, recipe.vision_model)
         model.save_pretrained(base)
 
 

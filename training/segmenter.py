@@ -20,6 +20,7 @@ targets cover the padded square (4 * image_size / patch_size pixels a side), lik
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -135,7 +136,7 @@ def load_region_samples(
     from PIL import Image
     from scipy.ndimage import distance_transform_edt
 
-    from octopus_rt.paths import resolve_inside
+    from octopus_rt.paths import read_inside
     from octopus_rt.runtime.sam_transforms import preprocess_image
 
     path = Path(data_dir) / f"{split}.jsonl"
@@ -161,11 +162,12 @@ def load_region_samples(
     std = config.get("pixel_std", (58.395, 57.12, 57.375))
     samples = []
     for name in names:
-        rgb = np.asarray(Image.open(resolve_inside(data_dir, name, "record image")).convert("RGB"))
+        rgb = np.asarray(Image.open(io.BytesIO(read_inside(data_dir, name, "record image"))).convert("RGB"))
         image, resized_hw = preprocess_image(rgb, size, mean, std)
         masks, weights = [], []
         for mask_rel in by_image[name]:
-            mask = np.asarray(Image.open(resolve_inside(data_dir, mask_rel, "region mask")).convert("L")) >= 128
+            mask_file = io.BytesIO(read_inside(data_dir, mask_rel, "region mask"))
+            mask = np.asarray(Image.open(mask_file).convert("L")) >= 128
             if mask.shape != rgb.shape[:2] or not mask.any():
                 continue
             masks.append(_low_res_target(mask, resized_hw, size, low))

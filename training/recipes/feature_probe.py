@@ -14,9 +14,10 @@ over the image's patches (distortions are local: a patch is judged against its o
 patch (target: fraction of the patch inside distorted regions >= 0.5), trained on the train split.
 
 Variants (`--features`, `--objective`), to choose a perception prior and an objective before a long
-run: `teacher` replaces the statistics by the frozen EfficientNet-Lite0 features of teacher.py (472
-per patch, plus minus-median), `both` concatenates them; `relative` adds the within-image softmax
-over patches (vision_pretrain.relative_loss) to the per-patch BCE.
+run: `teacher` replaces the statistics by the frozen features of a teacher of teacher.py (`--teacher`:
+EfficientNet-Lite0, 472 per patch, or -Lite2, 520; plus minus-median; `--teacher-size`: the pixels resized
+to that size first), `both` concatenates them; `relative` adds the within-image softmax over patches
+(vision_pretrain.relative_loss) to the per-patch BCE.
 
 Reported per split, with the same definitions as vision pretraining: patch accuracy, and quadrant
 accuracy (the quadrant with the most predicted distorted mass is the one with the most true mass, on
@@ -86,21 +87,22 @@ FEATURES = ("stats", "teacher", "both")
 OBJECTIVES = ("absolute", "relative")
 
 
-def _teacher_statistics(torch, teacher, images) -> np.ndarray:
-    """(N, GRID * GRID, 2 * teacher.FEATURE_DIM): teacher features and their minus-median."""
+def _teacher_statistics(torch, teacher, images, size: int | None = None) -> np.ndarray:
+    """(N, GRID * GRID, 2 * C): teacher features (teacher.teacher_features) and their minus-median."""
     from octopus_rt.training.recipes.teacher import teacher_features
 
     out = []
     for i in range(0, len(images), 32):
         batch = np.stack([np.asarray(im.convert("RGB").resize((SIDE, SIDE)), np.float32) for im in images[i:i + 32]])
         pixels = torch.from_numpy((batch / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)
-        out.append(teacher_features(torch, teacher, pixels, GRID).numpy())
+        out.append(teacher_features(torch, teacher, pixels, GRID, size).numpy())
     flat = np.concatenate(out)
     return np.concatenate([flat, flat - np.median(flat, axis=1, keepdims=True)], -1).astype(np.float32)
 
 
 def run_probe(data_dir: Path, *, steps: int = 2000, max_images: int = 1500, seed: int = 0, features: str = "stats",
-              objective: str = "absolute") -> list[ProbeResult]:
+              objective: str = "absolute", teacher_name: str = "efficientnet_lite0",
+              teacher_size: int | None = None) -> list[ProbeResult]:
     """Train on data_dir's train split, measure on train (up to 300 images), val and test."""
     import torch
 
@@ -109,12 +111,11 @@ def run_probe(data_dir: Path, *, steps: int = 2000, max_images: int = 1500, seed
 
     if features not in FEATURES or objective not in OBJECTIVES:
         raise InputError(f"features: one of {FEATURES}; objective: one of {OBJECTIVES}")
-    torch.manual_seed(seed)
     teacher = None
     if features != "stats":
-        from octopus_rt.training.recipes.teacher import load_teacher
+        from octopus_rt.training.recipes.teacher import feature_extractor
 
-        teacher = load_teacher()
+        teacher = feature_extractor(teacher_name)
     splits = {}
     for split in ("train", "val", "test"):
         images, targets = _collect(Path(data_dir), split, GRID, max_images if split == "train" else 400, seed)
@@ -123,13 +124,14 @@ def run_probe(data_dir: Path, *, steps: int = 2000, max_images: int = 1500, seed
             if features != "teacher":
                 parts.append(np.stack([patch_statistics(image) for image in images]))
             if teacher is not None:
-                parts.append(_teacher_statistics(torch, teacher, images))
+                parts.append(_teacher_statistics(torch, teacher, images, teacher_size))
             splits[split] = (torch.from_numpy(np.concatenate(parts, -1)), targets[..., 0], targets[..., 1])
     if "train" not in splits:
         raise InputError(f"no training images with region masks in {data_dir}")
     x_train, y_train, mass_train = splits["train"]
     mean, std = x_train.reshape(-1, x_train.shape[-1]).mean(0), x_train.reshape(-1, x_train.shape[-1]).std(0) + 1e-6
     width = 64
+    torch.manual_seed(seed)  # here, so the probe's initialisation does not depend on how the teacher was built
     layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
     model = torch.nn.Sequential(torch.nn.Linear(x_train.shape[-1], width), torch.nn.TransformerEncoder(layer, 2),
                                 torch.nn.Linear(width, 1))
@@ -164,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", choices=FEATURES, default="stats", help="per-patch features (teacher: "
-                        "EfficientNet-Lite0, needs the demo extra)")
+                        "a frozen ImageNet network, needs the demo extra)")
+    parser.add_argument("--teacher", default="efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2")
+    parser.add_argument("--teacher-size", type=int, default=None, help="resize the teacher's input to this many "
+                        "pixels square first (default: the 256 px of the demo tower)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="absolute", help="relative adds the "
                         "within-image softmax over patches")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -172,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    results = run_probe(args.data_dir, steps=args.steps, seed=args.seed, features=args.features,
-                        objective=args.objective)
+    from octopus_rt.errors import OctopusError
+
+    try:
+        results = run_probe(args.data_dir, steps=args.steps, seed=args.seed, features=args.features,
+                            objective=args.objective, teacher_name=args.teacher, teacher_size=args.teacher_size)
+    except OctopusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{'split':6} {'images':>6} {'patch':>6} {'quadrant':>8} {'distorted recall':>16} {'clean recall':>12}")
     for r in results:
         quadrant = "n/a" if r.quadrant_accuracy is None else f"{100 * r.quadrant_accuracy:.1f}"

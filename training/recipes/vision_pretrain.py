@@ -27,6 +27,7 @@ rows [i H / g, (i + 1) H / g) and columns [j W / g, (j + 1) W / g) of the origin
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -129,7 +130,7 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
     """Distinct images of a split -> (list of PIL images, (N, g, g, T) targets)."""
     from PIL import Image
 
-    from octopus_rt.paths import resolve_inside
+    from octopus_rt.paths import read_inside
 
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.exists():
@@ -147,9 +148,9 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
         names = [names[i] for i in sorted(rng.choice(len(names), max_images, replace=False))]
     images, targets = [], []
     for name in names:
-        image = Image.open(resolve_inside(data_dir, name, "record image")).convert("RGB")
-        masks = {r["mask"]: np.asarray(Image.open(resolve_inside(data_dir, r["mask"], "region mask")).convert("L")) >= 128
-                 for r in seen[name]}
+        image = Image.open(io.BytesIO(read_inside(data_dir, name, "record image"))).convert("RGB")
+        masks = {r["mask"]: np.asarray(Image.open(io.BytesIO(read_inside(data_dir, r["mask"], "region mask")))
+                                       .convert("L")) >= 128 for r in seen[name]}
         if any(m.shape != (image.height, image.width) for m in masks.values()):
             continue
         images.append(image)

@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", choices=FEATURES, default="stats", help="per-patch features (teacher: "
                         "a frozen ImageNet network, needs the demo extra)")
-    parser.add_argument("--teacher", default="efficientnet_lite0", help="efficientnet_lite0 or efficientnet_lite2")
+    from octopus_rt.training.recipes.teacher import TEACHERS
+
+    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="efficientnet_lite0",
+                        help="the frozen network of --features teacher / both")
     parser.add_argument("--teacher-size", type=int, default=None, help="resize the teacher's input to this many "
                         "pixels square first (default: the 256 px of the demo tower)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="absolute", help="relative adds the "

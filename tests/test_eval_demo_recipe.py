@@ -284,6 +284,32 @@ def test_feature_probe_finds_the_noisy_quadrant_on_unseen_images(tmp_path):
     assert flat.shape == (64, 26) and abs(flat[0, 0] - 120 / 255) < 1e-6 and abs(flat[:, 13:]).max() < 1e-6
 
 
+def test_feature_probe_spread_over_seeds():
+    from octopus_rt.training.recipes.feature_probe import ProbeResult, spread
+
+    def run(patch, quadrant):
+        return [ProbeResult("val", 10, patch, quadrant, 0.5, 0.5), ProbeResult("test", 10, patch / 2, None, 0.5, None)]
+
+    got = spread([run(0.8, 0.5), run(0.6, 0.7), run(0.7, 0.6)])
+    assert got["val"]["patch_accuracy"] == pytest.approx((0.7, 0.6, 0.8))
+    assert got["val"]["quadrant_accuracy"] == pytest.approx((0.6, 0.5, 0.7))
+    assert got["test"] == {"patch_accuracy": pytest.approx((0.35, 0.3, 0.4))}  # no quadrant: left out
+
+
+def test_feature_probe_cli_runs_several_seeds(tmp_path, capsys):
+    from octopus_rt.training.data.quadrant import make_quadrant_dataset
+    from octopus_rt.training.recipes.feature_probe import main
+
+    make_quadrant_dataset(tmp_path / "d", 40, size=64, seed=0, severity=4)
+    argv = [str(tmp_path / "d"), "--steps", "20", "--seed", "3", "--seeds", "2", "--json", str(tmp_path / "p.json")]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert sorted({r["seed"] for r in rows}) == [3, 4] and {r["split"] for r in rows} >= {"train", "test"}
+    assert "mean (range) over 2 seeds, test" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "d"), "--seeds", "0"])
+
+
 def test_examples_are_picked_by_ground_truth_one_per_quadrant_and_a_whole_image():
     from octopus_rt.training.recipes.demo_report import pick_examples
 

@@ -137,6 +137,7 @@ def load_region_samples(
     from scipy.ndimage import distance_transform_edt
 
     from octopus_rt.paths import read_inside
+    from octopus_rt.training.eval_data import load_record_mask
     from octopus_rt.runtime.sam_transforms import preprocess_image
 
     path = Path(data_dir) / f"{split}.jsonl"
@@ -166,8 +167,7 @@ def load_region_samples(
         image, resized_hw = preprocess_image(rgb, size, mean, std)
         masks, weights = [], []
         for mask_rel in by_image[name]:
-            mask_file = io.BytesIO(read_inside(data_dir, mask_rel, "region mask"))
-            mask = np.asarray(Image.open(mask_file).convert("L")) >= 128
+            mask = load_record_mask(data_dir, mask_rel)
             if mask.shape != rgb.shape[:2] or not mask.any():
                 continue
             masks.append(_low_res_target(mask, resized_hw, size, low))

@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    runs = []
+    seeds, runs = range(args.seed, args.seed + args.seeds), []
     try:
-        for seed in range(args.seed, args.seed + args.seeds):
+        for seed in seeds:
             runs.append(run_probe(args.data_dir, steps=args.steps, seed=seed, features=args.features,
                                   objective=args.objective, teacher_name=args.teacher, teacher_size=args.teacher_size))
     except OctopusError as exc:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{'seed':>4} {'split':6} {'images':>6} {'patch':>6} {'quadrant':>8} {'distorted recall':>16} "
           f"{'clean recall':>12}")
-    for seed, results in zip(range(args.seed, args.seed + args.seeds), runs):
+    for seed, results in zip(seeds, runs):
         for r in results:
             quadrant = "n/a" if r.quadrant_accuracy is None else f"{100 * r.quadrant_accuracy:.1f}"
             clean = "n/a" if r.clean_recall is None else f"{100 * r.clean_recall:.1f}"
@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                              for name, (m, lo, hi) in metrics.items())
             print(f"mean (range) over {args.seeds} seeds, {split}: {text}")
     if args.json:
-        rows = [{"seed": seed, **asdict(r)} for seed, results in zip(range(args.seed, args.seed + args.seeds), runs)
-                for r in results]
+        rows = [{"seed": seed, **asdict(r)} for seed, results in zip(seeds, runs) for r in results]
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0
 

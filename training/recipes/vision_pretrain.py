@@ -131,6 +131,7 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
     from PIL import Image
 
     from octopus_rt.paths import read_inside
+    from octopus_rt.training.eval_data import load_record_mask
 
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.exists():
@@ -149,8 +150,7 @@ def _collect(data_dir: Path, split: str, grid: int, max_images: int | None, seed
     images, targets = [], []
     for name in names:
         image = Image.open(io.BytesIO(read_inside(data_dir, name, "record image"))).convert("RGB")
-        masks = {r["mask"]: np.asarray(Image.open(io.BytesIO(read_inside(data_dir, r["mask"], "region mask")))
-                                       .convert("L")) >= 128 for r in seen[name]}
+        masks = {r["mask"]: load_record_mask(data_dir, r["mask"]) for r in seen[name]}
         if any(m.shape != (image.height, image.width) for m in masks.values()):
             continue
         images.append(image)
